@@ -1,0 +1,1 @@
+"""PEMA: Plug-in External Memory Adaptation."""

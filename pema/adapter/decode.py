@@ -1,0 +1,154 @@
+"""Interpolated generation inside stock ``transformers`` ``generate()`` (greedy, beam search, sampling).
+
+:class:`PemaLogitsProcessor` receives the PLM's next-token scores (its P_LM) and reads the PLM owner's key for the
+same step from a ``key_source`` (in-process: a forward hook on the PLM's final norm, see
+``pema.owner.respond.ContextTap``), computes log P_PEMA with the adapter and the exported head, and returns the
+log-space mixture under the row's lambda. Nothing in transformers is forked or patched.
+
+Note: generate() runs its own processors (temperature, top-p, min-length, ...) before custom ones, so on the
+sampling path temperature shapes P_LM only; -inf entries set by earlier processors are kept.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from pema.adapter.head import OutputHead
+from pema.adapter.model import PemaAdapter
+from pema.adapter.schedule import Schedule, interpolate
+
+
+class KeySource(Protocol):
+    """The owner's context response for the latest forward: a context manager with ``last_key() -> (rows, d)``."""
+
+    def __enter__(self): ...
+    def __exit__(self, *exc): ...
+    def last_key(self) -> torch.Tensor: ...
+
+
+class PemaLogitsProcessor(LogitsProcessor):
+    """``scores (rows, vocab)`` -> ``log P`` mixed with P_PEMA; rows = batch * beams (or return sequences)."""
+
+    def __init__(self, adapter: PemaAdapter, head: OutputHead, key_source: Callable[[], torch.Tensor],
+                 schedule: Schedule, horizons: torch.Tensor, prompt_length: int):
+        self.adapter, self.head, self.key_source = adapter, head, key_source
+        self.schedule, self.horizons, self.prompt_length = schedule, horizons, prompt_length
+        self.lam_trace: list[torch.Tensor] = []  # lam per step, per input row (for plots and tests)
+
+    def lam_for(self, t: int, rows: int) -> torch.Tensor:
+        horizons = self.horizons
+        if rows != len(horizons):
+            if rows % len(horizons):
+                raise ValueError(f"{rows} rows cannot be matched to {len(horizons)} horizons")
+            horizons = horizons.repeat_interleave(rows // len(horizons))
+        return self.schedule(t, horizons)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        t = input_ids.shape[1] - self.prompt_length
+        lam = self.lam_for(t, input_ids.shape[0])
+        self.lam_trace.append(lam[:: max(1, input_ids.shape[0] // len(self.horizons))].clone())
+        if bool((lam == 0).all()):
+            return scores  # exactly the PLM's own decoding
+        device = next(self.adapter.parameters()).device
+        key = self.key_source().to(device=device, dtype=torch.float32)
+        log_p_pema = self.adapter.log_probs(key, self.head)
+        log_p_lm = torch.log_softmax(scores.float(), dim=-1).to(device)
+        mixed = interpolate(log_p_lm, log_p_pema[:, : log_p_lm.shape[1]], lam.to(device))
+        return mixed.to(scores.device, scores.dtype)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    strategy: str = "greedy"  # greedy | beam | sample
+    num_beams: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 96
+    batch_size: int = 16
+    seed: int = 0
+
+    def generate_kwargs(self) -> dict:
+        if self.strategy == "greedy":
+            return {"do_sample": False, "num_beams": 1}
+        if self.strategy == "beam":
+            return {"do_sample": False, "num_beams": self.num_beams, "early_stopping": True}
+        if self.strategy == "sample":
+            return {"do_sample": True, "num_beams": 1, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+        raise ValueError(f"unknown decoding strategy {self.strategy!r}; use greedy, beam or sample")
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[list[int]]  # generated ids per prompt, stop token and padding removed
+    seconds: float
+    generated_tokens: int
+    lam_traces: list[list[float]]  # lambda per step per prompt (empty without an adapter)
+
+    @property
+    def seconds_per_token(self) -> float:
+        return self.seconds / max(1, self.generated_tokens)
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, stop_token_id: int, pad_token_id: int,
+             settings: GenerationSettings = GenerationSettings(), adapter: PemaAdapter | None = None,
+             head: OutputHead | None = None, key_source: KeySource | None = None, schedule: Schedule | None = None,
+             horizons: torch.Tensor | None = None, progress: bool = True, desc: str = "decode") -> GenerationResult:
+    """Generate for every prompt (token ids). Without ``adapter`` this is the PLM alone (zero-shot).
+
+    Prompts are sorted by length and left-padded per batch; results come back in input order.
+    """
+    pema = adapter is not None
+    if pema and (head is None or key_source is None or schedule is None or horizons is None):
+        raise ValueError("PEMA decoding needs adapter, head, key_source, schedule and horizons together")
+    if pema and len(horizons) != len(prompts):
+        raise ValueError(f"{len(horizons)} horizons for {len(prompts)} prompts")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    traces: list[list[float]] = [[] for _ in prompts]
+    total_tokens, start = 0, time.perf_counter()
+    torch.manual_seed(settings.seed)
+    bar = tqdm(total=len(prompts), desc=desc, unit="seq", disable=not progress, leave=False)
+    for b in range(0, len(order), settings.batch_size):
+        idx = order[b : b + settings.batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, width - len(prompts[i]) :] = torch.as_tensor(list(prompts[i]))
+            mask[row, width - len(prompts[i]) :] = 1
+        kwargs = dict(settings.generate_kwargs(), max_new_tokens=settings.max_new_tokens, eos_token_id=stop_token_id,
+                      pad_token_id=pad_token_id)
+        proc = None
+        if pema:
+            proc = PemaLogitsProcessor(adapter, head, key_source.last_key, schedule, horizons[idx], width)
+            kwargs["logits_processor"] = LogitsProcessorList([proc])
+        with torch.no_grad(), (key_source if pema else _null()):
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        for row, i in enumerate(idx):
+            seq = out[row, width:].tolist()
+            if stop_token_id in seq:
+                seq = seq[: seq.index(stop_token_id)]
+            outputs[i] = seq
+            total_tokens += len(seq) + 1
+            if proc is not None:
+                traces[i] = [float(step[row]) for step in proc.lam_trace]
+        bar.update(len(idx))
+    bar.close()
+    return GenerationResult(outputs, time.perf_counter() - start, total_tokens, traces)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,68 @@
+"""The PEMA adapter: A (r x d), B_rct (d x r), B_pd (d x r), scale s = alpha / r, input dropout p.
+
+    u     = s * A dropout(k)          (batch, r)
+    k_hat = B_rct u                   (batch, d)   reconstruction (RCT)
+    h     = B_pd u                    (batch, d)   fed to the PLM's output head: log P_PEMA = log_softmax(head(h))
+
+Pure torch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class PemaAdapter(nn.Module):
+    def __init__(self, d: int, rank: int, alpha: float = 1.0, dropout: float = 0.2):
+        super().__init__()
+        if d <= 0 or rank <= 0:
+            raise ValueError(f"d and rank must be > 0, got d={d}, rank={rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout} must be in [0, 1)")
+        self.d, self.rank, self.alpha, self.p = d, rank, float(alpha), float(dropout)
+        self.scale = self.alpha / rank
+        self.A = nn.Parameter(torch.empty(rank, d))
+        self.B_rct = nn.Parameter(torch.empty(d, rank))
+        self.B_pd = nn.Parameter(torch.empty(d, rank))
+        self.dropout = nn.Dropout(dropout)
+        self.reset_A()
+        self.reset_B("B_rct")
+        self.reset_B("B_pd")
+
+    def reset_A(self) -> None:
+        """nn.Linear's default initialisation (uniform in +-1/sqrt(d))."""
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def reset_B(self, name: str, mode: str = "random") -> None:
+        """``random``: nn.Linear default; ``zeros``; ``from_rct``: copy B_rct (B_pd only)."""
+        param = getattr(self, name)
+        with torch.no_grad():
+            if mode == "random":
+                nn.init.kaiming_uniform_(param, a=math.sqrt(5))
+            elif mode == "zeros":
+                param.zero_()
+            elif mode == "from_rct" and name == "B_pd":
+                param.copy_(self.B_rct)
+            else:
+                raise ValueError(f"unknown init mode {mode!r} for {name}")
+
+    def u(self, key: torch.Tensor) -> torch.Tensor:
+        """(batch, d) -> (batch, r)."""
+        return self.scale * (self.dropout(key) @ self.A.T)
+
+    def reconstruct(self, u: torch.Tensor) -> torch.Tensor:
+        return u @ self.B_rct.T
+
+    def pd_hidden(self, u: torch.Tensor) -> torch.Tensor:
+        return u @ self.B_pd.T
+
+    def forward(self, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, d) -> (k_hat, h): reconstruction and the hidden state for the output head."""
+        u = self.u(key)
+        return self.reconstruct(u), self.pd_hidden(u)
+
+    def log_probs(self, key: torch.Tensor, head: nn.Module) -> torch.Tensor:
+        """log P_PEMA (batch, vocab) for keys (batch, d)."""
+        return torch.log_softmax(head(self.pd_hidden(self.u(key))), dim=-1)

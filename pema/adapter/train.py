@@ -1,0 +1,165 @@
+"""Training loop for one phase (RCT, RCT_PD or PD) and the two-phase driver.
+
+Side effects are passed in: ``report(metrics)`` after each validation and ``save(state, metrics)`` on each new best.
+Data comes in as callables that yield batches ``{"key": (n, d) float32, "token": (n,) int}``, so this module reads
+no files and imports no Ray or MLflow.
+
+Early stopping follows the seed's rule: stop when the validation loss rises above BOTH of the two previous
+checks. The best checkpoint (lowest validation loss, the check before training included) is restored at the end.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pema.adapter.head import OutputHead
+from pema.adapter.losses import joint_loss, pd_loss, rct_loss
+from pema.adapter.model import PemaAdapter
+
+Batches = Callable[[], Iterable[dict]]
+PHASES = {"rct": ("A", "B_rct"), "rct_pd": ("A", "B_pd"), "pd": ("A", "B_pd")}
+PHASE_KAPPA = {"rct": 1.0, "pd": 0.0}
+
+
+@dataclass
+class PhaseResult:
+    phase: str
+    best_val: float
+    best_step: int
+    steps: int
+    stopped_early: bool
+    seconds: float
+    rows_seen: int
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def entries_per_s(self) -> float:
+        return self.rows_seen / self.seconds if self.seconds > 0 else float("nan")
+
+
+def should_stop(val_losses: list[float]) -> bool:
+    """The seed's rule: the latest check is worse than both of the two before it."""
+    return len(val_losses) >= 3 and val_losses[-1] > val_losses[-2] and val_losses[-1] > val_losses[-3]
+
+
+def vocab_remap(subset: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Lookup table token id -> index in ``subset`` (-1 where absent)."""
+    table = torch.full((vocab_size,), -1, dtype=torch.long)
+    table[subset] = torch.arange(len(subset))
+    return table
+
+
+def phase_losses(adapter: PemaAdapter, head: OutputHead, batch: dict, phase: str, kappa: float,
+                 vocab_subset: torch.Tensor | None = None, remap: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Loss terms of one batch: ``{"loss", "rct"?, "ce"?}``."""
+    key = torch.as_tensor(batch["key"], dtype=torch.float32)
+    kappa = PHASE_KAPPA.get(phase, kappa)
+    u = adapter.u(key)
+    out: dict[str, torch.Tensor] = {}
+    if kappa > 0:
+        out["rct"] = rct_loss(adapter.reconstruct(u), key)
+    if kappa < 1:
+        target = torch.as_tensor(batch["token"], dtype=torch.long)
+        if vocab_subset is not None:
+            target = remap[target]
+            if (target < 0).any():
+                raise ValueError("a target token is outside the training vocabulary subset")
+        out["ce"] = pd_loss(head(adapter.pd_hidden(u), vocab_subset), target)
+    out["loss"] = joint_loss(out.get("rct", torch.zeros(())), out.get("ce", torch.zeros(())), kappa)
+    return out
+
+
+@torch.no_grad()
+def validate(adapter: PemaAdapter, head: OutputHead, dev_batches: Batches, phase: str, kappa: float) -> dict[str, float]:
+    """Row-weighted mean of each loss term over the dev memory (full vocabulary, dropout off)."""
+    was_training = adapter.training
+    adapter.eval()
+    sums: dict[str, float] = {}
+    rows = 0
+    for batch in dev_batches():
+        n = len(batch["token"])
+        for name, value in phase_losses(adapter, head, batch, phase, kappa).items():
+            sums[name] = sums.get(name, 0.0) + float(value) * n
+        rows += n
+    adapter.train(was_training)
+    if rows == 0:
+        raise ValueError("the dev memory is empty")
+    return {name: total / rows for name, total in sums.items()}
+
+
+def _check_metrics(phase: str, epoch: float, step: int, check: dict, **extra) -> dict:
+    return {"phase": phase, "epoch": epoch, "step": step, **extra, **{"val_" + k: v for k, v in check.items()}}
+
+
+def train_phase(adapter: PemaAdapter, head: OutputHead, *, phase: str, train_batches: Callable[[int], Iterable[dict]],
+                train_rows: int, dev_batches: Batches, epochs: int, lr: float, kappa: float = 0.2,
+                weight_decay: float = 0.0, evals_per_epoch: int = 1, vocab_subset: torch.Tensor | None = None,
+                report: Callable[[dict], None] | None = None,
+                save: Callable[[dict, dict], None] | None = None, progress: bool = True) -> PhaseResult:
+    """Train the parameters of ``phase`` (``rct``: A, B_rct; ``rct_pd``/``pd``: A, B_pd, B_rct frozen)."""
+    if phase not in PHASES:
+        raise ValueError(f"phase {phase!r} is not one of {sorted(PHASES)}")
+    if train_rows <= 0:
+        raise ValueError("the training memory is empty")
+    trainable = PHASES[phase]
+    for name, param in adapter.named_parameters():
+        param.requires_grad_(name in trainable)
+    opt = torch.optim.AdamW([getattr(adapter, n) for n in trainable], lr=lr, weight_decay=weight_decay)
+    remap = vocab_remap(vocab_subset, head.vocab_size) if vocab_subset is not None else None
+    check = validate(adapter, head, dev_batches, phase, kappa)
+    history = [_check_metrics(phase, 0.0, 0, check)]
+    best_val, best_step, best_state = check["loss"], 0, copy.deepcopy(adapter.state_dict())
+    if report:
+        report(history[-1])
+    marks = [train_rows * (i + 1) // evals_per_epoch for i in range(evals_per_epoch)]
+    step, rows_seen, stopped, start = 0, 0, False, time.perf_counter()
+    bar = tqdm(total=epochs * train_rows, desc=f"train {phase}", unit="row", disable=not progress, leave=False)
+    adapter.train()
+    for epoch in range(epochs):
+        running, running_rows, epoch_rows, mark = 0.0, 0, 0, 0
+        for batch in train_batches(epoch):
+            n = len(batch["token"])
+            loss = phase_losses(adapter, head, batch, phase, kappa, vocab_subset, remap)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step, rows_seen, epoch_rows = step + 1, rows_seen + n, epoch_rows + n
+            running, running_rows = running + loss.item() * n, running_rows + n
+            bar.update(n)
+            if mark >= len(marks) or epoch_rows < marks[mark]:
+                continue
+            while mark < len(marks) and epoch_rows >= marks[mark]:
+                mark += 1
+            check = validate(adapter, head, dev_batches, phase, kappa)
+            metrics = _check_metrics(phase, epoch + min(1.0, epoch_rows / train_rows), step, check,
+                                     train_loss=running / max(1, running_rows))
+            running, running_rows = 0.0, 0
+            history.append(metrics)
+            bar.set_postfix(val=f"{check['loss']:.4f}")
+            if report:
+                report(metrics)
+            if check["loss"] < best_val:
+                best_val, best_step, best_state = check["loss"], step, copy.deepcopy(adapter.state_dict())
+                if save:
+                    save(best_state, metrics)
+            if should_stop([h["val_loss"] for h in history]):
+                stopped = True
+                break
+        if stopped:
+            break
+    bar.close()
+    adapter.load_state_dict(best_state)
+    adapter.eval()
+    return PhaseResult(phase, best_val, best_step, step, stopped, time.perf_counter() - start, rows_seen, history)
+
+
+def target_vocab(token_arrays: Iterable[np.ndarray]) -> torch.Tensor:
+    """Sorted unique token ids over the training memory (for ``pd_vocab: targets``)."""
+    uniq = np.unique(np.concatenate([np.asarray(t) for t in token_arrays]))
+    return torch.as_tensor(uniq, dtype=torch.long)

