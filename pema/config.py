@@ -20,6 +20,14 @@ def _check(cond: bool, name: str, value, allowed: str) -> None:
         raise ConfigError(f"{name}={value!r} is invalid: expected {allowed}")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _choice(name: str, value, options: tuple) -> None:
     _check(value in options, name, value, f"one of {options}")
 
@@ -53,7 +61,7 @@ class DataConfig:
     def __post_init__(self):
         for name in ("train_limit", "dev_limit", "test_limit"):
             v = getattr(self, name)
-            _check(v is None or (isinstance(v, int) and v > 0), f"data.{name}", v, "null or an integer > 0")
+            _check(v is None or (_is_int(v) and v > 0), f"data.{name}", v, "null or an integer > 0")
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,7 @@ class TrainConfig:
         _choice("train.phase2_init_A", self.phase2_init_A, ("carry", "reinit"))
         _choice("train.b_pd_init", self.b_pd_init, ("from_rct", "random", "zeros"))
         _choice("train.pd_vocab", self.pd_vocab, ("full", "targets"))
-        _check(0.0 <= self.kappa <= 1.0, "train.kappa", self.kappa, "in [0, 1]")
+        _check(_is_num(self.kappa) and 0.0 <= self.kappa <= 1.0, "train.kappa", self.kappa, "a number in [0, 1]")
         for name in ("rct_epochs", "epochs"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "an integer >= 0")
         for name in ("lr", "rct_lr"):
@@ -124,7 +132,7 @@ class ScheduleConfig:
         _choice("schedule.kind", self.kind, ("constant", "gu_quadratic", "gu_linear"))
         for name in ("lam", "lam_max", "floor"):
             v = getattr(self, name)
-            _check(isinstance(v, (int, float)) and 0.0 <= v <= 1.0, name, v, "a number in [0, 1]")
+            _check(_is_num(v) and 0.0 <= v <= 1.0, name, v, "a number in [0, 1]")
 
 
 @dataclass(frozen=True)

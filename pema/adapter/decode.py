@@ -5,8 +5,9 @@ same step from a ``key_source`` (in-process: a forward hook on the PLM's final n
 ``pema.owner.respond.ContextTap``), computes log P_PEMA with the adapter and the exported head, and returns the
 log-space mixture under the row's lambda. Nothing in transformers is forked or patched.
 
-Note: generate() runs its own processors (temperature, top-p, min-length, ...) before custom ones, so on the
-sampling path temperature shapes P_LM only; -inf entries set by earlier processors are kept.
+Order inside generate() (transformers 5.x): the PEMA processor runs first, then the sampling warpers
+(temperature, top-k, top-p), so they shape the MIXTURE, as a user expects. -inf entries in the PLM's scores
+(hard constraints) stay -inf.
 """
 from __future__ import annotations
 

@@ -8,12 +8,15 @@ import torch
 from pema.adapter.head import OutputHead
 from pema.adapter.model import PemaAdapter
 from pema.bundle import ADAPTER_FORMAT, HEAD_FORMAT, read_bundle, write_bundle
-from pema.errors import MemoryMismatchError
+from pema.errors import MemoryFormatError, MemoryMismatchError
 
 
 
 def load_head(bundle_dir: str | os.PathLike) -> tuple[OutputHead, dict]:
     tensors, meta = read_bundle(bundle_dir, "head", HEAD_FORMAT)
+    missing = [k for k in ("norm.weight", "lm_head.weight") if k not in tensors]
+    if missing:
+        raise MemoryFormatError(f"head bundle {bundle_dir} lacks tensors {missing}; re-export it with pema.owner.export")
     head = OutputHead(
         norm_type=meta["norm_type"], eps=meta["eps"], norm_weight=tensors["norm.weight"],
         norm_bias=tensors.get("norm.bias"), proj_weight=tensors.get("proj.weight"),

@@ -58,7 +58,10 @@ def resolve_model(model_id: str) -> ModelRef:
         raise ConfigError(f"model_id must be a non-empty string, got {model_id!r}")
     if model_id.startswith("pkg://"):
         package, _, file = model_id[len("pkg://"):].partition("/")
-        spec = importlib.util.find_spec(package) if package else None
+        try:  # find_spec imports the parents of a dotted name; a missing parent is a config error too
+            spec = importlib.util.find_spec(package) if package else None
+        except (ImportError, ValueError):
+            spec = None
         if spec is None or not spec.submodule_search_locations:
             raise ConfigError(f"model_id {model_id!r}: package {package!r} is not installed (run `make setup`)")
         path = os.path.join(list(spec.submodule_search_locations)[0], file)
