@@ -143,6 +143,8 @@ class DecodeConfig:
     top_p: float = 1.0
     max_new_tokens: int = 96
     batch_size: int = 16
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
     const: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(kind="constant"))
     gu: ScheduleConfig = field(default_factory=ScheduleConfig)
     seed: int = 0
@@ -154,6 +156,10 @@ class DecodeConfig:
         _check(self.batch_size >= 1, "decode.batch_size", self.batch_size, ">= 1")
         _check(self.temperature > 0, "decode.temperature", self.temperature, "> 0")
         _check(0 < self.top_p <= 1, "decode.top_p", self.top_p, "in (0, 1]")
+        _check(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0, "decode.no_repeat_ngram_size",
+               self.no_repeat_ngram_size, "an integer >= 0 (0 = off)")
+        _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0, "decode.repetition_penalty",
+               self.repetition_penalty, "> 0 (1.0 = off)")
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progress
     refs = [p.target for p in test_pairs]
     dc = cfg.decode
     settings = GenerationSettings(dc.strategy, dc.num_beams, dc.temperature, dc.top_p, dc.max_new_tokens,
-                                  dc.batch_size, dc.seed)
+                                  dc.batch_size, dc.seed, dc.no_repeat_ngram_size, dc.repetition_penalty)
     stop = stop_token_id(tokenizer, chat=chat)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
     summary: dict = {}

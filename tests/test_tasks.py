@@ -216,3 +216,21 @@ def test_tokenizer_hash_stable_and_sensitive(tok):
     assert len(h) == 64 and h == tokenizer_hash(tok) == tokenizer_hash(make_tokenizer())
     assert tokenizer_hash(make_tokenizer(chat_template=CHAT_TEMPLATE + " ")) != h
     assert tokenizer_hash(make_tokenizer(chat_template=None)) != h
+
+
+def test_parallel_to_jsonl_cli(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    job = Path(__file__).resolve().parents[1] / "jobs" / "parallel_to_jsonl.py"
+    (tmp_path / "a.en").write_text("Hello.\nGood day.\n")
+    (tmp_path / "a.de").write_text("Hallo.\nGuten Tag.\n")
+    ok = subprocess.run([sys.executable, str(job), str(tmp_path / "a.en"), str(tmp_path / "a.de"),
+                         str(tmp_path / "out.jsonl")], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "wrote 2 pairs" in ok.stdout
+    assert [p.target for p in load_pairs(tmp_path / "out.jsonl")] == ["Hallo.", "Guten Tag."]
+    (tmp_path / "b.de").write_text("Hallo.\n")
+    bad = subprocess.run([sys.executable, str(job), str(tmp_path / "a.en"), str(tmp_path / "b.de"),
+                          str(tmp_path / "bad.jsonl")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and not (tmp_path / "bad.jsonl").exists()

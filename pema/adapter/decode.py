@@ -73,14 +73,18 @@ class GenerationSettings:
     max_new_tokens: int = 96
     batch_size: int = 16
     seed: int = 0
+    no_repeat_ngram_size: int = 0  # applied to P_LM before mixing; banned tokens stay banned in the mixture
+    repetition_penalty: float = 1.0
 
     def generate_kwargs(self) -> dict:
+        common = {"no_repeat_ngram_size": self.no_repeat_ngram_size, "repetition_penalty": self.repetition_penalty}
         if self.strategy == "greedy":
-            return {"do_sample": False, "num_beams": 1}
+            return {"do_sample": False, "num_beams": 1, **common}
         if self.strategy == "beam":
-            return {"do_sample": False, "num_beams": self.num_beams, "early_stopping": True}
+            return {"do_sample": False, "num_beams": self.num_beams, "early_stopping": True, **common}
         if self.strategy == "sample":
-            return {"do_sample": True, "num_beams": 1, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+            return {"do_sample": True, "num_beams": 1, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0,
+                    **common}
         raise ValueError(f"unknown decoding strategy {self.strategy!r}; use greedy, beam or sample")
 
 

@@ -1,0 +1,111 @@
+"""The main job end to end: the smoke config on a tiny model, bad input at the job's boundary, and (slow) SmolLM2."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pema.config import load_config
+from pema.errors import ConfigError, DataError, MemoryMismatchError
+from pema.memory import MemoryReader
+from pema.pipeline import SYSTEMS, run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    cfg = load_config(SMOKE, [f"data.{s}={ROOT / 'data' / 'wmt22' / (s + '.jsonl')}" for s in ("train", "dev", "test")])
+    return out, run_pipeline(cfg, out, progress=False, log=lambda *_: None)
+
+
+def test_smoke_summary_contract(smoke_run):
+    out, summary = smoke_run
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for system in SYSTEMS:
+        for metric in ("bleu", "chrf", "ter"):
+            assert isinstance(on_disk[system][metric], float)
+    for stage in ("load_model", "build_memory", "export_head", "train", "decode_zero_shot", "decode_pema_gu"):
+        assert on_disk["timings_s"][stage] >= 0
+    predictions = (out / "predictions" / "pema_gu.jsonl").read_text().splitlines()
+    assert len(predictions) == 6  # smoke.yaml: test_limit 6
+
+
+def test_smoke_outputs_are_consistent(smoke_run):
+    out, summary = smoke_run
+    train = MemoryReader(out / "memory" / "train")
+    head = json.loads((out / "head" / "head.json").read_text())
+    train.check_compatible(d=head["d"], vocab_size=head["vocab_size"], model_id=head["model_id"])
+    assert summary["memory_rows"] == len(train) == train.manifest.total_rows
+    adapter = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert adapter["d"] == head["d"] and adapter["rank"] == 16
+    gu = [json.loads(line)["lam"] for line in (out / "predictions" / "pema_gu.jsonl").read_text().splitlines()]
+    assert all(trace and trace[0] == pytest.approx(0.81) for trace in gu)  # lam_max 0.9, q 0: lam_0 = 0.81
+
+
+def test_bad_jsonl_fails_before_anything_is_written(tmp_path):
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"en": "a", "du": "b"}\n{"en": "c", "du": \n')
+    cfg = load_config(SMOKE, [f"data.train={bad}"])
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=":2:"):
+        run_pipeline(cfg, out, progress=False)
+    assert not (out / "memory").exists()
+
+
+@pytest.mark.parametrize("row, message", [({"en": "x"}, "missing field 'du'"), ({"en": "x", "du": " "}, "empty")])
+def test_missing_field_or_empty_target(tmp_path, row, message):
+    path = _write_jsonl(tmp_path / "test.jsonl", [{"en": "a", "du": "b"}, row])
+    cfg = load_config(SMOKE, [f"data.test={path}"])
+    with pytest.raises(DataError, match=message):
+        run_pipeline(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "memory").exists()
+
+
+def test_memory_from_another_model_is_refused(smoke_run, tmp_path):
+    out, _ = smoke_run
+    reader = MemoryReader(out / "memory" / "train")
+    with pytest.raises(MemoryMismatchError, match="d=64.*d=576|576.*64"):
+        reader.check_compatible(d=576, vocab_size=reader.manifest.vocab_size)
+    with pytest.raises(MemoryMismatchError, match="50272"):
+        reader.check_compatible(d=reader.manifest.d, vocab_size=50272)
+
+
+def test_job_cli_rejects_bad_override(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(SMOKE),
+                           "--output-dir", str(tmp_path / "o"), "decode.gu.lam_max=1.5"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "lam_max=1.5" in proc.stderr
+    with pytest.raises(ConfigError, match="train.kapa"):
+        load_config(SMOKE, ["train.kapa=0.1"])
+
+
+@pytest.mark.slow
+def test_main_job_on_smollm2(tmp_path):
+    """The real job on SmolLM2-135M-Instruct with a handful of pairs, through the command line."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(ROOT / "jobs/configs/default.yaml"),
+           "--output-dir", str(out), "--no-progress", "data.train_limit=12", "data.dev_limit=4", "data.test_limit=4",
+           "train.rct_epochs=2", "train.epochs=1", "decode.max_new_tokens=24", "adapter.rank=32", "adapter.alpha=32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    head = json.loads((out / "head" / "head.json").read_text())
+    assert (head["d"], head["vocab_size"], head["norm_type"]) == (576, 49152, "rms")
+    assert set(SYSTEMS) <= set(summary) and "BLEU" in proc.stdout
+    zero_shot = [json.loads(line)["hypothesis"] for line in (out / "predictions" / "zero_shot.jsonl").open()]
+    assert any(h.strip() for h in zero_shot)  # the chat template makes SmolLM2 answer (raw template: empty output)
