@@ -144,8 +144,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, stop_token_id: int, pad
                 seq = seq[: seq.index(stop_token_id)]
             outputs[i] = seq
             total_tokens += len(seq) + 1
-            if proc is not None:
-                traces[i] = [float(step[row]) for step in proc.lam_trace]
+            if proc is not None:  # the row's own steps: its tokens and the stop token, not the batch's tail
+                traces[i] = [float(step[row]) for step in proc.lam_trace[: len(seq) + 1]]
         bar.update(len(idx))
     bar.close()
     return GenerationResult(outputs, time.perf_counter() - start, total_tokens, traces)

@@ -39,7 +39,7 @@ def build_memory(model, tokenizer, pairs: Sequence[Pair], out_dir: str | os.Path
         raise ValueError("no pairs to build a memory from")
     examples, source_tokens = prepare_examples(tokenizer, pairs, template=template, source_field=source_field, chat=chat)
     heads = head_modules(model)
-    encoder = MemoryEncoder(model, pad_id=tokenizer.pad_token_id or 0)
+    encoder = MemoryEncoder(model, pad_id=tokenizer.pad_token_id or 0, key_dtype=dtype)
     out_dir = Path(out_dir)
     if (out_dir / "manifest.json").exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a memory; pass overwrite=True to rebuild it")

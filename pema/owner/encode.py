@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pema.keys import normalize
 from pema.owner.respond import ContextTap
 
 
@@ -28,6 +29,8 @@ class EncodeExample:
     target_ids: tuple[int, ...]
 
     def __post_init__(self):
+        object.__setattr__(self, "prompt_ids", tuple(self.prompt_ids))
+        object.__setattr__(self, "target_ids", tuple(self.target_ids))
         if not self.prompt_ids:
             raise ValueError(f"example {self.example}: empty prompt")
         if not self.target_ids:
@@ -59,37 +62,51 @@ def length_batches(examples: Sequence[EncodeExample], max_tokens: int) -> list[l
 
 
 class MemoryEncoder:
-    """``encoder(examples) -> {"key": (n, d) float32, "token": int32, "example": int64, "position": int32}``.
+    """``encoder(examples) -> {"key": (n, d), "token": int32, "example": int64, "position": int32}``.
 
-    Rows come example by example in the order given, positions 0..T-1 within each.
+    Rows come example by example in the order given, positions 0..T-1 within each. Keys are gathered at the target
+    positions on the device in one indexing op, normalized in float32, cast to ``key_dtype`` there (float16 halves
+    the device-to-host copy) and copied through pinned memory when the model is on a GPU.
     """
 
-    def __init__(self, model: nn.Module, pad_id: int = 0):
+    def __init__(self, model: nn.Module, pad_id: int = 0, key_dtype: str = "float32"):
+        if key_dtype not in ("float16", "float32"):
+            raise ValueError(f"key_dtype {key_dtype!r} must be 'float16' or 'float32'")
         self.model = model
         self.base = model.base_model  # the decoder stack without the LM head
         self.tap = ContextTap(model)
         self.pad_id = pad_id
+        self.key_dtype = getattr(torch, key_dtype)
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
     def __call__(self, examples: Sequence[EncodeExample]) -> dict[str, np.ndarray]:
         if not examples:
             raise ValueError("encode called with no examples")
-        width = max(e.input_length for e in examples)
-        ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        prompt_len = np.array([len(e.prompt_ids) for e in examples], dtype=np.int64)
+        target_len = np.array([len(e.target_ids) for e in examples], dtype=np.int64)
+        lengths = prompt_len + target_len - 1
+        ids = np.full((len(examples), int(lengths.max())), self.pad_id, dtype=np.int64)
         for i, e in enumerate(examples):
-            seq = list(e.prompt_ids) + list(e.target_ids[:-1])
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
+            ids[i, : lengths[i]] = e.prompt_ids + e.target_ids[:-1]
+        mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+        # flat (row, column) of every key: column P - 1 + t predicts target token t
+        rows = np.repeat(np.arange(len(examples)), target_len)
+        starts = np.repeat(np.cumsum(target_len) - target_len, target_len)
+        position = np.arange(len(rows)) - starts
+        cols = np.repeat(prompt_len - 1, target_len) + position
         with self.tap:
-            self.base(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
-            keys = self.tap.keys()
-        rows = [keys[i, len(e.prompt_ids) - 1 : e.input_length] for i, e in enumerate(examples)]
-        out_key = torch.cat(rows).cpu().numpy()
+            self.base(input_ids=torch.from_numpy(ids).to(self.device),
+                      attention_mask=torch.from_numpy(mask).to(self.device), use_cache=False)
+            hidden = self.tap.hidden()
+            picked = hidden[torch.from_numpy(rows).to(hidden.device), torch.from_numpy(cols).to(hidden.device)]
+        keys = normalize(picked, self.tap.norm_type, self.tap.eps).to(self.key_dtype)
+        if keys.is_cuda:
+            host = torch.empty(keys.shape, dtype=keys.dtype, pin_memory=True)
+            keys = host.copy_(keys)
         return {
-            "key": out_key,
+            "key": keys.cpu().numpy(),
             "token": np.concatenate([np.asarray(e.target_ids, np.int32) for e in examples]),
-            "example": np.concatenate([np.full(len(e.target_ids), e.example, np.int64) for e in examples]),
-            "position": np.concatenate([np.arange(len(e.target_ids), dtype=np.int32) for e in examples]),
+            "example": np.repeat(np.array([e.example for e in examples], dtype=np.int64), target_len),
+            "position": position.astype(np.int32),
         }

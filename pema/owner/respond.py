@@ -45,6 +45,10 @@ class ContextTap:
             raise RuntimeError("no forward pass was recorded: run the model inside `with ContextTap(model):`")
         return self._hidden
 
+    def hidden(self) -> torch.Tensor:
+        """The raw final-norm input of the latest forward, (batch, seq, d) in the model's dtype."""
+        return self._latest()
+
     def keys(self) -> torch.Tensor:
         return normalize(self._latest(), self.norm_type, self.eps)
 
