@@ -10,6 +10,7 @@ Stages and their on-disk outputs under ``output_dir``:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -132,8 +133,7 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progress
                                  train_manifest.target_source_ratio)
     refs = [p.target for p in test_pairs]
     dc = cfg.decode
-    settings = GenerationSettings(dc.strategy, dc.num_beams, dc.temperature, dc.top_p, dc.max_new_tokens,
-                                  dc.batch_size, dc.seed, dc.no_repeat_ngram_size, dc.repetition_penalty)
+    settings = GenerationSettings(**{f.name: getattr(dc, f.name) for f in dataclasses.fields(GenerationSettings)})
     stop = stop_token_id(tokenizer, chat=chat)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
     summary: dict = {}
