@@ -123,6 +123,8 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progress
                                             "target_source_ratio": train_manifest.target_source_ratio})
     (out / "train_history.json").write_text(json.dumps(history, indent=2))
     adapter, _ = load_adapter(out / "adapter", head_meta)
+    model_device = next(model.parameters()).device  # decode where the PLM's scores are (GPU when it is there)
+    adapter, head = adapter.to(model_device), head.to(model_device)
     for r in results:
         log(f"{r.phase}: best val loss {r.best_val:.4f} at step {r.best_step} of {r.steps} "
             f"({r.entries_per_s:,.0f} rows/s{', stopped early' if r.stopped_early else ''})")
