@@ -50,8 +50,8 @@ def should_stop(val_losses: list[float]) -> bool:
 
 def vocab_remap(subset: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Lookup table token id -> index in ``subset`` (-1 where absent)."""
-    table = torch.full((vocab_size,), -1, dtype=torch.long)
-    table[subset] = torch.arange(len(subset))
+    table = torch.full((vocab_size,), -1, dtype=torch.long, device=subset.device)
+    table[subset] = torch.arange(len(subset), device=subset.device)
     return table
 
 
@@ -65,7 +65,7 @@ def phase_losses(adapter: PemaAdapter, head: OutputHead, batch: dict, phase: str
     if kappa > 0:
         out["rct"] = rct_loss(adapter.reconstruct(u), key)
     if kappa < 1:
-        target = torch.as_tensor(batch["token"], dtype=torch.long)
+        target = torch.as_tensor(batch["token"], dtype=torch.long, device=key.device)
         if vocab_subset is not None:
             target = remap[target]
             if (target < 0).any():
