@@ -103,8 +103,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     evals_per_epoch: int = 1
     seed: int = 0
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    resident: bool = False  # load the memories onto the device once (bf16 keys on a GPU) instead of streaming
 
     def __post_init__(self):
+        _check(isinstance(self.device, str) and (self.device == "cpu" or self.device.startswith("cuda")),
+               "train.device", self.device, "'cpu', 'cuda' or 'cuda:N'")
+        _check(isinstance(self.resident, bool), "train.resident", self.resident, "true or false")
         _choice("train.method", self.method, ("rct_pd", "pd", "rct"))
         _choice("train.phase2_init_A", self.phase2_init_A, ("carry", "reinit"))
         _choice("train.b_pd_init", self.b_pd_init, ("from_rct", "random", "zeros"))

@@ -22,6 +22,7 @@ import torch
 from pema.adapter.decode import GenerationSettings, generate
 from pema.adapter.io import load_adapter, load_head, save_adapter
 from pema.adapter.model import PemaAdapter
+from pema.adapter.resident import ResidentMemory
 from pema.adapter.schedule import Schedule, estimate_horizons
 from pema.adapter.train import target_vocab, train_phase
 from pema.config import PipelineConfig, ScheduleConfig, to_dict
@@ -51,9 +52,17 @@ def train_adapter(cfg: PipelineConfig, head, train_reader: MemoryReader, dev_rea
     """RCT then RCT_PD (or PD only / RCT only) as ``cfg.train`` says; returns the adapter and phase results."""
     t, a = cfg.train, cfg.adapter
     torch.manual_seed(t.seed)
-    adapter = PemaAdapter(head.d, a.rank, a.alpha, a.dropout)
-    train_batches = lambda epoch: train_reader.iter_batches(t.batch_size, shuffle=True, seed=t.seed * 1000 + epoch)
-    dev_batches = lambda: dev_reader.iter_batches(4096)
+    adapter = PemaAdapter(head.d, a.rank, a.alpha, a.dropout).to(t.device)
+    head = head.to(t.device)
+    if t.resident:  # the fast path: no per-batch file reads, keys stay on the device
+        dtype = torch.float32 if t.device == "cpu" else torch.bfloat16
+        train_mem = ResidentMemory.from_reader(train_reader, t.device, dtype)
+        dev_mem = ResidentMemory.from_reader(dev_reader, t.device, dtype)
+        train_batches = lambda epoch: train_mem.batches(t.batch_size, seed=t.seed * 1000 + epoch)
+        dev_batches = lambda: dev_mem.batches(4096, shuffle=False)
+    else:
+        train_batches = lambda epoch: train_reader.iter_batches(t.batch_size, shuffle=True, seed=t.seed * 1000 + epoch)
+        dev_batches = lambda: dev_reader.iter_batches(4096)
     common = dict(train_rows=len(train_reader), dev_batches=dev_batches, train_batches=train_batches,
                   weight_decay=t.weight_decay, evals_per_epoch=t.evals_per_epoch, report=report, save=save,
                   progress=progress)
@@ -67,7 +76,7 @@ def train_adapter(cfg: PipelineConfig, head, train_reader: MemoryReader, dev_rea
     adapter.reset_B("B_pd", t.b_pd_init)
     subset = None
     if t.pd_vocab == "targets":
-        subset = target_vocab(b["token"] for b in train_reader.iter_batches(65536))
+        subset = target_vocab(b["token"] for b in train_reader.iter_batches(65536)).to(t.device)
     results.append(train_phase(adapter, head, phase=t.method, epochs=t.epochs, lr=t.lr, kappa=t.kappa,
                                vocab_subset=subset, **common))
     return adapter, results

@@ -109,3 +109,27 @@ def test_main_job_on_smollm2(tmp_path):
     assert set(SYSTEMS) <= set(summary) and "BLEU" in proc.stdout
     zero_shot = [json.loads(line)["hypothesis"] for line in (out / "predictions" / "zero_shot.jsonl").open()]
     assert any(h.strip() for h in zero_shot)  # the chat template makes SmolLM2 answer (raw template: empty output)
+
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_train_adapter_streaming_and_resident(smoke_run, resident):
+    from pema.adapter.io import load_head
+    from pema.pipeline import train_adapter
+
+    out, _ = smoke_run
+    head, _ = load_head(out / "head")
+    cfg = load_config(SMOKE, [f"train.resident={str(resident).lower()}", "train.rct_epochs=3", "train.epochs=2"])
+    reader, dev = MemoryReader(out / "memory" / "train"), MemoryReader(out / "memory" / "dev")
+    adapter, results = train_adapter(cfg, head, reader, dev, progress=False)
+    assert [r.phase for r in results] == ["rct", "rct_pd"]
+    rct = results[0].history
+    assert rct[-1]["val_loss"] < rct[0]["val_loss"]  # reconstruction improves from the random start
+    assert results[0].rows_seen == 3 * len(reader)  # every row once per epoch, streamed or resident
+    assert next(adapter.parameters()).device.type == "cpu"
+
+
+def test_train_device_is_validated():
+    with pytest.raises(ConfigError, match="train.device"):
+        load_config(SMOKE, ["train.device=tpu"])
+    with pytest.raises(ConfigError, match="train.resident"):
+        load_config(SMOKE, ["train.resident=maybe"])
