@@ -67,6 +67,20 @@ class Stopwatch:
             self.seconds += time.perf_counter() - start
 
 
+def timed_steps(step, *, warmup: int, steps: int, device: torch.device) -> tuple[int, float]:
+    """Run ``step()`` (which returns rows done) ``warmup`` times untimed, then ``steps`` times timed.
+
+    Returns (rows, seconds) of the timed part, measured between device-synchronized points.
+    """
+    for _ in range(warmup):
+        step()
+    watch, rows = Stopwatch(device), 0
+    with watch.measure():
+        for _ in range(steps):
+            rows += step()
+    return rows, watch.seconds
+
+
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:

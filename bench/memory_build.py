@@ -173,15 +173,11 @@ def project_path(model, examples, batch_tokens, pad_id, device):
 
 
 def padded(batch, pad_id):
-    """Right-padded ``prompt + target[:-1]`` ids and mask (batch, width), as MemoryEncoder builds them."""
-    width = max(e.input_length for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, e in enumerate(batch):
-        seq = list(e.prompt_ids) + list(e.target_ids[:-1])
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-    return ids, mask
+    """Right-padded ids and mask (batch, width), exactly as MemoryEncoder builds them."""
+    from pema.owner.encode import teacher_forced_inputs
+
+    layout = teacher_forced_inputs(batch, pad_id)
+    return torch.from_numpy(layout.ids), torch.from_numpy(layout.mask)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.memory_build import build_opt, padded, random_examples  # noqa: E402
 from pema.keys import normalize  # noqa: E402
-from pema.owner.encode import length_batches  # noqa: E402
+from pema.owner.encode import length_batches, teacher_forced_inputs  # noqa: E402
 from pema.owner.respond import ContextTap  # noqa: E402
 
 
@@ -49,9 +49,9 @@ def main() -> dict:
                 hidden = tap.hidden()
                 lap("forward", s)
                 s = time.perf_counter()
-                rows = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor([len(e.target_ids) for e in batch]))
-                cols = torch.cat([torch.arange(len(e.prompt_ids) - 1, e.input_length) for e in batch])
-                keys = normalize(hidden[rows.to(dev), cols.to(dev)], tap.norm_type, tap.eps).half()
+                layout = teacher_forced_inputs(batch, 0)
+                rows, cols = torch.from_numpy(layout.rows).to(dev), torch.from_numpy(layout.cols).to(dev)
+                keys = normalize(hidden[rows, cols], tap.norm_type, tap.eps).half()
                 lap("gather_normalize", s)
             s = time.perf_counter()
             keys.cpu().numpy()

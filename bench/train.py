@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common import PeakMemory, Stopwatch, device_name, emit, free_device_memory, log, pick_device, rate  # noqa: E402
+from common import PeakMemory, device_name, emit, free_device_memory, log, pick_device, rate, timed_steps  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "bf16h")
 
@@ -161,15 +161,10 @@ def project_path(args, variant: str, keys: np.ndarray, tokens: np.ndarray, devic
                 raise FloatingPointError(f"project {variant}: loss {value}")
             return len(batch["token"])
 
-        for _ in range(args.warmup_steps):
-            step()
-        watch, rows = Stopwatch(device), 0
-        with watch.measure():
-            for _ in range(args.steps):
-                rows += step()
-    out = {"entries_per_s": rate(rows, watch.seconds), "peak_mem_mb": peak.peak_mb, "rows": rows,
-           "seconds": watch.seconds, "load_s": load_s, "resident_mb": mem.nbytes / 2**20}
-    log(f"project {variant}: {rows} rows in {watch.seconds:.2f}s -> {out['entries_per_s']:,.0f} rows/s, "
+        rows, seconds = timed_steps(step, warmup=args.warmup_steps, steps=args.steps, device=device)
+    out = {"entries_per_s": rate(rows, seconds), "peak_mem_mb": peak.peak_mb, "rows": rows,
+           "seconds": seconds, "load_s": load_s, "resident_mb": mem.nbytes / 2**20}
+    log(f"project {variant}: {rows} rows in {seconds:.2f}s -> {out['entries_per_s']:,.0f} rows/s, "
         f"peak {peak.peak_mb:,.0f} MiB (resident memory {out['resident_mb']:,.0f} MiB, loaded in {load_s:.2f}s)")
     del mem, head, adapter, opt, stream
     free_device_memory(device)
@@ -284,16 +279,11 @@ def seed_path(args, keys: np.ndarray, tokens: np.ndarray, device: torch.device, 
                 raise FloatingPointError(f"seed: loss {value}")
             return len(labels)
 
-        for _ in range(args.warmup_steps):
-            step()
-        watch, rows = Stopwatch(device), 0
-        with watch.measure():
-            for _ in range(args.seed_steps):
-                rows += step()
+        rows, seconds = timed_steps(step, warmup=args.warmup_steps, steps=args.seed_steps, device=device)
         del stream  # stops the DataLoader workers
-    out = {"entries_per_s": rate(rows, watch.seconds), "peak_mem_mb": peak.peak_mb, "rows": rows,
-           "seconds": watch.seconds}
-    log(f"seed: {rows} rows in {watch.seconds:.2f}s -> {out['entries_per_s']:,.0f} rows/s, "
+    out = {"entries_per_s": rate(rows, seconds), "peak_mem_mb": peak.peak_mb, "rows": rows,
+           "seconds": seconds}
+    log(f"seed: {rows} rows in {seconds:.2f}s -> {out['entries_per_s']:,.0f} rows/s, "
         f"peak {peak.peak_mb:,.0f} MiB")
     return out
 

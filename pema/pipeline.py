@@ -28,8 +28,8 @@ from pema.adapter.train import target_vocab, train_phase
 from pema.config import PipelineConfig, ScheduleConfig, to_dict
 from pema.evaluate import evaluate
 from pema.memory import MemoryReader
-from pema.tasks import (load_pairs, prompt_ids, render_instruction, resolve_template, source_token_count,
-                        stop_token_id, use_chat_template)
+from pema.tasks import (load_pairs, resolve_template, source_prompt_ids, source_token_count, stop_token_id,
+                        use_chat_template)
 
 SYSTEMS = ("zero_shot", "pema_const", "pema_gu")
 
@@ -138,7 +138,7 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progress
         log(f"{r.phase}: best val loss {r.best_val:.4f} at step {r.best_step} of {r.steps} "
             f"({r.entries_per_s:,.0f} rows/s{', stopped early' if r.stopped_early else ''})")
 
-    prompts = [prompt_ids(tokenizer, render_instruction(template, p.source, source_field=d.source_field), chat=chat)
+    prompts = [source_prompt_ids(tokenizer, template, p.source, source_field=d.source_field, chat=chat)
                for p in test_pairs]
     horizons = estimate_horizons([source_token_count(tokenizer, p.source) for p in test_pairs],
                                  train_manifest.target_source_ratio)

@@ -173,6 +173,11 @@ def prompt_ids(tokenizer, instruction: str, *, chat: bool) -> list[int]:
     return list(tokenizer(instruction, add_special_tokens=True)["input_ids"])
 
 
+def source_prompt_ids(tokenizer, template: str, source: str, *, source_field: str, chat: bool) -> list[int]:
+    """The prompt for one source text, tokenized as both the memory build and generation use it."""
+    return prompt_ids(tokenizer, render_instruction(template, source, source_field=source_field), chat=chat)
+
+
 def stop_token_id(tokenizer, *, chat: bool) -> int:
     """The token that ends a target: end-of-turn in chat mode, a newline in raw mode."""
     if chat:

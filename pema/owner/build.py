@@ -12,7 +12,7 @@ from pema.keys import KEY_DEFINITION
 from pema.memory import MemoryManifest, MemoryWriter
 from pema.owner.encode import EncodeExample, MemoryEncoder, length_batches
 from pema.owner.plm import head_modules
-from pema.tasks import Pair, prompt_ids, render_instruction, source_token_count, stop_token_id, target_ids, tokenizer_hash
+from pema.tasks import Pair, source_prompt_ids, source_token_count, stop_token_id, target_ids, tokenizer_hash
 
 
 def prepare_examples(tokenizer, pairs: Sequence[Pair], *, template: str, source_field: str,
@@ -20,7 +20,7 @@ def prepare_examples(tokenizer, pairs: Sequence[Pair], *, template: str, source_
     """Tokenize pairs exactly as at inference; returns the examples and the total source-token count."""
     examples, source_tokens = [], 0
     for pair in pairs:
-        prompt = prompt_ids(tokenizer, render_instruction(template, pair.source, source_field=source_field), chat=chat)
+        prompt = source_prompt_ids(tokenizer, template, pair.source, source_field=source_field, chat=chat)
         examples.append(EncodeExample(pair.index, tuple(prompt), tuple(target_ids(tokenizer, pair.target, chat=chat))))
         source_tokens += source_token_count(tokenizer, pair.source)
     return examples, source_tokens

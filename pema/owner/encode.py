@@ -61,6 +61,35 @@ def length_batches(examples: Sequence[EncodeExample], max_tokens: int) -> list[l
     return batches
 
 
+@dataclass(frozen=True)
+class TeacherForcedInputs:
+    """Right-padded ``prompt + target[:-1]`` ids and mask (batch, width), and where every key sits: row ``rows[j]``,
+    column ``cols[j]`` holds the context that predicts target token ``position[j]`` of its example (n,)."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    position: np.ndarray
+    target_len: np.ndarray
+
+
+def teacher_forced_inputs(examples: Sequence[EncodeExample], pad_id: int) -> TeacherForcedInputs:
+    if not examples:
+        raise ValueError("encode called with no examples")
+    prompt_len = np.array([len(e.prompt_ids) for e in examples], dtype=np.int64)
+    target_len = np.array([len(e.target_ids) for e in examples], dtype=np.int64)
+    lengths = prompt_len + target_len - 1
+    ids = np.full((len(examples), int(lengths.max())), pad_id, dtype=np.int64)
+    for i, e in enumerate(examples):
+        ids[i, : lengths[i]] = e.prompt_ids + e.target_ids[:-1]
+    mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+    rows = np.repeat(np.arange(len(examples)), target_len)
+    position = np.arange(len(rows)) - np.repeat(np.cumsum(target_len) - target_len, target_len)
+    cols = np.repeat(prompt_len - 1, target_len) + position  # column P - 1 + t predicts target token t
+    return TeacherForcedInputs(ids, mask, rows, cols, position, target_len)
+
+
 class MemoryEncoder:
     """``encoder(examples) -> {"key": (n, d), "token": int32, "example": int64, "position": int32}``.
 
@@ -81,20 +110,8 @@ class MemoryEncoder:
 
     @torch.no_grad()
     def __call__(self, examples: Sequence[EncodeExample]) -> dict[str, np.ndarray]:
-        if not examples:
-            raise ValueError("encode called with no examples")
-        prompt_len = np.array([len(e.prompt_ids) for e in examples], dtype=np.int64)
-        target_len = np.array([len(e.target_ids) for e in examples], dtype=np.int64)
-        lengths = prompt_len + target_len - 1
-        ids = np.full((len(examples), int(lengths.max())), self.pad_id, dtype=np.int64)
-        for i, e in enumerate(examples):
-            ids[i, : lengths[i]] = e.prompt_ids + e.target_ids[:-1]
-        mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
-        # flat (row, column) of every key: column P - 1 + t predicts target token t
-        rows = np.repeat(np.arange(len(examples)), target_len)
-        starts = np.repeat(np.cumsum(target_len) - target_len, target_len)
-        position = np.arange(len(rows)) - starts
-        cols = np.repeat(prompt_len - 1, target_len) + position
+        layout = teacher_forced_inputs(examples, self.pad_id)
+        ids, mask, rows, cols = layout.ids, layout.mask, layout.rows, layout.cols
         with self.tap:
             self.base(input_ids=torch.from_numpy(ids).to(self.device),
                       attention_mask=torch.from_numpy(mask).to(self.device), use_cache=False)
@@ -107,6 +124,6 @@ class MemoryEncoder:
         return {
             "key": keys.cpu().numpy(),
             "token": np.concatenate([np.asarray(e.target_ids, np.int32) for e in examples]),
-            "example": np.repeat(np.array([e.example for e in examples], dtype=np.int64), target_len),
-            "position": position.astype(np.int32),
+            "example": np.repeat(np.array([e.example for e in examples], dtype=np.int64), layout.target_len),
+            "position": layout.position.astype(np.int32),
         }
