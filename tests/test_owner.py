@@ -407,3 +407,20 @@ def test_load_head_rejects_incomplete_or_inconsistent_bundle(tmp_path):
     (tmp_path / "head.json").unlink()
     with pytest.raises(MemoryFormatError, match="head.json"):
         load_head(tmp_path)  # tensors without metadata
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_load_plm_from_local_folder_in_each_dtype(smollm2_tokenizer, tmp_path, dtype):
+    from pema.owner.plm import load_plm, tiny_model
+
+    reference = tiny_model("llama", len(smollm2_tokenizer), seed=5)
+    reference.save_pretrained(tmp_path / "m")  # safetensors
+    smollm2_tokenizer.save_pretrained(tmp_path / "m")
+    model, tokenizer = load_plm(str(tmp_path / "m"), dtype=dtype)
+    assert next(model.parameters()).dtype == getattr(torch, dtype)
+    assert tokenizer("Hallo Welt")["input_ids"] == smollm2_tokenizer("Hallo Welt")["input_ids"]
+    ids = torch.tensor([[5, 17, 300, 4000]])
+    with torch.no_grad():
+        got, want = model(ids).logits.float(), reference(ids).logits
+    tol = 1e-5 if dtype == "float32" else 5e-2  # half precision weights: loose, same model
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
