@@ -1,0 +1,34 @@
+"""Connecting to Ray the same way from every job.
+
+- Under ``ray job submit`` (``RAY_ADDRESS`` set by Ray) or with ``--address``: connect to that cluster.
+- Otherwise: start a local cluster in this process (``make run``), stopped when the job ends.
+
+``RAY_AUTH_MODE`` is set to ``disabled`` unless the user set it: a local ``ray.init()`` would otherwise turn token
+auth on and write ``~/.ray/auth_token``, after which ``ray job submit`` to a ``ray start`` cluster fails with
+"Missing authentication token" (DESIGN.md section 4). Set ``RAY_AUTH_MODE=token`` yourself to use tokens.
+"""
+from __future__ import annotations
+
+import os
+
+import ray
+
+AUTH_MODE_DEFAULT = "disabled"
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = False) -> dict:
+    """Connect to (or start) Ray once per process; returns the cluster's resources."""
+    os.environ.setdefault("RAY_AUTH_MODE", AUTH_MODE_DEFAULT)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        kwargs = {"log_to_driver": not quiet}
+        if address is None and num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+        ray.init(address=address, **kwargs)
+    return ray.cluster_resources()
+
+
+def cluster_gpus() -> int:
+    """GPUs in the connected cluster (0 on a CPU-only cluster)."""
+    return int(ray.cluster_resources().get("GPU", 0))
