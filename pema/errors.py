@@ -31,3 +31,7 @@ class UnsupportedArchitectureError(PemaError, ValueError):
 
 class ScheduleError(PemaError, ValueError):
     """An interpolation weight lambda or a schedule parameter is outside its allowed range."""
+
+
+class CheckpointError(PemaError):
+    """A training checkpoint folder is missing, damaged or of another format."""

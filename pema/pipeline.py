@@ -24,7 +24,8 @@ from pema.adapter.io import load_adapter, load_head, save_adapter
 from pema.adapter.model import PemaAdapter
 from pema.adapter.resident import ResidentMemory
 from pema.adapter.schedule import Schedule, estimate_horizons
-from pema.adapter.train import target_vocab, train_phase
+from pema.adapter.phases import run_phases
+from pema.adapter.train import target_vocab
 from pema.config import PipelineConfig, ScheduleConfig, to_dict
 from pema.evaluate import evaluate
 from pema.memory import MemoryReader
@@ -48,7 +49,7 @@ class Timer:
 
 
 def train_adapter(cfg: PipelineConfig, head, train_reader: MemoryReader, dev_reader: MemoryReader, *,
-                  report=None, save=None, progress: bool = True) -> tuple[PemaAdapter, list]:
+                  report=None, progress: bool = True) -> tuple[PemaAdapter, list]:
     """RCT then RCT_PD (or PD only / RCT only) as ``cfg.train`` says; returns the adapter and phase results."""
     t, a = cfg.train, cfg.adapter
     torch.manual_seed(t.seed)
@@ -63,22 +64,9 @@ def train_adapter(cfg: PipelineConfig, head, train_reader: MemoryReader, dev_rea
     else:
         train_batches = lambda epoch: train_reader.iter_batches(t.batch_size, shuffle=True, seed=t.seed * 1000 + epoch)
         dev_batches = lambda: dev_reader.iter_batches(4096)
-    common = dict(train_rows=len(train_reader), dev_batches=dev_batches, train_batches=train_batches,
-                  weight_decay=t.weight_decay, evals_per_epoch=t.evals_per_epoch, report=report, save=save,
-                  progress=progress)
-    results = []
-    if t.method in ("rct_pd", "rct"):
-        results.append(train_phase(adapter, head, phase="rct", epochs=t.rct_epochs, lr=t.rct_lr, **common))
-    if t.method == "rct":
-        return adapter, results
-    if t.method == "rct_pd" and t.phase2_init_A == "reinit":
-        adapter.reset_A()
-    adapter.reset_B("B_pd", t.b_pd_init)
-    subset = None
-    if t.pd_vocab == "targets":
-        subset = target_vocab(b["token"] for b in train_reader.iter_batches(65536)).to(t.device)
-    results.append(train_phase(adapter, head, phase=t.method, epochs=t.epochs, lr=t.lr, kappa=t.kappa,
-                               vocab_subset=subset, **common))
+    subset = lambda: target_vocab(b["token"] for b in train_reader.iter_batches(65536)).to(t.device)
+    results = run_phases(adapter, head, t, train_batches=train_batches, train_rows=len(train_reader),
+                         dev_batches=dev_batches, vocab_subset=subset, report=report, progress=progress)
     return adapter, results
 
 

@@ -1,7 +1,8 @@
 """Import rules, checked on the source with ``ast`` (nothing is imported):
 
 - the data owner's side (``pema/adapter/``) never imports the PLM owner's package ``pema.owner``;
-- no module of ``pema`` imports Ray or MLflow (those belong to the job layer), not even inside a function;
+- only ``pema/integrations/`` imports Ray or MLflow, not even inside a function elsewhere, and no core module
+  imports ``pema.integrations``;
 - the core math modules import nothing that does file I/O.
 """
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "pema"
-PURE = ["keys.py", "adapter/losses.py", "adapter/schedule.py", "adapter/model.py", "adapter/head.py"]
+PURE = ["keys.py", "adapter/losses.py", "adapter/schedule.py", "adapter/model.py", "adapter/head.py",
+        "adapter/phases.py"]
 FILE_IO = {"os", "pathlib", "json", "pyarrow", "safetensors"}
 
 
@@ -67,10 +69,20 @@ def test_adapter_never_imports_owner():
     assert not bad, "pema.adapter must not import pema.owner:\n" + "\n".join(bad)
 
 
-def test_no_ray_or_mlflow_in_library():
-    files = sorted(PKG.rglob("*.py"))
+def core_files() -> list[Path]:
+    return sorted(f for f in PKG.rglob("*.py") if "integrations" not in f.relative_to(PKG).parts)
+
+
+def test_no_ray_or_mlflow_in_core():
+    files = core_files()
+    assert len(files) > 10 and (PKG / "integrations").is_dir()
     bad = violations(files, lambda n: n.split(".")[0] in {"ray", "mlflow"})
-    assert not bad, "pema must not import ray/mlflow (they belong to jobs/):\n" + "\n".join(bad)
+    assert not bad, "only pema.integrations may import ray/mlflow:\n" + "\n".join(bad)
+
+
+def test_core_never_imports_integrations():
+    bad = violations(core_files(), lambda n: under(n, "pema.integrations"))
+    assert not bad, "core modules must not import pema.integrations:\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize("rel", PURE)

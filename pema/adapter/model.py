@@ -58,10 +58,12 @@ class PemaAdapter(nn.Module):
     def pd_hidden(self, u: torch.Tensor) -> torch.Tensor:
         return u @ self.B_pd.T
 
-    def forward(self, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, d) -> (k_hat, h): reconstruction and the hidden state for the output head."""
+    def forward(self, key: torch.Tensor, rct: bool = True, pd: bool = True):
+        """(batch, d) -> (k_hat, h): the reconstruction (batch, d) and the hidden state for the output head
+        (batch, d); either is None when not asked for. Training goes through here so that a DDP wrapper sees
+        every step."""
         u = self.u(key)
-        return self.reconstruct(u), self.pd_hidden(u)
+        return (self.reconstruct(u) if rct else None), (self.pd_hidden(u) if pd else None)
 
     def log_probs(self, key: torch.Tensor, head: nn.Module) -> torch.Tensor:
         """log P_PEMA (batch, vocab) for keys (batch, d)."""

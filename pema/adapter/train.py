@@ -10,6 +10,7 @@ checks. The best checkpoint (lowest validation loss, the check before training i
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -58,19 +59,20 @@ def vocab_remap(subset: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def phase_losses(adapter: PemaAdapter, head: OutputHead, batch: dict, phase: str, kappa: float,
                  vocab_subset: torch.Tensor | None = None, remap: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Loss terms of one batch: ``{"loss", "rct"?, "ce"?}``."""
-    key = torch.as_tensor(batch["key"], dtype=torch.float32)
+    device = next(adapter.parameters()).device
+    key = torch.as_tensor(batch["key"]).to(device=device, dtype=torch.float32)
     kappa = PHASE_KAPPA.get(phase, kappa)
-    u = adapter.u(key)
+    k_hat, h = adapter(key, rct=kappa > 0, pd=kappa < 1)  # through forward(): DDP-wrapped adapters sync here
     out: dict[str, torch.Tensor] = {}
     if kappa > 0:
-        out["rct"] = rct_loss(adapter.reconstruct(u), key)
+        out["rct"] = rct_loss(k_hat, key)
     if kappa < 1:
-        target = torch.as_tensor(batch["token"], dtype=torch.long, device=key.device)
+        target = torch.as_tensor(batch["token"], dtype=torch.long, device=device)
         if vocab_subset is not None:
             target = remap[target]
             if (target < 0).any():
                 raise ValueError("a target token is outside the training vocabulary subset")
-        out["ce"] = pd_loss(head(adapter.pd_hidden(u), vocab_subset), target)
+        out["ce"] = pd_loss(head(h, vocab_subset), target)
     out["loss"] = joint_loss(out.get("rct", torch.zeros(())), out.get("ce", torch.zeros(())), kappa)
     return out
 
@@ -97,66 +99,126 @@ def _check_metrics(phase: str, epoch: float, step: int, check: dict, **extra) ->
     return {"phase": phase, "epoch": epoch, "step": step, **extra, **{"val_" + k: v for k, v in check.items()}}
 
 
+@dataclass
+class PhaseState:
+    """Where a phase stands at a validation: enough to resume it exactly (the batch order of an epoch is a pure
+    function of the epoch, so the ``batches`` already taken in epoch ``epoch`` are skipped on resume).
+
+    ``adapter``, ``best`` and ``optimizer`` are state dicts; the rest is plain data."""
+
+    phase: str
+    epoch: int
+    batches: int
+    epoch_rows: int
+    mark: int
+    step: int
+    rows_seen: int
+    best_val: float
+    best_step: int
+    seconds: float
+    history: list[dict]
+    adapter: dict
+    best: dict
+    optimizer: dict
+    stopped: bool = False
+
+
+def _snapshot(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
 def train_phase(adapter: PemaAdapter, head: OutputHead, *, phase: str, train_batches: Callable[[int], Iterable[dict]],
                 train_rows: int, dev_batches: Batches, epochs: int, lr: float, kappa: float = 0.2,
                 weight_decay: float = 0.0, evals_per_epoch: int = 1, vocab_subset: torch.Tensor | None = None,
                 report: Callable[[dict], None] | None = None,
-                save: Callable[[dict, dict], None] | None = None, progress: bool = True) -> PhaseResult:
-    """Train the parameters of ``phase`` (``rct``: A, B_rct; ``rct_pd``/``pd``: A, B_pd, B_rct frozen)."""
+                save: Callable[[dict, dict], None] | None = None, progress: bool = True,
+                checkpoint: Callable[[PhaseState, dict], None] | None = None, resume: PhaseState | None = None,
+                wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                steps_done: Callable[[int], None] | None = None) -> PhaseResult:
+    """Train the parameters of ``phase`` (``rct``: A, B_rct; ``rct_pd``/``pd``: A, B_pd, B_rct frozen).
+
+    Callbacks: ``report(metrics)`` at each validation, ``save(best_state, metrics)`` on each new best,
+    ``checkpoint(state, metrics)`` at each validation (the check before training included) with a
+    :class:`PhaseState` to pass back as ``resume`` after a crash. ``wrap(adapter)`` returns the module the training
+    steps run through (a ``DistributedDataParallel`` wrapper for data-parallel workers). ``steps_done(n)`` is told
+    how many optimizer steps this call ran (a resumed call runs only the remaining ones).
+    """
     if phase not in PHASES:
         raise ValueError(f"phase {phase!r} is not one of {sorted(PHASES)}")
     if train_rows <= 0:
         raise ValueError("the training memory is empty")
+    if resume is not None and resume.phase != phase:
+        raise ValueError(f"cannot resume phase {phase!r} from a checkpoint of phase {resume.phase!r}")
     trainable = PHASES[phase]
     for name, param in adapter.named_parameters():
         param.requires_grad_(name in trainable)
     opt = torch.optim.AdamW([getattr(adapter, n) for n in trainable], lr=lr, weight_decay=weight_decay)
     remap = vocab_remap(vocab_subset, head.vocab_size) if vocab_subset is not None else None
-    check = validate(adapter, head, dev_batches, phase, kappa)
-    history = [_check_metrics(phase, 0.0, 0, check)]
-    best_val, best_step, best_state = check["loss"], 0, copy.deepcopy(adapter.state_dict())
-    if report:
-        report(history[-1])
+    model = wrap(adapter) if wrap else adapter
     marks = [train_rows * (i + 1) // evals_per_epoch for i in range(evals_per_epoch)]
-    step, rows_seen, stopped, start = 0, 0, False, time.perf_counter()
-    bar = tqdm(total=epochs * train_rows, desc=f"train {phase}", unit="row", disable=not progress, leave=False)
-    adapter.train()
-    for epoch in range(epochs):
-        running, running_rows, epoch_rows, mark = 0.0, 0, 0, 0
-        for batch in train_batches(epoch):
+    if resume is None:
+        check = validate(model, head, dev_batches, phase, kappa)
+        st = PhaseState(phase, 0, 0, 0, 0, 0, 0, check["loss"], 0, 0.0, [_check_metrics(phase, 0.0, 0, check)],
+                        adapter={}, best=_snapshot(adapter), optimizer={})
+        if report:
+            report(st.history[-1])
+        if checkpoint:
+            st.adapter, st.optimizer = _snapshot(adapter), copy.deepcopy(opt.state_dict())
+            checkpoint(st, st.history[-1])
+    else:
+        st = copy.copy(resume)
+        st.history = list(resume.history)
+        adapter.load_state_dict(resume.adapter)
+        if resume.optimizer:
+            opt.load_state_dict(resume.optimizer)
+    ran, start = 0, time.perf_counter() - st.seconds
+    bar = tqdm(total=epochs * train_rows, initial=min(st.rows_seen, epochs * train_rows), desc=f"train {phase}",
+               unit="row", disable=not progress, leave=False)
+    model.train()
+    while st.epoch < epochs and not st.stopped:
+        running, running_rows = 0.0, 0
+        for batch in itertools.islice(train_batches(st.epoch), st.batches, None):
             n = len(batch["token"])
-            loss = phase_losses(adapter, head, batch, phase, kappa, vocab_subset, remap)["loss"]
+            loss = phase_losses(model, head, batch, phase, kappa, vocab_subset, remap)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step, rows_seen, epoch_rows = step + 1, rows_seen + n, epoch_rows + n
+            ran += 1
+            st.step, st.rows_seen, st.epoch_rows, st.batches = st.step + 1, st.rows_seen + n, st.epoch_rows + n, st.batches + 1
             running, running_rows = running + loss.item() * n, running_rows + n
             bar.update(n)
-            if mark >= len(marks) or epoch_rows < marks[mark]:
+            if st.mark >= len(marks) or st.epoch_rows < marks[st.mark]:
                 continue
-            while mark < len(marks) and epoch_rows >= marks[mark]:
-                mark += 1
-            check = validate(adapter, head, dev_batches, phase, kappa)
-            metrics = _check_metrics(phase, epoch + min(1.0, epoch_rows / train_rows), step, check,
+            while st.mark < len(marks) and st.epoch_rows >= marks[st.mark]:
+                st.mark += 1
+            check = validate(model, head, dev_batches, phase, kappa)
+            metrics = _check_metrics(phase, st.epoch + min(1.0, st.epoch_rows / train_rows), st.step, check,
                                      train_loss=running / max(1, running_rows))
             running, running_rows = 0.0, 0
-            history.append(metrics)
+            st.history.append(metrics)
             bar.set_postfix(val=f"{check['loss']:.4f}")
             if report:
                 report(metrics)
-            if check["loss"] < best_val:
-                best_val, best_step, best_state = check["loss"], step, copy.deepcopy(adapter.state_dict())
+            if check["loss"] < st.best_val:
+                st.best_val, st.best_step, st.best = check["loss"], st.step, _snapshot(adapter)
                 if save:
-                    save(best_state, metrics)
-            if should_stop([h["val_loss"] for h in history]):
-                stopped = True
+                    save(st.best, metrics)
+            st.stopped = should_stop([h["val_loss"] for h in st.history])
+            if checkpoint:
+                st.seconds = time.perf_counter() - start
+                st.adapter, st.optimizer = _snapshot(adapter), copy.deepcopy(opt.state_dict())
+                checkpoint(st, metrics)
+            if st.stopped:
                 break
-        if stopped:
-            break
+        if not st.stopped:
+            st.epoch, st.batches, st.epoch_rows, st.mark = st.epoch + 1, 0, 0, 0
     bar.close()
-    adapter.load_state_dict(best_state)
+    adapter.load_state_dict(st.best)
     adapter.eval()
-    return PhaseResult(phase, best_val, best_step, step, stopped, time.perf_counter() - start, rows_seen, history)
+    if steps_done:
+        steps_done(ran)
+    return PhaseResult(phase, st.best_val, st.best_step, st.step, st.stopped, time.perf_counter() - start,
+                       st.rows_seen, st.history)
 
 
 def target_vocab(token_arrays: Iterable[np.ndarray]) -> torch.Tensor:
