@@ -69,11 +69,20 @@ class MemoryConfig:
     dtype: str = "float16"
     rows_per_part: int = 65536
     batch_tokens: int = 4096  # padded tokens per teacher-forced forward
+    num_actors: int = 0  # Ray build: encoder actors; 0 = one per gpus_per_actor GPUs, or 1 CPU actor without GPUs
+    gpus_per_actor: int = 1  # Ray build on a GPU cluster; > 1 spreads the PLM over them (device_map "auto")
+    cpus_per_actor: float = 1.0  # Ray build: logical CPUs each encoder actor reserves
 
     def __post_init__(self):
         _choice("memory.dtype", self.dtype, ("float16", "float32"))
         _check(self.rows_per_part > 0, "memory.rows_per_part", self.rows_per_part, "> 0")
         _check(self.batch_tokens > 0, "memory.batch_tokens", self.batch_tokens, "> 0")
+        _check(_is_int(self.num_actors) and self.num_actors >= 0, "memory.num_actors", self.num_actors,
+               "an integer >= 0 (0 = one actor per GPU group, or 1 without GPUs)")
+        _check(_is_int(self.gpus_per_actor) and self.gpus_per_actor >= 1, "memory.gpus_per_actor",
+               self.gpus_per_actor, "an integer >= 1")
+        _check(_is_num(self.cpus_per_actor) and self.cpus_per_actor > 0, "memory.cpus_per_actor",
+               self.cpus_per_actor, "a number > 0")
 
 
 @dataclass(frozen=True)
@@ -105,11 +114,20 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | cuda:N
     resident: bool = False  # load the memories onto the device once (bf16 keys on a GPU) instead of streaming
+    num_workers: int = 1  # Ray Train data-parallel workers (DDP); each trains on its share of the memory
+    cpus_per_worker: float = 1.0  # fractional CPUs keep Ray's own tasks schedulable on small machines
+    max_failures: int = 1  # worker failures Ray Train recovers from, resuming at the last validation checkpoint
 
     def __post_init__(self):
         _check(isinstance(self.device, str) and (self.device == "cpu" or self.device.startswith("cuda")),
                "train.device", self.device, "'cpu', 'cuda' or 'cuda:N'")
         _check(isinstance(self.resident, bool), "train.resident", self.resident, "true or false")
+        _check(_is_int(self.num_workers) and self.num_workers >= 1, "train.num_workers", self.num_workers,
+               "an integer >= 1")
+        _check(_is_num(self.cpus_per_worker) and self.cpus_per_worker > 0, "train.cpus_per_worker",
+               self.cpus_per_worker, "a number > 0")
+        _check(_is_int(self.max_failures) and self.max_failures >= -1, "train.max_failures", self.max_failures,
+               "an integer >= 0, or -1 for unlimited retries")
         _choice("train.method", self.method, ("rct_pd", "pd", "rct"))
         _choice("train.phase2_init_A", self.phase2_init_A, ("carry", "reinit"))
         _choice("train.b_pd_init", self.b_pd_init, ("from_rct", "random", "zeros"))

@@ -413,3 +413,43 @@ class MemoryReader:
     def read_all(self) -> dict[str, np.ndarray]:
         """Whole memory in manifest order: key (N, d) float32, token/example/position (N,) int64."""
         return _concat([self._load(p) for p in self.manifest.parts], self.manifest.d)
+
+    def rows(self, start: int, stop: int) -> "MemorySlice":
+        """Rows ``[start, stop)`` in manifest order, read from the overlapping parts only."""
+        return MemorySlice(self, start, stop)
+
+
+class MemorySlice:
+    """A contiguous row range of a memory: a data-parallel worker's share. Offers the reader interface that
+    :meth:`pema.adapter.resident.ResidentMemory.from_reader` needs (``len``, ``manifest``, ordered ``iter_batches``)."""
+
+    def __init__(self, reader: MemoryReader, start: int, stop: int):
+        if not (_is_int(start, 0) and _is_int(stop, 0) and start <= stop <= len(reader)):
+            raise ValueError(f"row range [{start}, {stop}) is not inside the memory's {len(reader)} rows")
+        self.reader, self.start, self.stop = reader, int(start), int(stop)
+        self.manifest = reader.manifest
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def iter_batches(self, batch_size: int, *, shuffle: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        if shuffle:
+            raise ValueError("a MemorySlice reads in stored order; shuffle after loading (ResidentMemory.batches)")
+        if not _is_int(batch_size, 1):
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+        pending: list[dict[str, np.ndarray]] = []
+        held, offset = 0, 0
+        for info in self.manifest.parts:
+            lo, hi = max(self.start, offset), min(self.stop, offset + info.rows)
+            offset += info.rows
+            if lo >= hi:
+                continue
+            part = self.reader._load(info)
+            pending.append({c: v[lo - (offset - info.rows):hi - (offset - info.rows)] for c, v in part.items()})
+            held += hi - lo
+            while held >= batch_size:
+                data = _concat(pending, self.manifest.d)
+                yield {c: v[:batch_size] for c, v in data.items()}
+                pending, held = [{c: v[batch_size:] for c, v in data.items()}], held - batch_size
+        if held:
+            yield _concat(pending, self.manifest.d)

@@ -24,7 +24,7 @@ def ray_cluster(tmp_path_factory):
     cluster.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ray_client(ray_cluster):
     """This test process connected to the session's cluster (``ray.init(address=...)``)."""
     import ray

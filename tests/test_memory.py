@@ -240,3 +240,29 @@ def test_empty_memory(tmp_path):
     assert m.parts == () and m.total_rows == 0
     r = MemoryReader(tmp_path / "m")
     assert r.read_all()["key"].shape == (0, D) and list(r.iter_batches(4)) == []
+
+
+def test_row_slices_tile_the_memory_in_order(tmp_path):
+    """MemoryReader.rows(a, b) yields exactly rows a..b-1 of read_all(), across part boundaries."""
+    from pema.memory import MemoryReader, MemoryWriter
+
+    rng = np.random.default_rng(0)
+    n, d = 23, 4
+    key = rng.standard_normal((n, d)).astype(np.float32)
+    with MemoryWriter(tmp_path / "m", d=d, vocab_size=50, dtype="float32", rows_per_part=5, model_id="m",
+                      model_revision=None, tokenizer_hash="t", template="x", key_definition="k") as w:
+        w.add(key=key, token=np.arange(n) % 50, example=np.arange(n) // 3, position=np.arange(n) % 3)
+        w.close(num_examples=8, source_tokens=10)
+    reader = MemoryReader(tmp_path / "m")
+    full = reader.read_all()
+    for start, stop, batch in [(0, 23, 4), (3, 17, 5), (7, 8, 3), (10, 10, 2), (0, 11, 100)]:
+        got = list(reader.rows(start, stop).iter_batches(batch))
+        assert [len(b["token"]) for b in got] == [min(batch, stop - s) for s in range(start, stop, batch)]
+        assert len(reader.rows(start, stop)) == stop - start
+        if got:
+            for col in ("key", "token", "example", "position"):
+                np.testing.assert_array_equal(np.concatenate([b[col] for b in got]), full[col][start:stop])
+    with pytest.raises(ValueError, match="inside"):
+        reader.rows(5, 24)
+    with pytest.raises(ValueError, match="stored order"):
+        next(reader.rows(0, 5).iter_batches(2, shuffle=True))

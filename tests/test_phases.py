@@ -16,8 +16,8 @@ from test_train import Memory, make_head, new_adapter, snapshot, states_equal
 CFG = TrainConfig(rct_epochs=2, rct_lr=1e-2, epochs=3, lr=1e-2, kappa=0.2, evals_per_epoch=2, batch_size=32)
 
 
-def run(mem, head, cfg=CFG, seed=0, **kw):
-    adapter = new_adapter(seed)
+def run(mem, head, cfg=CFG, seed=0, dropout=0.0, **kw):
+    adapter = new_adapter(seed, dropout)
     steps = []
     results = run_phases(adapter, head, cfg, train_batches=mem.train_batches, train_rows=mem.n_train,
                          dev_batches=mem.dev_batches, progress=False, steps_done=steps.append, **kw)
@@ -85,3 +85,14 @@ def test_bad_resume_and_bad_checkpoint_folders(fresh, tmp_path):
     (tmp_path / "bad" / "state.json").write_text('{"format": "other"}')
     with pytest.raises(CheckpointError, match="format"):
         load_checkpoint(tmp_path / "bad")
+
+
+def test_resume_with_dropout_restores_the_generator(tmp_path):
+    """Dropout draws from torch's generator: a resumed run must draw the same masks (state saved in the checkpoint)."""
+    mem, head = Memory(), make_head()
+    checkpoints = []
+    adapter, _, _ = run(mem, head, dropout=0.3, checkpoint=lambda c, m: checkpoints.append(copy.deepcopy(c)))
+    ckpt = load_checkpoint(save_checkpoint(checkpoints[2], tmp_path / "ck"))
+    torch.manual_seed(1234)  # a different generator state than at the checkpoint
+    resumed, _, _ = run(mem, head, seed=7, dropout=0.3, resume=ckpt)
+    assert states_equal(snapshot(resumed), snapshot(adapter))

@@ -2,7 +2,7 @@
 
 A :class:`~pema.adapter.phases.TrainCheckpoint` holds three state dicts (the adapter now, its best state so far, the
 AdamW state) and plain data (phase, epoch, batches taken, history, ...). Tensors go to safetensors under the prefixes
-``adapter.``, ``best.`` and ``opt.<param index>.``; everything else, including the optimizer's param groups, goes to
+``adapter.``, ``best.``, ``rng.`` (generator states) and ``opt.<param index>.``; everything else, including the optimizer's param groups, goes to
 JSON. Both files are written to temporary names first and moved into place, ``state.json`` last.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pema.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "pema-train-checkpoint/1"
 TENSORS, STATE = "tensors.safetensors", "state.json"
-_TENSOR_FIELDS = ("adapter", "best")
+_TENSOR_FIELDS = ("adapter", "best", "rng")
 
 
 def save_checkpoint(ckpt: TrainCheckpoint, path: str | os.PathLike) -> Path:
@@ -73,5 +73,5 @@ def load_checkpoint(path: str | os.PathLike) -> TrainCheckpoint:
         else:
             groups[prefix][rest] = value
     optimizer = {"state": opt_slots, "param_groups": doc["optimizer"]["param_groups"]}
-    state = PhaseState(**doc["state"], adapter=groups["adapter"], best=groups["best"], optimizer=optimizer)
+    state = PhaseState(**doc["state"], **groups, optimizer=optimizer)
     return TrainCheckpoint(doc["phase_index"], doc["results"], state)

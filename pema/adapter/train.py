@@ -121,10 +121,25 @@ class PhaseState:
     best: dict
     optimizer: dict
     stopped: bool = False
+    rng: dict = field(default_factory=dict)  # torch's generator states (dropout masks): "cpu", and "cuda" on a GPU
 
 
 def _snapshot(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    if "cpu" in state:
+        torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def train_phase(adapter: PemaAdapter, head: OutputHead, *, phase: str, train_batches: Callable[[int], Iterable[dict]],
@@ -155,6 +170,7 @@ def train_phase(adapter: PemaAdapter, head: OutputHead, *, phase: str, train_bat
     opt = torch.optim.AdamW([getattr(adapter, n) for n in trainable], lr=lr, weight_decay=weight_decay)
     remap = vocab_remap(vocab_subset, head.vocab_size) if vocab_subset is not None else None
     model = wrap(adapter) if wrap else adapter
+    device = next(adapter.parameters()).device
     marks = [train_rows * (i + 1) // evals_per_epoch for i in range(evals_per_epoch)]
     if resume is None:
         check = validate(model, head, dev_batches, phase, kappa)
@@ -164,6 +180,7 @@ def train_phase(adapter: PemaAdapter, head: OutputHead, *, phase: str, train_bat
             report(st.history[-1])
         if checkpoint:
             st.adapter, st.optimizer = _snapshot(adapter), copy.deepcopy(opt.state_dict())
+            st.rng = _rng_state(device)
             checkpoint(st, st.history[-1])
     else:
         st = copy.copy(resume)
@@ -171,6 +188,7 @@ def train_phase(adapter: PemaAdapter, head: OutputHead, *, phase: str, train_bat
         adapter.load_state_dict(resume.adapter)
         if resume.optimizer:
             opt.load_state_dict(resume.optimizer)
+        _set_rng_state(resume.rng, device)  # the same dropout masks as the uninterrupted run
     ran, start = 0, time.perf_counter() - st.seconds
     bar = tqdm(total=epochs * train_rows, initial=min(st.rows_seen, epochs * train_rows), desc=f"train {phase}",
                unit="row", disable=not progress, leave=False)
@@ -207,6 +225,7 @@ def train_phase(adapter: PemaAdapter, head: OutputHead, *, phase: str, train_bat
             if checkpoint:
                 st.seconds = time.perf_counter() - start
                 st.adapter, st.optimizer = _snapshot(adapter), copy.deepcopy(opt.state_dict())
+                st.rng = _rng_state(device)
                 checkpoint(st, metrics)
             if st.stopped:
                 break
