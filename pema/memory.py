@@ -102,7 +102,8 @@ class MemoryManifest:
         return self.total_rows / self.source_tokens
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path) -> str:
+    """sha256 hex digest of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -151,7 +152,7 @@ def write_part(path: str | os.PathLike, *, key: np.ndarray, token, example, posi
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return PartInfo(file=os.path.basename(path), rows=n, sha256=_sha256(path))
+    return PartInfo(file=os.path.basename(path), rows=n, sha256=file_sha256(path))
 
 
 def _part_name(i: int) -> str:
@@ -305,7 +306,7 @@ def verify_memory(mem_dir, *, checksums: bool = True) -> MemoryManifest:
         path = os.path.join(mem_dir, p.file)
         if not os.path.isfile(path):
             raise MemoryFormatError(f"part {p.file} listed in the manifest is missing from {mem_dir}; rebuild")
-        if checksums and _sha256(path) != p.sha256:
+        if checksums and file_sha256(path) != p.sha256:
             raise MemoryFormatError(f"part {p.file} in {mem_dir} fails its sha256 check (corrupt); rebuild")
         try:
             pf = pq.ParquetFile(path)

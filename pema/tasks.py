@@ -196,12 +196,13 @@ def stop_token_id(tokenizer, *, chat: bool) -> int:
     return int(ids[0])
 
 
-def target_ids(tokenizer, target: str, *, chat: bool) -> list[int]:
-    """Token ids of ``target`` followed by the stop token."""
+def target_ids(tokenizer, target: str, *, chat: bool, stop_id: int | None = None) -> list[int]:
+    """Token ids of ``target`` followed by the stop token (``stop_id``: a precomputed ``stop_token_id``, which
+    costs a full vocabulary copy per call)."""
     ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
     if not ids:
         raise DataError(f"target {target!r} tokenizes to no tokens; remove the example")
-    return ids + [stop_token_id(tokenizer, chat=chat)]
+    return ids + [stop_token_id(tokenizer, chat=chat) if stop_id is None else int(stop_id)]
 
 
 def source_token_count(tokenizer, source: str) -> int:

@@ -138,7 +138,7 @@ def test_reader_accepts_fixed_shape_tensor_parts(tmp_path):
     pq.write_table(table, part)
     assert pq.ParquetFile(part).schema_arrow.field("key").type.extension_name == "arrow.fixed_shape_tensor"
     d = m.to_dict()
-    d["parts"][0]["sha256"] = mem._sha256(str(part))
+    d["parts"][0]["sha256"] = mem.file_sha256(str(part))
     (out / "manifest.json").write_text(json.dumps(d))
     got = MemoryReader(out).read_all()
     np.testing.assert_array_equal(got["key"], key16.astype(np.float32))

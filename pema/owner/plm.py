@@ -171,8 +171,11 @@ def tiny_model(arch: str, vocab_size: int, seed: int = 0, **overrides) -> nn.Mod
 
 
 def load_tokenizer(model_id: str, revision: str | None = None):
+    """The tokenizer of ``model_id`` alone (no weights); ``tiny://`` models use SmolLM2's tokenizer."""
     from transformers import AutoTokenizer
 
+    if isinstance(model_id, str) and model_id.startswith("tiny://"):
+        model_id, revision = SMOLLM2_GGUF, None
     ref = resolve_model(model_id)
     kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
     if revision:

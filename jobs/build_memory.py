@@ -1,0 +1,32 @@
+"""PLM owner's stage on Ray: build the train and dev memories with Ray Data actors and export the head bundle.
+
+    python jobs/build_memory.py --config jobs/configs/smoke.yaml --output-dir outputs/smoke [memory.num_actors=2 ...]
+
+Writes <output-dir>/memory/train, <output-dir>/memory/dev and <output-dir>/head. One encoder actor per GPU (or
+memory.num_actors CPU actors); the driver writes every part. Rerunning after a crash or a kill resumes: finished
+parts in memory/<split>.partial/ are kept (their sha256 is checked), the rest are rebuilt.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pema.integrations.cli import job_parser, run_job  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = job_parser(__doc__, splits=("train", "dev")).parse_args(argv)
+
+    def stage(cfg):
+        from pema.integrations.ray_build import run_build_stage
+
+        return run_build_stage(cfg, args.output_dir, progress=not args.no_progress)
+
+    return run_job(args, stage, show=json.dumps)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""What every job in ``jobs/`` shares: the command line, config loading, connecting to Ray and the exit code.
+
+A job is ``parse -> config -> one stage call -> exit code``: 0 on success, 2 with ``error: ...`` on stderr when the
+input is wrong (a named :class:`~pema.errors.PemaError`, a missing file). Anything else is a bug and keeps its
+traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from pema.config import PipelineConfig, load_config
+from pema.errors import PemaError
+
+
+def job_parser(doc: str, *, splits: tuple[str, ...] = ("train", "dev", "test")) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
+    parser.add_argument("--output-dir", default="outputs/run", help="the run's folder: memory/, head/, adapter/, ...")
+    for split in splits:
+        parser.add_argument(f"--{split}", help=f"{split} pairs JSONL (overrides data.{split})")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.kappa=0.3")
+    return parser
+
+
+def job_config(args: argparse.Namespace) -> PipelineConfig:
+    overrides = list(args.overrides)
+    overrides += [f"data.{split}={getattr(args, split)}" for split in ("train", "dev", "test")
+                  if getattr(args, split, None)]
+    return load_config(args.config, overrides)
+
+
+def run_job(args: argparse.Namespace, stage: Callable[[PipelineConfig], object],
+            show: Callable[[object], str] = str) -> int:
+    """Load the config, connect to Ray, run ``stage(cfg)`` and print ``show(result)``; returns the exit code."""
+    try:
+        cfg = job_config(args)
+        from pema.integrations.ray_runtime import init_ray
+
+        init_ray(args.address)
+        result = stage(cfg)
+    except (PemaError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(show(result))
+    return 0
