@@ -188,6 +188,11 @@ class DecodeConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     postprocess: bool = False
+    num_cpus: float = 1.0  # logical CPUs of the Ray task that decodes and scores (its torch threads on a CPU)
+
+    def __post_init__(self):
+        _check(isinstance(self.postprocess, bool), "eval.postprocess", self.postprocess, "true or false")
+        _check(_is_num(self.num_cpus) and self.num_cpus > 0, "eval.num_cpus", self.num_cpus, "a number > 0")
 
 
 @dataclass(frozen=True)

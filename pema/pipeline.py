@@ -80,7 +80,6 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progress
     from pema.owner.build import build_memory  # the owner's side, kept behind this boundary
     from pema.owner.export import export_head
     from pema.owner.plm import load_plm
-    from pema.owner.respond import ContextTap
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +89,7 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progress
     fields = dict(source_field=d.source_field, target_field=d.target_field)
     train_pairs = load_pairs(d.train, limit=d.train_limit, **fields)
     dev_pairs = load_pairs(d.dev, limit=d.dev_limit, **fields)
-    test_pairs = load_pairs(d.test, limit=d.test_limit, **fields)
+    load_pairs(d.test, limit=d.test_limit, **fields)  # fail on a bad test file before hours of work
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     with timer.stage("load_model"):
@@ -119,17 +118,48 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progress
     save_adapter(adapter, out / "adapter", {"model_id": head_meta["model_id"], "config": to_dict(cfg.adapter),
                                             "target_source_ratio": train_manifest.target_source_ratio})
     (out / "train_history.json").write_text(json.dumps(history, indent=2))
-    adapter, _ = load_adapter(out / "adapter", head_meta)
-    model_device = next(model.parameters()).device  # decode where the PLM's scores are (GPU when it is there)
-    adapter, head = adapter.to(model_device), head.to(model_device)
     for r in results:
         log(f"{r.phase}: best val loss {r.best_val:.4f} at step {r.best_step} of {r.steps} "
             f"({r.entries_per_s:,.0f} rows/s{', stopped early' if r.stopped_early else ''})")
+    summary = decode_and_score(cfg, out, model=model, tokenizer=tokenizer, progress=progress)
+    summary["timings_s"] = {**timer.timings, **summary["timings_s"]}
+    summary["train"] = [{"phase": r.phase, "best_val": r.best_val, "steps": r.steps, "rows_per_s": r.entries_per_s}
+                        for r in results]
+    summary["memory_rows"] = train_manifest.total_rows
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary
 
+
+def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, model=None, tokenizer=None,
+                     progress: bool = True) -> dict:
+    """Decode the test pairs with every system of :data:`SYSTEMS` and score them.
+
+    Reads ``head/``, ``adapter/`` and ``memory/train/manifest.json`` (for the target/source length ratio) under
+    ``output_dir``; writes ``predictions/<system>.jsonl``. The PLM (loaded here unless passed in) answers the
+    context queries: its final-norm input feeds the adapter through :class:`~pema.owner.respond.ContextTap`.
+    Returns ``{system: scores, ..., "timings_s": {...}}``.
+    """
+    from pema.owner.plm import load_plm  # the PLM's responses come from the owner's side
+    from pema.owner.respond import ContextTap
+
+    out = Path(output_dir)
+    timer = Timer()
+    d = cfg.data
+    template = resolve_template(d.template)
+    test_pairs = load_pairs(d.test, limit=d.test_limit, source_field=d.source_field, target_field=d.target_field)
+    head, head_meta = load_head(out / "head")
+    adapter, adapter_meta = load_adapter(out / "adapter", head_meta)
+    if model is None:
+        with timer.stage("load_model"):
+            model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.model.device,
+                                        revision=cfg.model.revision)
+    chat = use_chat_template(tokenizer, cfg.model.prompt_format)
+    model_device = next(model.parameters()).device  # decode where the PLM's scores are (GPU when it is there)
+    adapter, head = adapter.to(model_device), head.to(model_device)
+    ratio = adapter_meta.get("target_source_ratio") or MemoryReader(out / "memory" / "train").manifest.target_source_ratio
     prompts = [source_prompt_ids(tokenizer, template, p.source, source_field=d.source_field, chat=chat)
                for p in test_pairs]
-    horizons = estimate_horizons([source_token_count(tokenizer, p.source) for p in test_pairs],
-                                 train_manifest.target_source_ratio)
+    horizons = estimate_horizons([source_token_count(tokenizer, p.source) for p in test_pairs], ratio)
     refs = [p.target for p in test_pairs]
     dc = cfg.decode
     settings = GenerationSettings(**{f.name: getattr(dc, f.name) for f in dataclasses.fields(GenerationSettings)})
@@ -158,10 +188,6 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progress
                 f.write(json.dumps({"index": p.index, "source": p.source, "reference": p.target, "hypothesis": h,
                                     "lam": [round(x, 4) for x in lam]}, ensure_ascii=False) + "\n")
     summary["timings_s"] = timer.timings
-    summary["train"] = [{"phase": r.phase, "best_val": r.best_val, "steps": r.steps, "rows_per_s": r.entries_per_s}
-                        for r in results]
-    summary["memory_rows"] = train_manifest.total_rows
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
 
 

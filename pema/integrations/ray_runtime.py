@@ -23,8 +23,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         kwargs = {"log_to_driver": not quiet}
-        if address is None and num_cpus is not None:
-            kwargs["num_cpus"] = num_cpus
+        if address is None:  # a local cluster: at least 4 logical CPUs, so 2-CPU stages fit beside Ray's own tasks
+            kwargs["num_cpus"] = num_cpus or max(4, os.cpu_count() or 1)
         ray.init(address=address, **kwargs)
     return ray.cluster_resources()
 

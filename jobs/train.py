@@ -1,0 +1,31 @@
+"""Data owner's stage on Ray Train: RCT, then RCT_PD, on train.num_workers DDP workers.
+
+    python jobs/train.py --config jobs/configs/smoke.yaml --output-dir outputs/smoke [train.num_workers=2 ...]
+
+Reads <output-dir>/memory/{train,dev} and <output-dir>/head (from jobs/build_memory.py); writes <output-dir>/adapter
+and train_history.json. Checkpoints go to <output-dir>/ray_train; a crashed worker resumes from the last one.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pema.integrations.cli import job_parser, run_job  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = job_parser(__doc__, splits=()).parse_args(argv)
+
+    def stage(cfg):
+        from pema.integrations.ray_train import run_train_stage
+
+        return run_train_stage(cfg, args.output_dir, progress=not args.no_progress)
+
+    return run_job(args, stage, show=json.dumps)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
