@@ -1,7 +1,8 @@
 """Connecting to Ray the same way from every job.
 
 - Under ``ray job submit`` (``RAY_ADDRESS`` set by Ray) or with ``--address``: connect to that cluster.
-- Otherwise: start a local cluster in this process (``make run``), stopped when the job ends.
+- Otherwise: start a new local cluster in this process (``make run``), stopped when the job ends. It never attaches
+  to another cluster that happens to run on the machine.
 
 ``RAY_AUTH_MODE`` is set to ``disabled`` unless the user set it: a local ``ray.init()`` would otherwise turn token
 auth on and write ``~/.ray/auth_token``, after which ``ray job submit`` to a ``ray start`` cluster fails with
@@ -23,7 +24,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         kwargs = {"log_to_driver": not quiet}
-        if address is None:  # a local cluster: at least 4 logical CPUs, so 2-CPU stages fit beside Ray's own tasks
+        if address is None:  # a new local cluster ("local": never attach to whatever cluster happens to run here),
+            address = "local"  # with at least 4 logical CPUs, so 2-CPU stages fit beside Ray's own tasks
             kwargs["num_cpus"] = num_cpus or max(4, os.cpu_count() or 1)
         ray.init(address=address, **kwargs)
     return ray.cluster_resources()
