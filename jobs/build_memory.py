@@ -21,9 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     args = job_parser(__doc__, splits=("train", "dev")).parse_args(argv)
 
     def stage(cfg):
-        from pema.integrations.ray_build import run_build_stage
+        from pema.integrations import stages
 
-        return run_build_stage(cfg, args.output_dir, progress=not args.no_progress)
+        return stages.build(cfg, args.output_dir, progress=not args.no_progress)
 
     return run_job(args, stage, show=json.dumps)
 

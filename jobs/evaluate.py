@@ -20,10 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     args = job_parser(__doc__, splits=("test",)).parse_args(argv)
 
     def stage(cfg):
-        from pema.integrations.ray_pipeline import run_evaluate_stage
+        from pema.integrations import stages
         from pema.pipeline import format_table
 
-        scores = run_evaluate_stage(cfg, args.output_dir, progress=not args.no_progress)
+        scores = stages.evaluate(cfg, args.output_dir, progress=not args.no_progress)
         path = Path(args.output_dir) / "scores.json"
         path.write_text(json.dumps(scores, indent=2, ensure_ascii=False))
         return f"{format_table(scores)}\nscores: {path}"

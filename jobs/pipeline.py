@@ -3,7 +3,8 @@
     python jobs/pipeline.py --config jobs/configs/default.yaml --output-dir outputs/default [key=value ...]
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/pipeline.py --config ...
 
-Without RAY_ADDRESS or --address it starts a local Ray cluster in this process. Writes memory/, head/, adapter/,
+Without RAY_ADDRESS or --address it starts a local Ray cluster in this process. MLflow: a parent run with the
+stages as child runs, in MLFLOW_TRACKING_URI or <output-dir>/mlflow.db. Writes memory/, head/, adapter/,
 predictions/ and summary.json under --output-dir.
 """
 from __future__ import annotations
@@ -20,10 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     args = job_parser(__doc__).parse_args(argv)
 
     def stage(cfg):
-        from pema.integrations.ray_pipeline import run_pipeline_ray
+        from pema.integrations import stages
         from pema.pipeline import format_table
 
-        summary = run_pipeline_ray(cfg, args.output_dir, progress=not args.no_progress)
+        summary = stages.pipeline(cfg, args.output_dir, progress=not args.no_progress)
         return f"{format_table(summary)}\nsummary: {Path(args.output_dir) / 'summary.json'}"
 
     return run_job(args, stage)

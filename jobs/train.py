@@ -20,9 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     args = job_parser(__doc__, splits=()).parse_args(argv)
 
     def stage(cfg):
-        from pema.integrations.ray_train import run_train_stage
+        from pema.integrations import stages
 
-        return run_train_stage(cfg, args.output_dir, progress=not args.no_progress)
+        return stages.train(cfg, args.output_dir, progress=not args.no_progress)
 
     return run_job(args, stage, show=json.dumps)
 

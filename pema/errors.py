@@ -35,3 +35,7 @@ class ScheduleError(PemaError, ValueError):
 
 class CheckpointError(PemaError):
     """A training checkpoint folder is missing, damaged or of another format."""
+
+
+class TrackingError(PemaError):
+    """The MLflow tracking store or server is unreachable or refused a run."""

@@ -130,63 +130,81 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progress
     return summary
 
 
-def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, model=None, tokenizer=None,
-                     progress: bool = True) -> dict:
-    """Decode the test pairs with every system of :data:`SYSTEMS` and score them.
+def translate(model, tokenizer, sources: list[str], cfg: PipelineConfig, *, adapter=None, head=None,
+              schedule: ScheduleConfig | None = None, ratio: float | None = None, progress: bool = False,
+              desc: str = "decode"):
+    """Decode ``sources`` with the PLM alone (no ``adapter``) or mixed with PEMA under ``schedule``.
 
-    Reads ``head/``, ``adapter/`` and ``memory/train/manifest.json`` (for the target/source length ratio) under
-    ``output_dir``; writes ``predictions/<system>.jsonl``. The PLM (loaded here unless passed in) answers the
-    context queries: its final-norm input feeds the adapter through :class:`~pema.owner.respond.ContextTap`.
+    ``ratio`` (target/source tokens of the training memory) sets the Gradual Unrolling horizons. Returns the
+    hypotheses and the :class:`~pema.adapter.decode.GenerationResult` (lambda traces, timing)."""
+    from pema.owner.respond import ContextTap  # the PLM's responses come from the owner's side
+
+    d, dc = cfg.data, cfg.decode
+    chat = use_chat_template(tokenizer, cfg.model.prompt_format)
+    template = resolve_template(d.template)
+    prompts = [source_prompt_ids(tokenizer, template, src, source_field=d.source_field, chat=chat) for src in sources]
+    settings = GenerationSettings(**{f.name: getattr(dc, f.name) for f in dataclasses.fields(GenerationSettings)})
+    stop = stop_token_id(tokenizer, chat=chat)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
+    pema_kw = {}
+    if adapter is not None:
+        horizons = estimate_horizons([source_token_count(tokenizer, src) for src in sources], ratio)
+        pema_kw = dict(adapter=adapter, head=head, key_source=ContextTap(model), schedule=schedule_from(schedule),
+                       horizons=horizons)
+    result = generate(model, prompts, stop_token_id=stop, pad_token_id=pad, settings=settings, progress=progress,
+                      desc=desc, **pema_kw)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result.token_ids], result
+
+
+def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, model=None, tokenizer=None,
+                     progress: bool = True, split: str = "test", systems: tuple[str, ...] = SYSTEMS,
+                     write_predictions: bool = True) -> dict:
+    """Decode the ``split`` pairs (``test`` or ``dev``) with each of ``systems`` and score them.
+
+    Reads ``head/`` and ``adapter/`` under ``output_dir``; writes ``predictions/<system>.jsonl`` (test split). The
+    PLM (loaded here unless passed in) answers the context queries through the owner's ContextTap.
     Returns ``{system: scores, ..., "timings_s": {...}}``.
     """
     from pema.owner.plm import load_plm  # the PLM's responses come from the owner's side
-    from pema.owner.respond import ContextTap
 
+    if split not in ("test", "dev") or not set(systems) <= set(SYSTEMS):
+        raise ValueError(f"split={split!r} must be 'test' or 'dev' and systems={systems!r} a subset of {SYSTEMS}")
     out = Path(output_dir)
     timer = Timer()
     d = cfg.data
-    template = resolve_template(d.template)
-    test_pairs = load_pairs(d.test, limit=d.test_limit, source_field=d.source_field, target_field=d.target_field)
+    pairs = load_pairs(getattr(d, split), limit=getattr(d, f"{split}_limit"), source_field=d.source_field,
+                       target_field=d.target_field)
     head, head_meta = load_head(out / "head")
     adapter, adapter_meta = load_adapter(out / "adapter", head_meta)
     if model is None:
         with timer.stage("load_model"):
             model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.model.device,
                                         revision=cfg.model.revision)
-    chat = use_chat_template(tokenizer, cfg.model.prompt_format)
     model_device = next(model.parameters()).device  # decode where the PLM's scores are (GPU when it is there)
     adapter, head = adapter.to(model_device), head.to(model_device)
     ratio = adapter_meta.get("target_source_ratio") or MemoryReader(out / "memory" / "train").manifest.target_source_ratio
-    prompts = [source_prompt_ids(tokenizer, template, p.source, source_field=d.source_field, chat=chat)
-               for p in test_pairs]
-    horizons = estimate_horizons([source_token_count(tokenizer, p.source) for p in test_pairs], ratio)
-    refs = [p.target for p in test_pairs]
-    dc = cfg.decode
-    settings = GenerationSettings(**{f.name: getattr(dc, f.name) for f in dataclasses.fields(GenerationSettings)})
-    stop = stop_token_id(tokenizer, chat=chat)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
+    sources, refs = [p.source for p in pairs], [p.target for p in pairs]
     summary: dict = {}
     pred_dir = out / "predictions"
-    pred_dir.mkdir(exist_ok=True)
-    for system in SYSTEMS:
-        pema_kw = {}
+    for system in systems:
+        kw = {}
         if system != "zero_shot":
-            sched = schedule_from(dc.const if system == "pema_const" else dc.gu)
-            pema_kw = dict(adapter=adapter, head=head, key_source=ContextTap(model), schedule=sched, horizons=horizons)
+            kw = dict(adapter=adapter, head=head, ratio=ratio,
+                      schedule=cfg.decode.const if system == "pema_const" else cfg.decode.gu)
         with timer.stage(f"decode_{system}"):
-            result = generate(model, prompts, stop_token_id=stop, pad_token_id=pad, settings=settings,
-                              progress=progress, desc=system, **pema_kw)
-        hyps = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result.token_ids]
+            hyps, result = translate(model, tokenizer, sources, cfg, progress=progress, desc=system, **kw)
         scores = evaluate(hyps, refs, postprocess=cfg.eval.postprocess)
         raw = scores["raw"]
         summary[system] = {"bleu": raw["bleu"], "chrf": raw["chrf"], "ter": raw["ter"],
                            "signatures": raw["signatures"], "seconds_per_token": result.seconds_per_token}
         if scores["post"] is not None:
             summary[system]["post"] = {k: scores["post"][k] for k in ("bleu", "chrf", "ter")}
-        with open(pred_dir / f"{system}.jsonl", "w") as f:
-            for p, h, lam in zip(test_pairs, hyps, result.lam_traces):
-                f.write(json.dumps({"index": p.index, "source": p.source, "reference": p.target, "hypothesis": h,
-                                    "lam": [round(x, 4) for x in lam]}, ensure_ascii=False) + "\n")
+        if write_predictions:
+            pred_dir.mkdir(exist_ok=True)
+            with open(pred_dir / f"{system}.jsonl", "w") as f:
+                for p, h, lam in zip(pairs, hyps, result.lam_traces):
+                    f.write(json.dumps({"index": p.index, "source": p.source, "reference": p.target, "hypothesis": h,
+                                        "lam": [round(x, 4) for x in lam]}, ensure_ascii=False) + "\n")
     summary["timings_s"] = timer.timings
     return summary
 

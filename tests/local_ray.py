@@ -34,8 +34,10 @@ class LocalCluster:
     log: Path
 
     def env(self, **extra) -> dict:
-        """Environment for a subprocess that should use this cluster."""
-        return {**os.environ, **AUTH_ENV, "RAY_ADDRESS": self.address, **extra}
+        """Environment for a subprocess that should use this cluster (MLflow settings only from ``extra``: an
+        in-process ``mlflow.set_tracking_uri`` must not leak into jobs)."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        return {**base, **AUTH_ENV, "RAY_ADDRESS": self.address, **extra}
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -12,7 +12,7 @@ from pema.memory import MemoryReader, verify_memory
 from pema.pipeline import SYSTEMS
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = ("pipeline", "build_memory", "train", "evaluate")
+JOBS = ("pipeline", "build_memory", "train", "evaluate", "register")
 
 
 @pytest.mark.ray
@@ -43,10 +43,19 @@ def test_ray_job_submit_runs_the_smoke_pipeline(ray_cluster, tmp_path):
     assert len(pairs) == manifest.total_rows and manifest.num_examples == 16  # smoke: train_limit 16
     assert (out / "adapter" / "adapter.json").is_file() and (out / "head" / "head.json").is_file()
 
+    from mlflow.tracking import MlflowClient  # no MLFLOW_TRACKING_URI: the embedded store in the output folder
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("pema").experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "pipeline")
+    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert children == {"build_memory", "train", "evaluate"} and summary["mlflow"]["run_id"] == parent.info.run_id
+
 
 @pytest.mark.parametrize("job", JOBS)
 def test_jobs_reject_bad_input_with_exit_code_2(job, tmp_path):
     base = [sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--output-dir", str(tmp_path / "o")]
+    base += ["--name", "m"] if job == "register" else []
     bad_override = subprocess.run(base + ["--config", str(ROOT / "jobs/configs/smoke.yaml"), "train.kappa=2"],
                                   capture_output=True, text=True, timeout=120)
     assert bad_override.returncode == 2 and "train.kappa=2" in bad_override.stderr

@@ -39,6 +39,9 @@ def run_job(args: argparse.Namespace, stage: Callable[[PipelineConfig], object],
     try:
         cfg = job_config(args)
         from pema.integrations.ray_runtime import init_ray
+        from pema.integrations.tracking import check_server, tracking_uri
+
+        check_server(tracking_uri(args.output_dir))  # a dead tracking server stops the job before any work
 
         init_ray(args.address)
         result = stage(cfg)

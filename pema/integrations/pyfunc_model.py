@@ -1,0 +1,53 @@
+"""The registered PEMA translator, logged with MLflow's "models from code": this file IS the model definition, and
+the adapter, head bundle and config travel as plain artifact files (safetensors + JSON + YAML). Nothing is pickled.
+
+Loading needs the ``pema`` package installed and the base model (``model.model_id`` in the config artifact)
+available locally: the data owner's adapter mixes with the PLM's own next-token distribution at every step.
+
+    mlflow.pyfunc.load_model("models:/pema-wmt22@champion").predict(["An English sentence."])  # -> German text
+"""
+from __future__ import annotations
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+def _sources(model_input) -> list[str]:
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "iloc"):  # a pandas DataFrame (one string column) or Series
+        column = model_input.iloc[:, 0] if model_input.ndim == 2 else model_input
+        return [str(x) for x in column.tolist()]
+    return [str(x) for x in model_input]
+
+
+class PemaTranslator(PythonModel):
+    """text -> text: the PLM mixed with the PEMA adapter under the registered lambda schedule (``decode.gu``)."""
+
+    def load_context(self, context):
+        import yaml
+
+        from pema.adapter.io import load_adapter, load_head
+        from pema.config import config_from_dict
+        from pema.owner.plm import load_plm
+
+        paths = context.artifacts
+        with open(paths["config"], encoding="utf-8") as f:
+            self.cfg = config_from_dict(yaml.safe_load(f))
+        m = self.cfg.model
+        self.model, self.tokenizer = load_plm(m.model_id, dtype=m.dtype, device=m.device, revision=m.revision)
+        device = next(self.model.parameters()).device
+        head, head_meta = load_head(paths["head"])
+        adapter, adapter_meta = load_adapter(paths["adapter"], head_meta)
+        self.head, self.adapter = head.to(device), adapter.to(device)
+        self.ratio = adapter_meta["target_source_ratio"]
+
+    def predict(self, context, model_input, params=None):
+        from pema.pipeline import translate
+
+        hyps, _ = translate(self.model, self.tokenizer, _sources(model_input), self.cfg, adapter=self.adapter,
+                            head=self.head, schedule=self.cfg.decode.gu, ratio=self.ratio)
+        return hyps
+
+
+mlflow.models.set_model(PemaTranslator())

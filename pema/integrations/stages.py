@@ -1,0 +1,118 @@
+"""The jobs' stages with their MLflow runs: what each stage logs, in one place.
+
+- ``build``: row and part counts, seconds and rows/s; the memory manifests as artifacts.
+- ``train``: every validation's losses (``<phase>/val_loss`` ... with the optimizer step), best losses, steps,
+  seconds and rows/s per phase; ``train_history.json`` and a loss-curve figure.
+- ``evaluate``: BLEU, chrF, TER and seconds per token per system (``pema_const`` and ``pema_gu`` are the two
+  lambda schedules; their settings are params ``decode.const.*`` / ``decode.gu.*``); the predictions and a figure
+  of the lambda actually used at each generated token.
+- ``pipeline``: a parent run holding the three as child runs, plus the final scores and ``summary.json``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import mlflow
+
+from pema.config import PipelineConfig, to_dict
+from pema.integrations import plots
+from pema.integrations.tracking import stage_run
+from pema.pipeline import SYSTEMS
+
+
+def _log_figure(fig, name: str) -> None:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(fig, name)
+    plt.close(fig)
+
+
+def build(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
+    from pema.integrations.ray_build import run_build_stage
+
+    with stage_run("build_memory", cfg, output_dir):
+        info = run_build_stage(cfg, output_dir, progress=progress)
+        rows = info["train_rows"] + info["dev_rows"]
+        mlflow.log_metrics({**{k: float(v) for k, v in info.items()},
+                            "build_rows_per_s": rows / max(info["build_s"], 1e-9)})
+        for split in ("train", "dev"):
+            mlflow.log_artifact(str(Path(output_dir) / "memory" / split / "manifest.json"), f"memory/{split}")
+    return info
+
+
+def train(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
+    from pema.integrations.ray_train import run_train_stage
+
+    with stage_run("train", cfg, output_dir):
+        info = run_train_stage(cfg, output_dir, progress=progress)
+        history = json.loads((Path(output_dir) / "train_history.json").read_text())
+        offset, last_phase, last_step = 0, None, 0
+        for h in history:  # one global step axis across the phases
+            if h["phase"] != last_phase and last_phase is not None:
+                offset += last_step
+            last_phase, last_step = h["phase"], h["step"]
+            mlflow.log_metrics({f"{h['phase']}/{k}": float(v) for k, v in h.items()
+                                if k.startswith("val_") or k == "train_loss"}, step=offset + h["step"])
+        for p in info["phases"]:
+            mlflow.log_metrics({f"{p['phase']}/best_val": p["best_val"], f"{p['phase']}/steps": p["steps"],
+                                f"{p['phase']}/seconds": p["seconds"], f"{p['phase']}/rows_per_s": p["rows_per_s"]})
+        mlflow.log_metrics({"train_s": info["seconds"], "steps_run": info["steps_run"], "workers": info["workers"]})
+        mlflow.log_artifact(str(Path(output_dir) / "train_history.json"))
+        _log_figure(plots.loss_curves(history), "loss_curves.png")
+    return info
+
+
+def log_scores(scores: dict, prefix: str = "") -> None:
+    for system in SYSTEMS:
+        if system in scores:
+            s = scores[system]
+            mlflow.log_metrics({f"{prefix}{system}/{k}": float(s[k]) for k in ("bleu", "chrf", "ter",
+                                                                               "seconds_per_token")})
+
+
+def evaluate(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
+    from pema.integrations.ray_pipeline import run_evaluate_stage
+
+    with stage_run("evaluate", cfg, output_dir):
+        scores = run_evaluate_stage(cfg, output_dir, progress=progress)
+        log_scores(scores)
+        mlflow.log_metrics({f"{k}_s": float(v) for k, v in scores["timings_s"].items()})
+        pred_dir = Path(output_dir) / "predictions"
+        mlflow.log_artifacts(str(pred_dir), "predictions")
+        traces = {}
+        for system in SYSTEMS[1:]:
+            with open(pred_dir / f"{system}.jsonl", encoding="utf-8") as f:
+                traces[system] = [json.loads(line)["lam"] for line in f]
+        _log_figure(plots.lambda_schedules(traces), "lambda_schedule.png")
+    return scores
+
+
+def pipeline(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> dict:
+    """All stages as child runs of one ``pipeline`` run; writes and logs ``summary.json``."""
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    with stage_run("pipeline", cfg, out):
+        start = time.perf_counter()
+        built = build(cfg, out, progress=progress)
+        timings = {"build_memory": round(time.perf_counter() - start, 2)}
+        log(f"memory: {built['train_rows']} train rows, {built['dev_rows']} dev rows")
+        trained = train(cfg, out, progress=progress)
+        timings["train"] = trained["seconds"]
+        for p in trained["phases"]:
+            log(f"{p['phase']}: best val loss {p['best_val']:.4f} at step {p['best_step']} of {p['steps']} "
+                f"({p['rows_per_s']:,.0f} rows/s per worker{', stopped early' if p['stopped_early'] else ''})")
+        summary = evaluate(cfg, out, progress=progress)
+        summary["timings_s"] = {**timings, **summary["timings_s"]}
+        summary["train"] = [{"phase": p["phase"], "best_val": p["best_val"], "steps": p["steps"],
+                             "rows_per_s": p["rows_per_s"]} for p in trained["phases"]]
+        summary["memory_rows"] = built["train_rows"]
+        summary["ray"] = {"train_workers": trained["workers"]}
+        summary["mlflow"] = {"run_id": mlflow.active_run().info.run_id, "tracking_uri": mlflow.get_tracking_uri()}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        log_scores(summary)
+        mlflow.log_metrics({f"{k}_s": float(v) for k, v in summary["timings_s"].items()})
+        mlflow.log_artifact(str(out / "summary.json"))
+    return summary

@@ -1,0 +1,146 @@
+"""MLflow tracking for every job: one run per stage, the pipeline as a parent run, lineage tags, fail-fast checks.
+
+Where runs go: ``MLFLOW_TRACKING_URI`` when it is set (the project's server: ``mlflow/server.sh``), otherwise a
+sqlite store in the job's output folder (``<output-dir>/mlflow.db``, the embedded default; MLflow's file store is
+off in 3.x). A tracking server that does not answer ``/health`` stops the job before any work, with a message that
+names the URI; a server that goes away mid-run raises :class:`~pema.errors.TrackingError` naming it too, and the
+files the stages wrote stay where they are.
+
+Runs nest: a stage started while another run is active (the pipeline's parent run, or a Ray Tune trial's run)
+becomes its child (``mlflow.parentRunId``); otherwise it is a top-level run of the experiment ``pema``. Each stage
+run carries the flattened config as params, the YAML config as an artifact and the lineage tags
+(``pema.memory_sha256``, ``pema.base_model``, ``pema.base_model_revision``, ``pema.git_commit``).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pema.config import PipelineConfig, flatten, to_dict
+from pema.errors import TrackingError
+
+EXPERIMENT = "pema"
+ROOT = Path(__file__).resolve().parents[2]
+PARAM_MAX = 6000  # MLflow's limit on a param value
+
+
+def tracking_uri(output_dir: str | os.PathLike) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError naming ``uri`` when an HTTP tracking server does not answer ``/health``."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status == 200:
+                return
+            problem = f"HTTP {r.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise TrackingError(f"the MLflow tracking server at {uri} is not reachable ({problem}); start it with "
+                        "mlflow/server.sh, or unset MLFLOW_TRACKING_URI to log to <output-dir>/mlflow.db")
+
+
+def connect(output_dir: str | os.PathLike) -> str:
+    """Point MLflow at this job's store (checked first) and make sure the experiment exists; returns the URI."""
+    uri = tracking_uri(output_dir)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not after minutes of backoff
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    check_server(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment_id(name: str = EXPERIMENT) -> str:
+    """The experiment's id, created if missing (not ``mlflow.set_experiment``: it exports an environment variable
+    that Ray's MLflow callback would prefer over its own setting)."""
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else client.create_experiment(name)
+
+
+def git_commit() -> str:
+    if os.environ.get("PEMA_GIT_COMMIT"):
+        return os.environ["PEMA_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown (no .git here; set PEMA_GIT_COMMIT)"
+
+
+def memory_sha256(output_dir: str | os.PathLike) -> str | None:
+    """sha256 over the train and dev manifests (each lists its parts' checksums): one id for the memory used."""
+    h, found = hashlib.sha256(), False
+    for split in ("train", "dev"):
+        path = Path(output_dir) / "memory" / split / "manifest.json"
+        if path.is_file():
+            h.update(split.encode() + path.read_bytes())
+            found = True
+    return h.hexdigest() if found else None
+
+
+def lineage_tags(cfg: PipelineConfig, output_dir: str | os.PathLike) -> dict[str, str]:
+    tags = {"pema.base_model": cfg.model.model_id, "pema.base_model_revision": cfg.model.revision or "default",
+            "pema.git_commit": git_commit()}
+    if (checksum := memory_sha256(output_dir)) is not None:
+        tags["pema.memory_sha256"] = checksum
+    return tags
+
+
+def _params(cfg: PipelineConfig) -> dict[str, str]:
+    return {k: str(v)[:PARAM_MAX] for k, v in flatten(cfg).items()}
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, cfg: PipelineConfig, output_dir: str | os.PathLike):
+    """An MLflow run for one stage (a child of the active run, if any). Ends FINISHED, or FAILED on an error;
+    MLflow errors become TrackingError naming the URI."""
+    uri = connect(output_dir)
+    parent = mlflow.active_run()
+    try:
+        if parent is not None:
+            run = mlflow.start_run(run_name=stage, nested=True, experiment_id=parent.info.experiment_id)
+        else:
+            run = mlflow.start_run(run_name=stage, experiment_id=experiment_id())
+        mlflow.set_tags({"pema.stage": stage, **lineage_tags(cfg, output_dir)})
+        mlflow.log_params(_params(cfg))
+        mlflow.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
+    except TrackingError:
+        raise
+    except Exception as exc:  # requests / MlflowException: the store went away or refused the run
+        raise TrackingError(f"MLflow at {uri} failed while starting the {stage!r} run: {exc}") from exc
+    status = "FAILED"
+    try:
+        yield run
+        if (checksum := memory_sha256(output_dir)) is not None:  # the build stage has just made the memory
+            mlflow.set_tag("pema.memory_sha256", checksum)
+        status = "FINISHED"
+    except Exception as exc:
+        if _is_tracking_failure(exc):
+            raise TrackingError(f"MLflow at {uri} failed during the {stage!r} run: {exc}; the stage's files in "
+                                f"{output_dir} are kept") from exc
+        raise
+    finally:
+        with contextlib.suppress(Exception):  # ending a run on a dead server must not hide the real error
+            mlflow.end_run(status=status)
+
+
+def _is_tracking_failure(exc: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    names = {type(e).__module__.split(".")[0] for e in (exc, exc.__cause__, exc.__context__) if e is not None}
+    return isinstance(exc, MlflowException) or bool(names & {"requests", "urllib3", "mlflow"})

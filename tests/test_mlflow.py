@@ -1,0 +1,161 @@
+"""MLflow against a real tracking server: the smoke pipeline's parent and child runs, metrics, artifacts and lineage;
+the registry's champion alias; loading the champion; failing fast when the server is down."""
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pema.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
+STAGES = {"build_memory", "train", "evaluate"}
+
+
+def api(uri, endpoint, body=None, **query):
+    url = f"{uri}/api/2.0/mlflow/{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)
+
+
+def runs_of(uri):
+    exp = api(uri, "experiments/get-by-name", experiment_name="pema")["experiment"]["experiment_id"]
+    return api(uri, "runs/search", {"experiment_ids": [exp], "max_results": 1000})["runs"]
+
+
+def tags(run):
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def artifacts(uri, run, path=""):
+    return {f["path"] for f in api(uri, "artifacts/list", run_id=run["info"]["run_id"], path=path).get("files", [])}
+
+
+def job(name, out, env, *args, timeout=600):
+    cmd = [sys.executable, str(ROOT / "jobs" / f"{name}.py"), "--config", str(SMOKE), "--output-dir", str(out),
+           "--no-progress", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_mlflow_folder_does_not_shadow_the_package():
+    assert not (ROOT / "mlflow" / "__init__.py").exists()
+    probe = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, '.'); import mlflow; "
+                            "print(mlflow.__file__)"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    assert "site-packages" in probe.stdout and not probe.stdout.startswith(str(ROOT / "mlflow"))
+
+
+def test_stage_run_nests_under_an_active_run(tmp_path, monkeypatch):
+    import mlflow
+
+    from pema.integrations.tracking import connect, stage_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(SMOKE)
+    with stage_run("alone", cfg, tmp_path) as alone:
+        pass
+    connect(tmp_path)
+    with mlflow.start_run(run_name="outer") as outer:  # as inside a Ray Tune trial
+        with stage_run("inner", cfg, tmp_path) as inner:
+            mlflow.log_metric("x", 1.0)
+    client = mlflow.tracking.MlflowClient()
+    assert "mlflow.parentRunId" not in client.get_run(alone.info.run_id).data.tags
+    got = client.get_run(inner.info.run_id)
+    assert got.data.tags["mlflow.parentRunId"] == outer.info.run_id and got.info.status == "FINISHED"
+    assert got.data.params["train.kappa"] == str(cfg.train.kappa) and got.data.tags["pema.stage"] == "inner"
+    assert (tmp_path / "mlflow.db").is_file()  # the embedded default store
+
+
+@pytest.fixture(scope="module")
+def tracked(ray_cluster, mlflow_server, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tracked") / "run"
+    env = ray_cluster.env(MLFLOW_TRACKING_URI=mlflow_server)
+    proc = job("pipeline", out, env, timeout=840)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, env, mlflow_server
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_pipeline_is_a_parent_run_with_stage_children(tracked):
+    out, _, uri = tracked
+    runs = {r["info"]["run_name"]: r for r in runs_of(uri)}
+    parent = runs["pipeline"]
+    assert {n for n, r in runs.items() if tags(r).get("mlflow.parentRunId") == parent["info"]["run_id"]} >= STAGES
+    for name in STAGES | {"pipeline"}:
+        t = tags(runs[name])
+        assert runs[name]["info"]["status"] == "FINISHED"
+        assert t["pema.base_model"] == "tiny://llama" and len(t["pema.memory_sha256"]) == 64
+        assert len(t["pema.git_commit"]) == 40
+        params = {p["key"]: p["value"] for p in runs[name]["data"]["params"]}
+        assert params["adapter.rank"] == "16" and params["decode.gu.kind"] == "gu_quadratic"
+        assert "config.yaml" in artifacts(uri, runs[name])
+    metrics = {m["key"]: m["value"] for m in runs["evaluate"]["data"]["metrics"]}
+    summary = json.loads((out / "summary.json").read_text())
+    for system in ("zero_shot", "pema_const", "pema_gu"):
+        for k in ("bleu", "chrf", "ter"):
+            assert metrics[f"{system}/{k}"] == pytest.approx(summary[system][k])
+    history = api(uri, "metrics/get-history", run_id=runs["train"]["info"]["run_id"], metric_key="rct_pd/val_loss")
+    assert len(history["metrics"]) >= 2  # one point per validation
+    assert {"loss_curves.png", "train_history.json"} <= artifacts(uri, runs["train"])
+    assert {"lambda_schedule.png", "predictions"} <= artifacts(uri, runs["evaluate"])
+    assert "predictions/pema_gu.jsonl" in artifacts(uri, runs["evaluate"], "predictions")
+    assert "memory/train/manifest.json" in artifacts(uri, runs["build_memory"], "memory/train")
+    build = {m["key"] for m in runs["build_memory"]["data"]["metrics"]}
+    assert {"train_rows", "build_s", "build_rows_per_s"} <= build
+    assert summary["mlflow"]["run_id"] == parent["info"]["run_id"]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_register_moves_champion_only_when_better(tracked):
+    import mlflow
+
+    out, env, uri = tracked
+    first = job("register", out, env, "--name", "pema-smoke")
+    assert first.returncode == 0, first.stderr[-3000:]
+    v1 = json.loads(first.stdout.strip().splitlines()[-1])
+    assert v1["champion"] and v1["version"] == "1"
+    alias = api(uri, "registered-models/alias", name="pema-smoke", alias="champion")["model_version"]
+    assert alias["version"] == "1"
+
+    worse = job("register", out, env, "--name", "pema-smoke", "--dev-bleu", str(v1["dev_bleu"] - 1.0))
+    assert worse.returncode == 0, worse.stderr[-3000:]
+    assert not json.loads(worse.stdout.strip().splitlines()[-1])["champion"]
+    assert api(uri, "registered-models/alias", name="pema-smoke", alias="champion")["model_version"]["version"] == "1"
+
+    better = job("register", out, env, "--name", "pema-smoke", "--dev-bleu", str(v1["dev_bleu"] + 1.0))
+    assert json.loads(better.stdout.strip().splitlines()[-1])["version"] == "3"
+    assert api(uri, "registered-models/alias", name="pema-smoke", alias="champion")["model_version"]["version"] == "3"
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/pema-smoke@champion")
+    hyps = model.predict(["An English sentence.", "The weather is nice today."])
+    assert len(hyps) == 2 and all(isinstance(h, str) for h in hyps)
+    local = mlflow.artifacts.download_artifacts(f"models:/pema-smoke/3")
+    assert not list(Path(local).rglob("*.pkl")) and not list(Path(local).rglob("*.pickle"))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_server_down_fails_fast_naming_the_uri_and_keeps_outputs(tracked):
+    from local_ray import free_port
+
+    out, env, _ = tracked
+    dead = f"http://127.0.0.1:{free_port()}"
+    before = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and "mlflow" not in p.name)
+    start = time.monotonic()
+    proc = job("evaluate", out, {**env, "MLFLOW_TRACKING_URI": dead})
+    assert proc.returncode == 2 and dead in proc.stderr
+    assert time.monotonic() - start < 60
+    for kept in ("memory/train/manifest.json", "adapter/adapter.json", "predictions/pema_gu.jsonl", "summary.json"):
+        assert (out / kept).is_file()
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and "mlflow" not in p.name) == before
