@@ -110,6 +110,18 @@ def test_main_job_on_smollm2(tmp_path):
     zero_shot = [json.loads(line)["hypothesis"] for line in (out / "predictions" / "zero_shot.jsonl").open()]
     assert any(h.strip() for h in zero_shot)  # the chat template makes SmolLM2 answer (raw template: empty output)
 
+    # the registered champion translates with the real base model (dev BLEU given: the decode is tested elsewhere)
+    reg = subprocess.run([sys.executable, str(ROOT / "jobs" / "register.py"), "--config",
+                          str(ROOT / "jobs/configs/default.yaml"), "--output-dir", str(out), "--name", "smollm2-pema",
+                          "--dev-bleu", "1.0", "--no-progress"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
+    assert reg.returncode == 0, reg.stderr[-3000:]
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    hyps = mlflow.pyfunc.load_model("models:/smollm2-pema@champion").predict(["The hotel is close to the station."])
+    assert len(hyps) == 1 and hyps[0].strip()
+
 
 @pytest.mark.parametrize("resident", [False, True])
 def test_train_adapter_streaming_and_resident(smoke_run, resident):

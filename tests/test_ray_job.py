@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -24,7 +25,12 @@ def test_ray_job_submit_runs_the_smoke_pipeline(ray_cluster, tmp_path):
            "--submission-id", job_id, "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "jobs/runtime_env.yaml"),
            "--", sys.executable, "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml", "--output-dir", str(out),
            "--no-progress", "train.num_workers=2", "memory.num_actors=2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=840, env=ray_cluster.env(), cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while True:  # right after `ray start` the dashboard answers before the node's job agent has registered
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=840, env=ray_cluster.env(), cwd=tmp_path)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(5)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     with urllib.request.urlopen(f"{ray_cluster.dashboard}/api/jobs/{job_id}", timeout=10) as r:
         assert json.load(r)["status"] == "SUCCEEDED"

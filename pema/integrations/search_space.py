@@ -1,0 +1,59 @@
+"""Search spaces as data (``tune_spaces/*.yaml``), keyed by config field names and checked against the config.
+
+An entry is ``field.path: {kind: args}`` with kind ``choice`` (a list of values), ``uniform`` / ``loguniform``
+(``[low, high]``) or ``randint`` (``[low, high)``). Loading checks that every key names a config field and that
+every value the entry can produce (each choice, both bounds) gives a valid config, so a typo or an out-of-range
+bound fails before any trial starts. :func:`to_tune` turns a space into Ray Tune domains.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from pema.config import PipelineConfig, flatten, load_config
+from pema.errors import ConfigError
+
+KINDS = ("choice", "uniform", "loguniform", "randint")
+
+
+def _probe_values(key: str, kind: str, args) -> list:
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"search space {key}: 'choice' needs a non-empty list, got {args!r}")
+        return args
+    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)
+            and args[0] < args[1]):
+        raise ConfigError(f"search space {key}: {kind!r} needs [low, high] with low < high, got {args!r}")
+    if kind == "loguniform" and args[0] <= 0:
+        raise ConfigError(f"search space {key}: 'loguniform' needs low > 0, got {args[0]!r}")
+    return [args[0], args[1] - 1] if kind == "randint" else list(args)
+
+
+def load_space(path: str | Path, base: str | Path | None = None) -> dict[str, tuple[str, object]]:
+    """``{field: (kind, args)}`` from a YAML file, validated against the config (``base`` YAML, or defaults)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a search space must be a mapping of config fields to distributions")
+    fields = set(flatten(PipelineConfig()))
+    space = {}
+    for key, spec in data.items():
+        if key not in fields:
+            raise ConfigError(f"{path}: {key!r} is not a config field; fields look like 'adapter.rank', "
+                              "'train.kappa', 'decode.gu.lam_max'")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+            raise ConfigError(f"{path}: {key} must be one of {{kind: args}} with kind in {KINDS}, got {spec!r}")
+        kind, args = next(iter(spec.items()))
+        for value in _probe_values(key, kind, args):
+            load_config(base, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
+        space[key] = (kind, args)
+    return space
+
+
+def to_tune(space: dict[str, tuple[str, object]]) -> dict:
+    """Ray Tune domains for a loaded space (``tune.choice``, ``tune.uniform``, ...)."""
+    from ray import tune
+
+    make = {"choice": lambda a: tune.choice(a), "uniform": lambda a: tune.uniform(*a),
+            "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
+    return {key: make[kind](args) for key, (kind, args) in space.items()}
