@@ -58,7 +58,9 @@ def start_cluster(tmp: Path, num_cpus: int = 4, timeout: float = 120.0) -> Local
            f"--dashboard-port={dash}", f"--num-cpus={num_cpus}", "--num-gpus=0", "--disable-usage-stats",
            "--include-dashboard=true", "--node-ip-address=127.0.0.1"]
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **AUTH_ENV},
+        # jobs inherit the cluster's environment: no MLflow setting of an earlier in-process test may leak into it
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**env, **AUTH_ENV},
                                 start_new_session=True)
     cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", proc, log)
     deadline = time.monotonic() + timeout
