@@ -58,16 +58,7 @@ def pairs():
 
 
 @pytest.fixture(scope="module")
-def connected(ray_cluster):
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=ray_cluster.address, log_to_driver=False)
-    return ray_cluster
-
-
-@pytest.fixture(scope="module")
-def two_actor_build(connected, pairs, tmp_path_factory):
+def two_actor_build(ray_client, pairs, tmp_path_factory):
     """One build sharded over 2 CPU actors, shared by the tests that compare against it."""
     from pema.integrations.ray_build import build_memory_ray
 
@@ -166,14 +157,14 @@ def test_corrupt_missing_and_unfinished_parts_are_rebuilt(two_actor_build, pairs
 
 
 @pytest.mark.timeout(300)
-def test_sigkill_then_rerun_resumes(connected, smollm2_tokenizer, tmp_path):
+def test_sigkill_then_rerun_resumes(ray_client, smollm2_tokenizer, tmp_path):
     out = tmp_path / "run"
     overrides = [*SMALL_PARTS, "memory.num_actors=1", "data.train_limit=200", "data.dev_limit=8"]
     cmd = [sys.executable, str(ROOT / "jobs" / "build_memory.py"), "--config", str(SMOKE), "--output-dir", str(out),
            "--no-progress", *overrides]
     staging = out / "memory" / "train.partial"
     log = open(tmp_path / "first.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=connected.env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ray_client.env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 150
         while not list(staging.glob("part-*.parquet.json")):
@@ -194,7 +185,7 @@ def test_sigkill_then_rerun_resumes(connected, smollm2_tokenizer, tmp_path):
             finished[meta["file"]] = (meta["sha256"], os.stat(part).st_mtime_ns)
     assert finished
 
-    done = subprocess.run(cmd, cwd=ROOT, env=connected.env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(cmd, cwd=ROOT, env=ray_client.env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     cfg = load_config(SMOKE, overrides)
@@ -211,7 +202,7 @@ def test_sigkill_then_rerun_resumes(connected, smollm2_tokenizer, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_bad_input_raises_named_errors_and_leaves_nothing(connected, pairs, tmp_path, capsys):
+def test_bad_input_raises_named_errors_and_leaves_nothing(ray_client, pairs, tmp_path, capsys):
     from pema.integrations.ray_build import build_memory_ray
 
     out = tmp_path / "train"

@@ -319,12 +319,19 @@ def export_head_ray(cfg: PipelineConfig, out_dir, *, tokenizer_hash: str) -> dic
     return json.loads(files["head.json"])
 
 
-def run_build_stage(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
-    """PLM owner's stage: ``output_dir/memory/{train,dev}`` and ``output_dir/head``; returns counts and seconds."""
-    out, d = Path(output_dir), cfg.data
+def stage_pairs(cfg: PipelineConfig) -> tuple[list[Pair], list[Pair]]:
+    """The train and dev pairs of ``cfg.data`` (a missing or malformed file raises before anything is written)."""
+    d = cfg.data
     fields = dict(source_field=d.source_field, target_field=d.target_field)
-    train_pairs = load_pairs(d.train, limit=d.train_limit, **fields)
-    dev_pairs = load_pairs(d.dev, limit=d.dev_limit, **fields)
+    return load_pairs(d.train, limit=d.train_limit, **fields), load_pairs(d.dev, limit=d.dev_limit, **fields)
+
+
+def run_build_stage(cfg: PipelineConfig, output_dir, *, progress: bool = True,
+                    pairs: tuple[list[Pair], list[Pair]] | None = None) -> dict:
+    """PLM owner's stage: ``output_dir/memory/{train,dev}`` and ``output_dir/head``; returns counts and seconds.
+    ``pairs``: the (train, dev) pairs when the caller has loaded them already (:func:`stage_pairs`)."""
+    out = Path(output_dir)
+    train_pairs, dev_pairs = pairs if pairs is not None else stage_pairs(cfg)
     start = time.perf_counter()
     train, dev = build_memories_ray(cfg, {out / "memory" / "train": train_pairs, out / "memory" / "dev": dev_pairs},
                                     progress=progress)

@@ -30,10 +30,11 @@ def _log_figure(fig, name: str) -> None:
 
 
 def build(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
-    from pema.integrations.ray_build import run_build_stage
+    from pema.integrations.ray_build import run_build_stage, stage_pairs
 
+    pairs = stage_pairs(cfg)  # bad input fails here, before the run (and its store in output_dir) exists
     with stage_run("build_memory", cfg, output_dir):
-        info = run_build_stage(cfg, output_dir, progress=progress)
+        info = run_build_stage(cfg, output_dir, progress=progress, pairs=pairs)
         rows = info["train_rows"] + info["dev_rows"]
         mlflow.log_metrics({**{k: float(v) for k, v in info.items()},
                             "build_rows_per_s": rows / max(info["build_s"], 1e-9)})
