@@ -3,7 +3,9 @@
 :class:`PemaLogitsProcessor` receives the PLM's next-token scores (its P_LM) and reads the PLM owner's key for the
 same step from a ``key_source`` (in-process: a forward hook on the PLM's final norm, see
 ``pema.owner.respond.ContextTap``), computes log P_PEMA with the adapter and the exported head, and returns the
-log-space mixture under the row's lambda. Nothing in transformers is forked or patched.
+log-space mixture under the row's lambda. Nothing in transformers is forked or patched. The same path serves any
+distribution of the key (:class:`MixtureLogitsProcessor` with a ``scorer``), e.g. the kNN-LM baseline
+(``pema.baselines.knn``).
 
 Order inside generate() (transformers 5.x): the PEMA processor runs first, then the sampling warpers
 (temperature, top-k, top-p), so they shape the MIXTURE, as a user expects. -inf entries in the PLM's scores
@@ -32,12 +34,20 @@ class KeySource(Protocol):
     def last_key(self) -> torch.Tensor: ...
 
 
-class PemaLogitsProcessor(LogitsProcessor):
-    """``scores (rows, vocab)`` -> ``log P`` mixed with P_PEMA; rows = batch * beams (or return sequences)."""
+class MixtureLogitsProcessor(LogitsProcessor):
+    """``scores (rows, vocab)`` -> ``log P`` mixed with a second distribution; rows = batch * beams (or return
+    sequences).
 
-    def __init__(self, adapter: PemaAdapter, head: OutputHead, key_source: Callable[[], torch.Tensor],
-                 schedule: Schedule, horizons: torch.Tensor, prompt_length: int):
-        self.adapter, self.head, self.key_source = adapter, head, key_source
+    ``scorer(key (rows, d) float32) -> log-probs (rows, vocab')`` gives the second distribution from the owner's key
+    (PEMA: ``adapter.log_probs(key, head)``; kNN-LM: ``pema.baselines.knn.KnnScorer``). Columns beyond the PLM's
+    vocabulary are dropped and missing ones are -inf. ``device``: where the key is sent and the mixture is computed
+    (default: the scores' device).
+    """
+
+    def __init__(self, scorer: Callable[[torch.Tensor], torch.Tensor], key_source: Callable[[], torch.Tensor],
+                 schedule: Schedule, horizons: torch.Tensor, prompt_length: int,
+                 device: torch.device | str | None = None):
+        self.scorer, self.key_source, self.device = scorer, key_source, device
         self.schedule, self.horizons, self.prompt_length = schedule, horizons, prompt_length
         self.lam_trace: list[torch.Tensor] = []  # lam per step, per input row (for plots and tests)
 
@@ -56,12 +66,26 @@ class PemaLogitsProcessor(LogitsProcessor):
         self.lam_trace.append(lam[:: max(1, input_ids.shape[0] // len(self.horizons))].clone())
         if bool((lam == 0).all()):
             return scores  # exactly the PLM's own decoding
-        device = next(self.adapter.parameters()).device
+        device = scores.device if self.device is None else self.device
         key = self.key_source().to(device=device, dtype=torch.float32)
-        log_p_pema = self.adapter.log_probs(key, self.head)
+        log_p_other = self.scorer(key).to(device)
         log_p_lm = torch.log_softmax(scores.float(), dim=-1).to(device)
-        mixed = interpolate(log_p_lm, log_p_pema[:, : log_p_lm.shape[1]], lam.to(device))
+        vocab = log_p_lm.shape[1]
+        if log_p_other.shape[1] < vocab:
+            pad = log_p_other.new_full((log_p_other.shape[0], vocab - log_p_other.shape[1]), float("-inf"))
+            log_p_other = torch.cat([log_p_other, pad], dim=1)
+        mixed = interpolate(log_p_lm, log_p_other[:, :vocab], lam.to(device))
         return mixed.to(scores.device, scores.dtype)
+
+
+class PemaLogitsProcessor(MixtureLogitsProcessor):
+    """The mixture with P_PEMA: ``scorer = adapter.log_probs(key, head)``, computed on the adapter's device."""
+
+    def __init__(self, adapter: PemaAdapter, head: OutputHead, key_source: Callable[[], torch.Tensor],
+                 schedule: Schedule, horizons: torch.Tensor, prompt_length: int):
+        super().__init__(lambda key: adapter.log_probs(key, head), key_source, schedule, horizons, prompt_length,
+                         device=next(adapter.parameters()).device)
+        self.adapter, self.head = adapter, head
 
 
 @dataclass(frozen=True)
@@ -93,7 +117,7 @@ class GenerationResult:
     token_ids: list[list[int]]  # generated ids per prompt, stop token and padding removed
     seconds: float
     generated_tokens: int
-    lam_traces: list[list[float]]  # lambda per step per prompt (empty without an adapter)
+    lam_traces: list[list[float]]  # lambda per step per prompt (empty without an adapter or scorer)
 
     @property
     def seconds_per_token(self) -> float:
@@ -103,15 +127,23 @@ class GenerationResult:
 def generate(model, prompts: Sequence[Sequence[int]], *, stop_token_id: int, pad_token_id: int,
              settings: GenerationSettings = GenerationSettings(), adapter: PemaAdapter | None = None,
              head: OutputHead | None = None, key_source: KeySource | None = None, schedule: Schedule | None = None,
-             horizons: torch.Tensor | None = None, progress: bool = True, desc: str = "decode") -> GenerationResult:
-    """Generate for every prompt (token ids). Without ``adapter`` this is the PLM alone (zero-shot).
+             horizons: torch.Tensor | None = None, progress: bool = True, desc: str = "decode",
+             scorer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GenerationResult:
+    """Generate for every prompt (token ids). Without ``adapter`` or ``scorer`` this is the PLM alone (zero-shot).
 
-    Prompts are sorted by length and left-padded per batch; results come back in input order.
+    ``adapter`` + ``head`` mix in P_PEMA; ``scorer(key (rows, d) float32) -> log-probs (rows, vocab)`` instead mixes
+    in any other distribution of the owner's key (the kNN-LM baseline). Either needs ``key_source``, ``schedule``
+    and ``horizons`` (one per prompt). Prompts are sorted by length and left-padded per batch; results come back
+    in input order.
     """
-    pema = adapter is not None
-    if pema and (head is None or key_source is None or schedule is None or horizons is None):
+    if scorer is not None and (adapter is not None or head is not None):
+        raise ValueError("pass either adapter and head (PEMA) or scorer (e.g. kNN-LM), not both")
+    mixing = adapter is not None or scorer is not None
+    if adapter is not None and (head is None or key_source is None or schedule is None or horizons is None):
         raise ValueError("PEMA decoding needs adapter, head, key_source, schedule and horizons together")
-    if pema and len(horizons) != len(prompts):
+    if scorer is not None and (key_source is None or schedule is None or horizons is None):
+        raise ValueError("decoding with a scorer needs key_source, schedule and horizons too")
+    if mixing and len(horizons) != len(prompts):
         raise ValueError(f"{len(horizons)} horizons for {len(prompts)} prompts")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -133,10 +165,12 @@ def generate(model, prompts: Sequence[Sequence[int]], *, stop_token_id: int, pad
         kwargs = dict(settings.generate_kwargs(), max_new_tokens=settings.max_new_tokens, eos_token_id=stop_token_id,
                       pad_token_id=pad_token_id)
         proc = None
-        if pema:
-            proc = PemaLogitsProcessor(adapter, head, key_source.last_key, schedule, horizons[idx], width)
+        if mixing:
+            proc = (PemaLogitsProcessor(adapter, head, key_source.last_key, schedule, horizons[idx], width)
+                    if scorer is None else
+                    MixtureLogitsProcessor(scorer, key_source.last_key, schedule, horizons[idx], width))
             kwargs["logits_processor"] = LogitsProcessorList([proc])
-        with torch.no_grad(), (key_source if pema else _null()):
+        with torch.no_grad(), (key_source if mixing else _null()):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         for row, i in enumerate(idx):
             seq = out[row, width:].tolist()
