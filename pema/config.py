@@ -336,3 +336,11 @@ def flatten(cfg, prefix: str = "") -> dict[str, object]:
         else:
             out[name] = value
     return out
+
+
+def with_overrides(cfg, values: dict[str, object], cls=PipelineConfig):
+    """A new validated config: ``cfg`` with ``{"train.kappa": 0.3, ...}`` applied (values already typed)."""
+    tree = to_dict(cfg)
+    for key, value in values.items():
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree, cls)

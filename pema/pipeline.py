@@ -49,8 +49,9 @@ class Timer:
 
 
 def train_adapter(cfg: PipelineConfig, head, train_reader: MemoryReader, dev_reader: MemoryReader, *,
-                  report=None, progress: bool = True) -> tuple[PemaAdapter, list]:
-    """RCT then RCT_PD (or PD only / RCT only) as ``cfg.train`` says; returns the adapter and phase results."""
+                  report=None, progress: bool = True, checkpoint=None, resume=None) -> tuple[PemaAdapter, list]:
+    """RCT then RCT_PD (or PD only / RCT only) as ``cfg.train`` says; returns the adapter and phase results.
+    ``checkpoint`` / ``resume``: as in :func:`~pema.adapter.phases.run_phases`."""
     t, a = cfg.train, cfg.adapter
     torch.manual_seed(t.seed)
     adapter = PemaAdapter(head.d, a.rank, a.alpha, a.dropout).to(t.device)
@@ -66,7 +67,8 @@ def train_adapter(cfg: PipelineConfig, head, train_reader: MemoryReader, dev_rea
         dev_batches = lambda: dev_reader.iter_batches(4096)
     subset = lambda: target_vocab(b["token"] for b in train_reader.iter_batches(65536)).to(t.device)
     results = run_phases(adapter, head, t, train_batches=train_batches, train_rows=len(train_reader),
-                         dev_batches=dev_batches, vocab_subset=subset, report=report, progress=progress)
+                         dev_batches=dev_batches, vocab_subset=subset, report=report, progress=progress,
+                         checkpoint=checkpoint, resume=resume)
     return adapter, results
 
 
@@ -132,11 +134,14 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progress
 
 def translate(model, tokenizer, sources: list[str], cfg: PipelineConfig, *, adapter=None, head=None,
               schedule: ScheduleConfig | None = None, ratio: float | None = None, progress: bool = False,
-              desc: str = "decode"):
-    """Decode ``sources`` with the PLM alone (no ``adapter``) or mixed with PEMA under ``schedule``.
+              desc: str = "decode", scorer=None):
+    """Decode ``sources`` with the PLM alone (no ``adapter``/``scorer``), mixed with PEMA (``adapter`` + ``head``)
+    or mixed with another distribution of the owner's key (``scorer(key (rows, d)) -> log-probs (rows, vocab)``,
+    e.g. the kNN-LM baseline of ``pema.baselines.knn_index.load_knn``), under ``schedule``.
 
-    ``ratio`` (target/source tokens of the training memory) sets the Gradual Unrolling horizons. Returns the
-    hypotheses and the :class:`~pema.adapter.decode.GenerationResult` (lambda traces, timing)."""
+    ``ratio`` (target/source tokens of the training memory) sets the Gradual Unrolling horizons; a constant schedule
+    does not use them and takes ratio 1.0 when it is None. Returns the hypotheses and the
+    :class:`~pema.adapter.decode.GenerationResult` (lambda traces, timing)."""
     from pema.owner.respond import ContextTap  # the PLM's responses come from the owner's side
 
     d, dc = cfg.data, cfg.decode
@@ -146,22 +151,32 @@ def translate(model, tokenizer, sources: list[str], cfg: PipelineConfig, *, adap
     settings = GenerationSettings(**{f.name: getattr(dc, f.name) for f in dataclasses.fields(GenerationSettings)})
     stop = stop_token_id(tokenizer, chat=chat)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
-    pema_kw = {}
-    if adapter is not None:
+    mix_kw = {}
+    if adapter is not None or scorer is not None:
+        if adapter is not None and scorer is not None:
+            raise ValueError("pass either adapter and head (PEMA) or scorer (e.g. kNN-LM), not both")
+        if schedule is None:
+            raise ValueError("schedule=None: mixed decoding needs a ScheduleConfig, e.g. "
+                             "ScheduleConfig(kind='constant', lam=cfg.knn.lam) for kNN-LM")
+        if ratio is None and schedule.kind == "constant":
+            ratio = 1.0  # the horizons are unused by a constant schedule
+        if ratio is None:
+            raise ValueError(f"ratio=None: schedule kind {schedule.kind!r} needs the training memory's "
+                             "target/source token ratio (manifest.target_source_ratio) for its horizons")
         horizons = estimate_horizons([source_token_count(tokenizer, src) for src in sources], ratio)
-        pema_kw = dict(adapter=adapter, head=head, key_source=ContextTap(model), schedule=schedule_from(schedule),
-                       horizons=horizons)
+        mix_kw = dict(key_source=ContextTap(model), schedule=schedule_from(schedule), horizons=horizons)
+        mix_kw.update(dict(adapter=adapter, head=head) if scorer is None else dict(scorer=scorer))
     result = generate(model, prompts, stop_token_id=stop, pad_token_id=pad, settings=settings, progress=progress,
-                      desc=desc, **pema_kw)
+                      desc=desc, **mix_kw)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result.token_ids], result
 
 
 def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, model=None, tokenizer=None,
                      progress: bool = True, split: str = "test", systems: tuple[str, ...] = SYSTEMS,
-                     write_predictions: bool = True) -> dict:
+                     write_predictions: bool = True, adapter_dir: str | os.PathLike | None = None) -> dict:
     """Decode the ``split`` pairs (``test`` or ``dev``) with each of ``systems`` and score them.
 
-    Reads ``head/`` and ``adapter/`` under ``output_dir``; writes ``predictions/<system>.jsonl`` (test split). The
+    Reads ``head/`` and ``adapter/`` under ``output_dir`` (or the adapter bundle at ``adapter_dir``); writes ``predictions/<system>.jsonl`` (test split). The
     PLM (loaded here unless passed in) answers the context queries through the owner's ContextTap.
     Returns ``{system: scores, ..., "timings_s": {...}}``.
     """
@@ -175,7 +190,7 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
     pairs = load_pairs(getattr(d, split), limit=getattr(d, f"{split}_limit"), source_field=d.source_field,
                        target_field=d.target_field)
     head, head_meta = load_head(out / "head")
-    adapter, adapter_meta = load_adapter(out / "adapter", head_meta)
+    adapter, adapter_meta = load_adapter(adapter_dir if adapter_dir is not None else out / "adapter", head_meta)
     if model is None:
         with timer.stage("load_model"):
             model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.model.device,

@@ -7,6 +7,7 @@ bound fails before any trial starts. :func:`to_tune` turns a space into Ray Tune
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import yaml
@@ -57,3 +58,44 @@ def to_tune(space: dict[str, tuple[str, object]]) -> dict:
     make = {"choice": lambda a: tune.choice(a), "uniform": lambda a: tune.uniform(*a),
             "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
     return {key: make[kind](args) for key, (kind, args) in space.items()}
+
+
+def decode_grid(space: dict[str, tuple[str, object]], samples: int = 0, seed: int = 0) -> list[dict[str, object]]:
+    """The decoding settings to try with each trained adapter: ``[{field: value}, ...]``.
+
+    ``samples == 0``: every combination (each entry must be a ``choice``); otherwise ``samples`` draws from the
+    space. Settings that a schedule kind ignores are dropped (a constant schedule has no ``lam_max`` / ``floor``,
+    Gradual Unrolling no ``lam``), so duplicates collapse; the order is fixed by ``seed``."""
+    import itertools
+    import random
+
+    rng = random.Random(seed)
+    if samples == 0:
+        open_ended = [k for k, (kind, _) in space.items() if kind != "choice"]
+        if open_ended:
+            raise ConfigError(f"a full decoding grid needs 'choice' entries only; {open_ended} are continuous: "
+                              "give a number of samples instead")
+        keys = list(space)
+        points = [dict(zip(keys, values)) for values in itertools.product(*(space[k][1] for k in keys))]
+    else:
+        draw = {"choice": lambda a: rng.choice(a), "uniform": lambda a: rng.uniform(*a),
+                "loguniform": lambda a: math.exp(rng.uniform(math.log(a[0]), math.log(a[1]))),
+                "randint": lambda a: rng.randrange(*a)}
+        points = [{k: draw[kind](args) for k, (kind, args) in space.items()} for _ in range(samples * 20)]
+    unique: dict[tuple, dict] = {}
+    for point in points:
+        canonical = {k: v for k, v in point.items() if not _ignored(k, point)}
+        unique.setdefault(tuple(sorted(canonical.items())), canonical)
+    grid = list(unique.values())
+    if samples:
+        grid = grid[:samples]
+    return grid
+
+
+def _ignored(key: str, point: dict) -> bool:
+    """True when ``key`` has no effect under the schedule kind that ``point`` selects for the same schedule."""
+    section, _, name = key.rpartition(".")
+    kind = point.get(f"{section}.kind")
+    if kind is None or not section.startswith("decode."):
+        return False
+    return name in (("lam_max", "floor") if kind == "constant" else ("lam",))

@@ -117,3 +117,60 @@ def pipeline(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=prin
         mlflow.log_metrics({f"{k}_s": float(v) for k, v in summary["timings_s"].items()})
         mlflow.log_artifact(str(out / "summary.json"))
     return summary
+
+
+def tune(cfg: PipelineConfig, output_dir, *, train_space: str, decode_space: str, num_samples: int,
+         decode_samples: int = 0, name: str | None = None, max_concurrent: int = 1, seed: int = 0,
+         progress: bool = True, log=print) -> dict:
+    """The search as one parent run: builds the memory if missing (child run), one child run per trial, then the
+    winning (adapter, decoding setting) at ``<output_dir>/adapter`` and, with ``name``, registered (child run).
+
+    Rerunning the same command after an interruption resumes the search in the same parent run; finished trials
+    are not run again. Writes ``tune_summary.json``."""
+    from pema.config import with_overrides
+    from pema.integrations.ray_tune import copy_adapter, run_tune
+    from pema.integrations.registry import register
+    from pema.integrations.search_space import decode_grid, load_space
+    from pema.integrations.tracking import lineage_tags
+
+    out = Path(output_dir).resolve()
+    # trials run in their own folders: hand them absolute data paths
+    cfg = with_overrides(cfg, {f"data.{s}": str(Path(getattr(cfg.data, s)).resolve()) for s in ("train", "dev", "test")})
+    t_space, d_space = load_space(train_space), load_space(decode_space)
+    grid = decode_grid(d_space, decode_samples, seed)
+    state_path = out / "tune_state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    out.mkdir(parents=True, exist_ok=True)
+    with stage_run("tune", cfg, out, run_id=state.get("parent_run_id")) as parent:
+        state_path.write_text(json.dumps({"parent_run_id": parent.info.run_id}))
+        if not all((out / p / "manifest.json").is_file() for p in ("memory/train", "memory/dev")) or \
+                not (out / "head" / "head.json").is_file():
+            build(cfg, out, progress=progress)
+        setup = {"tracking_uri": mlflow.get_tracking_uri(), "experiment_id": parent.info.experiment_id,
+                 "parent_run_id": parent.info.run_id, "lineage": lineage_tags(cfg, out)}
+        mlflow.log_dict({"train": {k: list(v) for k, v in t_space.items()}, "decode_grid": grid}, "search_space.json")
+        found = run_tune(cfg, out, train_space=t_space, decode_grid=grid, setup=setup, num_samples=num_samples,
+                         max_concurrent=max_concurrent, seed=seed, progress=progress)
+        table = [{k: v for k, v in t.items() if k != "checkpoint"} for t in found["trials"]]
+        summary = {"trials": table, "unfinished": found["unfinished"], "experiment_path": found["path"],
+                   "parent_run_id": parent.info.run_id, "decode_grid": grid}
+        if found["unfinished"]:
+            log(f"interrupted: {found['unfinished']} trial(s) unfinished; rerun the same command to resume")
+        elif found["best"] is None:
+            raise RuntimeError("no trial finished training: see the trials' errors in " + found["path"])
+        else:
+            best = found["best"]
+            best_cfg = with_overrides(cfg, {**best["config"], **best["decode"]})
+            copy_adapter(best["checkpoint"], out / "adapter")
+            (out / "config.json").write_text(json.dumps(to_dict(best_cfg), indent=2))
+            summary["best"] = {k: best[k] for k in ("trial_id", "config", "decode", "dev_bleu", "dev_chrf",
+                                                    "mlflow_run_id")}
+            mlflow.log_metrics({"best_dev_bleu": best["dev_bleu"], "trials_completed":
+                                sum(t["status"] == "completed" for t in table), "trials_pruned":
+                                sum(t["status"] == "pruned" for t in table)})
+            mlflow.set_tags({"pema.best_trial": best["trial_id"], "pema.best_decode": json.dumps(best["decode"])})
+            if name:
+                summary["registered"] = register(best_cfg, out, name, dev_bleu=best["dev_bleu"], progress=progress)
+        (out / "tune_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        mlflow.log_artifact(str(out / "tune_summary.json"))
+    return summary

@@ -106,19 +106,22 @@ def _params(cfg: PipelineConfig) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, cfg: PipelineConfig, output_dir: str | os.PathLike):
+def stage_run(stage: str, cfg: PipelineConfig, output_dir: str | os.PathLike, *, run_id: str | None = None):
     """An MLflow run for one stage (a child of the active run, if any). Ends FINISHED, or FAILED on an error;
-    MLflow errors become TrackingError naming the URI."""
+    MLflow errors become TrackingError naming the URI. ``run_id`` reopens that run instead (a resumed job)."""
     uri = connect(output_dir)
     parent = mlflow.active_run()
     try:
-        if parent is not None:
+        if run_id is not None:
+            run = mlflow.start_run(run_id=run_id)
+        elif parent is not None:
             run = mlflow.start_run(run_name=stage, nested=True, experiment_id=parent.info.experiment_id)
         else:
             run = mlflow.start_run(run_name=stage, experiment_id=experiment_id())
         mlflow.set_tags({"pema.stage": stage, **lineage_tags(cfg, output_dir)})
-        mlflow.log_params(_params(cfg))
-        mlflow.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
+        if run_id is None:
+            mlflow.log_params(_params(cfg))
+            mlflow.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
     except TrackingError:
         raise
     except Exception as exc:  # requests / MlflowException: the store went away or refused the run

@@ -1,0 +1,250 @@
+"""Ray Tune over PEMA: ASHA over the training space, then a decoding sweep on dev for every adapter that survives.
+
+One trial = one training configuration (``tune_spaces/train.yaml`` sampled):
+
+1. It trains RCT, then the PD phase, on the run's memory (``<output-dir>/memory``, ``head``). After every PD-phase
+   validation it reports ``dev_ce`` (the dev cross-entropy of P_PEMA, comparable across kappa) at ``pd_epoch`` with
+   a checkpoint (safetensors + JSON, :mod:`pema.adapter.checkpoint`). ASHA compares trials on ``dev_ce`` at the
+   same ``pd_epoch`` and stops the laggards.
+2. A trial that finishes training decodes the dev pairs once per decoding setting (``tune_spaces/decode.yaml``,
+   the same settings for every trial) with the SAME adapter: decoding needs no retraining. Its last report
+   carries ``dev_bleu`` (the best over the settings), the setting that reached it and the adapter bundle.
+
+Every trial logs to its own MLflow run, a child of the tune job's parent run (``mlflow.parentRunId``): the sampled
+config as params, ``dev_ce`` per validation, the dev BLEU/chrF of each decoding setting (step = its index) and the
+best. A trial that ASHA stops keeps its run, ended as KILLED with ``pema.trial_status=pruned``.
+
+``events.jsonl`` in each trial folder records ``train_start`` / ``train_end`` / ``decode`` lines, so what ran (and
+that decoding reused the adapter) can be checked afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from pema.adapter.checkpoint import load_checkpoint, save_checkpoint
+from pema.adapter.io import load_head, save_adapter
+from pema.config import config_from_dict, flatten, to_dict, with_overrides
+from pema.memory import MemoryReader
+from pema.pipeline import decode_and_score, train_adapter
+
+TRIAL_META = "trial.json"
+BUNDLE = "adapter"
+
+
+def _event(trial_dir: Path, kind: str, **fields) -> None:
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    with open(trial_dir / "events.jsonl", "a") as f:
+        f.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
+
+
+def read_events(trial_dir: str | os.PathLike) -> list[dict]:
+    path = Path(trial_dir) / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+class TrialRun:
+    """The trial's MLflow run, written through a client (no process-global active run inside a Ray actor)."""
+
+    def __init__(self, setup: dict, trial_id: str, overrides: dict, cfg, run_id: str | None = None):
+        self.client = MlflowClient(tracking_uri=setup["tracking_uri"])
+        if run_id is None:
+            run = self.client.create_run(setup["experiment_id"], run_name=f"trial_{trial_id}", tags={
+                "mlflow.parentRunId": setup["parent_run_id"], "pema.stage": "tune_trial", "pema.trial_id": trial_id,
+                **setup["lineage"]})
+            run_id = run.info.run_id
+            params = {k: str(v)[:6000] for k, v in flatten(cfg).items()}
+            self.client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
+            self.client.set_tag(run_id, "pema.search", json.dumps(overrides))
+        else:  # a trial resumed after an interruption goes on in its own run
+            self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+
+    def metrics(self, values: dict, step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def end(self, status: str = "FINISHED", **tags) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+        self.client.set_terminated(self.run_id, status)
+
+
+def _param(key, value):
+    from mlflow.entities import Param
+
+    return Param(key, value)
+
+
+def tune_trial(config: dict, setup: dict) -> None:
+    """The function trainable: train (resuming from Tune's checkpoint if any), then sweep the decoding space."""
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    trial_dir = Path(setup["trials_dir"]) / trial_id
+    overrides = {k: (v.item() if hasattr(v, "item") else v) for k, v in config.items()}
+    cfg = with_overrides(config_from_dict(setup["cfg"]), overrides)
+    out = Path(setup["output_dir"])
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+
+    resume, run_id = None, None
+    latest = tune.get_checkpoint()
+    if latest is not None:
+        with latest.as_directory() as d:
+            run_id = json.loads((Path(d) / TRIAL_META).read_text())["mlflow_run_id"]
+            resume = load_checkpoint(d)
+    run = TrialRun(setup, trial_id, overrides, cfg, run_id)
+
+    head, head_meta = load_head(out / "head")
+    train_reader, dev_reader = MemoryReader(out / "memory" / "train"), MemoryReader(out / "memory" / "dev")
+    base = {"mlflow_run_id": run.run_id, "trial_dir": str(trial_dir)}
+
+    def on_check(ckpt, metrics):
+        if metrics["phase"] == "rct" or metrics["step"] == 0:
+            return  # ASHA compares trials on the PD phase only (RCT's loss is a reconstruction MSE)
+        result = {**base, "dev_ce": metrics["val_ce"], "dev_loss": metrics["val_loss"], "pd_epoch": metrics["epoch"]}
+        run.metrics({"dev_ce": metrics["val_ce"], "dev_loss": metrics["val_loss"], "pd_epoch": metrics["epoch"]},
+                    step=metrics["step"])
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(ckpt, tmp)
+            (Path(tmp) / TRIAL_META).write_text(json.dumps({"mlflow_run_id": run.run_id}))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    _event(trial_dir, "train_start", resumed=resume is not None)
+    start = time.perf_counter()
+    adapter, results = train_adapter(cfg, head, train_reader, dev_reader, progress=False, checkpoint=on_check,
+                                     resume=resume)
+    pd = results[-1]
+    adapter_dir = trial_dir / BUNDLE
+    save_adapter(adapter.cpu(), adapter_dir, {"model_id": head_meta["model_id"], "config": to_dict(cfg.adapter),
+                                              "target_source_ratio": train_reader.manifest.target_source_ratio})
+    _event(trial_dir, "train_end", seconds=round(time.perf_counter() - start, 2))
+    run.metrics({"train_s": time.perf_counter() - start, "best_dev_loss": pd.best_val})
+
+    best = sweep_decoding(cfg, out, adapter_dir, setup["decode_grid"], run, trial_dir)
+    final = {**base, "dev_ce": pd.history[-1].get("val_ce", float("nan")) if pd.history else float("nan"),
+             "pd_epoch": pd.history[-1]["epoch"] if pd.history else 0.0, "dev_bleu": best["bleu"],
+             "dev_chrf": best["chrf"], "decode": json.dumps(best["setting"]), "final": True}
+    run.metrics({"dev_bleu": best["bleu"], "dev_chrf": best["chrf"]})
+    run.end("FINISHED", **{"pema.trial_status": "completed", "pema.best_decode": json.dumps(best["setting"])})
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(adapter_dir, Path(tmp) / BUNDLE)
+        (Path(tmp) / TRIAL_META).write_text(json.dumps({"mlflow_run_id": run.run_id, "final": True}))
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def sweep_decoding(cfg, out: Path, adapter_dir: Path, grid: list[dict], run: TrialRun, trial_dir: Path) -> dict:
+    """Dev BLEU of one adapter under every decoding setting of ``grid`` (PLM loaded once); returns the best."""
+    from pema.owner.plm import load_plm  # the PLM's context responses come from the owner's side
+
+    model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.model.device,
+                                revision=cfg.model.revision)
+    best, table = None, []
+    for i, setting in enumerate(grid):
+        scores = decode_and_score(with_overrides(cfg, setting), out, model=model, tokenizer=tokenizer,
+                                  progress=False, split="dev", systems=("pema_gu",), write_predictions=False,
+                                  adapter_dir=adapter_dir)["pema_gu"]
+        _event(trial_dir, "decode", index=i, setting=setting, bleu=scores["bleu"])
+        run.metrics({"sweep/dev_bleu": scores["bleu"], "sweep/dev_chrf": scores["chrf"]}, step=i)
+        table.append({"index": i, **setting, "dev_bleu": scores["bleu"], "dev_chrf": scores["chrf"],
+                      "dev_ter": scores["ter"]})
+        if best is None or scores["bleu"] > best["bleu"]:
+            best = {"bleu": scores["bleu"], "chrf": scores["chrf"], "setting": setting}
+    run.client.log_dict(run.run_id, table, "decode_sweep.json")
+    return best
+
+
+def max_epochs(cfg, space: dict) -> float:
+    """The longest PD phase the space allows (ASHA's ``max_t``)."""
+    kind, args = space.get("train.epochs", ("choice", [cfg.train.epochs]))
+    return float(max(args) if kind == "choice" else (args[1] - 1 if kind == "randint" else args[1]))
+
+
+def run_tune(cfg, output_dir, *, train_space: dict, decode_grid: list[dict], setup: dict, num_samples: int,
+             max_concurrent: int = 1, grace_period: float = 1.0, reduction_factor: float = 2.0, seed: int = 0,
+             progress: bool = True) -> dict:
+    """Run (or resume, when ``<output_dir>/ray_tune/tune`` holds an interrupted run) the search; returns
+    ``{"trials": [...], "best": {...} | None, "unfinished": n, "path": ...}``."""
+    from ray.tune import CheckpointConfig, RunConfig, TuneConfig, Tuner
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from pema.integrations.search_space import to_tune
+
+    out = Path(output_dir).resolve()
+    storage, name = out / "ray_tune", "tune"
+    setup = {**setup, "cfg": to_dict(cfg), "output_dir": str(out), "trials_dir": str(out / "trials"),
+             "decode_grid": decode_grid}
+    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.device.startswith("cuda") else {})}
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, setup=setup), resources)
+    if Tuner.can_restore(str(storage / name)):
+        tuner = Tuner.restore(str(storage / name), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        t_max = max_epochs(cfg, train_space)
+        scheduler = ASHAScheduler(time_attr="pd_epoch", metric="dev_ce", mode="min", max_t=t_max,
+                                  grace_period=min(grace_period, t_max), reduction_factor=reduction_factor,
+                                  stop_last_trials=False)  # a trial that reaches max_t still decodes
+        tuner = Tuner(trainable, param_space=to_tune(train_space),
+                      tune_config=TuneConfig(scheduler=scheduler, num_samples=num_samples,
+                                             max_concurrent_trials=max_concurrent,
+                                             search_alg=BasicVariantGenerator(random_state=seed,
+                                                                              max_concurrent=max_concurrent)),
+                      run_config=RunConfig(name=name, storage_path=str(storage), verbose=1 if progress else 0,
+                                           checkpoint_config=CheckpointConfig(num_to_keep=1)))
+    grid = tuner.fit()
+    saved = saved_statuses(storage / name)
+    unfinished = num_samples - sum(s in ("TERMINATED", "ERROR") for s in saved.values())
+    trials, client = [], MlflowClient(tracking_uri=setup["tracking_uri"])
+    for result in grid:
+        m = result.metrics or {}
+        trial_id = m.get("trial_id") or _trial_id(result.path)
+        status = {"TERMINATED": "pruned", "ERROR": "failed"}.get(saved.get(trial_id), "unfinished")
+        status = "completed" if m.get("final") else status
+        row = {"trial_id": trial_id, "status": status,
+               "config": {k: v for k, v in (result.config or {}).items()}, "dev_ce": m.get("dev_ce"),
+               "pd_epoch": m.get("pd_epoch"), "dev_bleu": m.get("dev_bleu"), "dev_chrf": m.get("dev_chrf"),
+               "decode": json.loads(m["decode"]) if m.get("decode") else None, "mlflow_run_id": m.get("mlflow_run_id"),
+               "checkpoint": result.checkpoint}
+        if row["mlflow_run_id"] and status != "completed" and not unfinished:
+            run = client.get_run(row["mlflow_run_id"])
+            if run.info.status == "RUNNING":
+                client.set_tag(row["mlflow_run_id"], "pema.trial_status", status)
+                client.set_terminated(row["mlflow_run_id"], "KILLED" if status == "pruned" else "FAILED")
+        trials.append(row)
+    done = [t for t in trials if t["status"] == "completed"]
+    best = max(done, key=lambda t: t["dev_bleu"]) if done and not unfinished else None
+    return {"trials": trials, "best": best, "unfinished": unfinished, "path": str(storage / name)}
+
+
+def _trial_id(path: str) -> str:
+    """``.../tune_trial_61b3e_00001_1_adapter_rank=...`` -> ``61b3e_00001``."""
+    parts = Path(path).name.split("_")
+    return "_".join(parts[2:4])
+
+
+def saved_statuses(path: Path) -> dict[str, str]:
+    """Trial id -> status as saved for a restore. After Ctrl+C the interrupted trials are saved as PENDING (the
+    in-memory result grid may already call them terminated) and trials not yet created are missing."""
+    from ray.tune import ExperimentAnalysis
+
+    return {t.trial_id: t.status for t in ExperimentAnalysis(str(path)).trials}
+
+
+def copy_adapter(checkpoint, dest: str | os.PathLike) -> None:
+    """Put the adapter bundle of a trial's final checkpoint at ``dest`` (replacing what is there)."""
+    dest = Path(dest)
+    with checkpoint.as_directory() as d:
+        staging = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(Path(d) / BUNDLE, staging)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(staging, dest)
