@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast clean
+.PHONY: setup run tune test test-fast clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 run: setup
 	$(PY) jobs/pipeline.py --config jobs/configs/default.yaml --output-dir outputs/default
+
+tune: setup
+	$(PY) jobs/tune.py --config jobs/configs/default.yaml --output-dir outputs/tune --num-samples 4 \
+		--decode-samples 2 --name pema-wmt22 data.dev_limit=50
 
 test: setup
 	$(PY) -m pytest -q -ra
