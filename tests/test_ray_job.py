@@ -13,7 +13,7 @@ from pema.memory import MemoryReader, verify_memory
 from pema.pipeline import SYSTEMS
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = ("pipeline", "build_memory", "train", "evaluate", "register", "tune")
+JOBS = ("pipeline", "build_memory", "train", "evaluate", "register", "tune", "compare")
 
 
 @pytest.mark.ray

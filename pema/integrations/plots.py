@@ -1,4 +1,5 @@
-"""Figures logged with the runs: loss curves and the lambda schedule actually used (matplotlib, Agg backend)."""
+"""Figures logged with the runs: loss curves, the lambda schedule actually used and the systems compared
+(matplotlib, Agg backend)."""
 from __future__ import annotations
 
 import matplotlib
@@ -43,6 +44,22 @@ def lambda_schedules(traces: dict[str, list[list[float]]]):
     ax.set_xlabel("generated token t")
     ax.set_ylabel("lambda (PEMA weight)")
     ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def compare_bars(rows: dict[str, dict]):
+    """BLEU and chrF per system (``{system: {"bleu", "chrf", ...}}``), grouped bars in the mapping's order."""
+    systems = list(rows)
+    x = np.arange(len(systems))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(systems)), 3.8))
+    for offset, (metric, label) in zip((-0.2, 0.2), (("bleu", "BLEU"), ("chrf", "chrF"))):
+        values = [float(rows[s][metric]) for s in systems]
+        bars = ax.bar(x + offset, values, width=0.4, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(x, systems, rotation=20, ha="right")
+    ax.set_ylabel("score")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

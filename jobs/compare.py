@@ -1,0 +1,43 @@
+"""Compare every system on the same test pairs: zero-shot, kNN-LM, LoRA and PEMA with its ablations.
+
+    python jobs/compare.py --config jobs/configs/default.yaml --output-dir outputs/default [--systems a,b] [k=v ...]
+
+Builds memory/ and head/ under --output-dir when they are missing (Ray Data), then trains and decodes every system
+in one Ray task. Writes predictions/<system>.jsonl, compare/ (the trained adapters) and merges the rows into
+summary.json. MLflow: a parent run "compare" with one child run per system, compare.png and compare.md.
+Systems: zero_shot, knn_lm, lora, pema_pd_only, pema_no_rct, pema_const, pema_gu (default: all).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pema.integrations.cli import job_parser, run_job  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = job_parser(__doc__)
+    parser.add_argument("--systems", default="all", help="comma separated systems to run (default: all)")
+    args = parser.parse_args(argv)
+    from pema.errors import ConfigError
+    from pema.integrations.compare_systems import check_systems
+
+    try:
+        systems = check_systems(args.systems)  # before Ray starts or anything is written
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def stage(cfg):
+        from pema.integrations.compare import compare
+
+        summary = compare(cfg, args.output_dir, systems=systems, progress=not args.no_progress)
+        return f"{summary['compare_table']}\nsummary: {Path(args.output_dir) / 'summary.json'}"
+
+    return run_job(args, stage)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

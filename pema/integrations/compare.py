@@ -1,0 +1,147 @@
+"""The ``compare`` job: every system on the same test pairs, one table, one MLflow parent run with a child per system.
+
+Systems (all read the same ``memory/train`` or the pairs it was built from, decode the same ``data.test`` pairs with
+the same ``decode.*`` settings through :func:`pema.pipeline.translate`, and are scored by the same sacreBLEU call):
+
+- ``zero_shot``: the PLM alone.
+- ``knn_lm``: kNN-LM over the same train memory: p_kNN from the ``knn.k`` nearest keys at temperature
+  ``knn.temperature``, mixed with P_LM at constant lam = ``knn.lam``.
+- ``lora``: PEFT LoRA on the PLM's weights (``lora.*``), loss on the target tokens only; needs the weights, so it
+  is what the PLM owner could offer instead of PEMA.
+- ``pema_gu``: the PEMA adapter trained as ``train.*`` says, decoded with ``decode.gu`` (Gradual Unrolling).
+- ``pema_const``: the same adapter, decoded with ``decode.const`` (constant lambda instead of GU).
+- ``pema_pd_only``: the same adapter's distribution ALONE (P_PEMA, constant lam = 1: no mixing with P_LM), i.e.
+  what the PD head has learnt by itself.
+- ``pema_no_rct``: an adapter trained WITHOUT reconstruction (``train.method = pd``, ``b_pd_init = random``: there
+  is no B_rct to copy), decoded with ``decode.gu``.
+
+Everything runs in ONE Ray task (:func:`run_compare_stage`; GPUs: one when ``model.device`` is CUDA and the cluster
+has one) that loads the PLM once; the work itself is :func:`pema.integrations.compare_systems.run_systems`.
+Per system it reports BLEU, chrF, TER, training time, peak training memory, trainable parameters and decoding time
+per token, and writes ``predictions/<system>.jsonl``. :func:`compare` adds the MLflow runs and ``summary.json``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import mlflow
+import ray
+
+from pema.config import PipelineConfig, flatten, to_dict, with_overrides
+from pema.integrations import plots
+from pema.integrations.compare_systems import DEFINITIONS, SYSTEMS, check_systems, decode_schedule, no_rct_config
+from pema.integrations.ray_runtime import cluster_gpus
+from pema.integrations.tracking import lineage_tags, stage_run
+from pema.tasks import load_pairs
+
+METRICS = ("bleu", "chrf", "ter", "train_s", "peak_train_mem_mb", "trainable_params", "decode_s_per_token")
+MEMORY_NOTE = ("peak train MB: the training's peak above its start; cpu_rss = sampled process RSS, cuda_allocated "
+               "= torch's allocator (not comparable with each other); kNN-LM: building its index")
+
+
+def _compare_task(cfg_dict: dict, output_dir: str, systems: tuple[str, ...], progress: bool) -> dict:
+    from pema.config import config_from_dict
+    from pema.integrations.compare_systems import run_systems
+
+    return run_systems(config_from_dict(cfg_dict), output_dir, systems=systems, progress=progress)
+
+
+def absolute_data(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with absolute data paths: Ray workers need not share the driver's working directory."""
+    return with_overrides(cfg, {f"data.{s}": str(Path(getattr(cfg.data, s)).resolve()) for s in ("train", "dev", "test")})
+
+
+def run_compare_stage(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool = True) -> dict:
+    """Train, decode and score ``systems`` in one Ray task; ``memory/``, ``head/`` must exist under ``output_dir``.
+    Returns ``{"rows": {system: row}, "timings_s": {...}}`` (row keys: :data:`METRICS`, ``memory_kind``,
+    ``total_params``, ``definition``, ...)."""
+    systems = check_systems(systems)
+    gpus = 1 if cfg.model.device.startswith("cuda") and cluster_gpus() > 0 else 0
+    task = ray.remote(_compare_task).options(num_cpus=cfg.eval.num_cpus, num_gpus=gpus, max_retries=0)
+    return ray.get(task.remote(to_dict(absolute_data(cfg)), str(Path(output_dir).resolve()), systems, progress))
+
+
+def format_compare_table(rows: dict[str, dict]) -> str:
+    """Markdown table of ``{system: row}``, in the mapping's order."""
+    lines = ["| system | BLEU | chrF | TER | train s | peak train MB | trainable params | decode ms/token |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for system, r in rows.items():
+        lines.append(f"| {system} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['ter']:.2f} | {r['train_s']:.1f} | "
+                     f"{r['peak_train_mem_mb']:.1f} | {int(r['trainable_params']):,} | "
+                     f"{1000 * r['decode_s_per_token']:.2f} |")
+    return "\n".join(lines)
+
+
+def system_params(system: str, cfg: PipelineConfig) -> dict[str, str]:
+    """The settings that define ``system`` (its child run's params)."""
+    params: dict[str, object] = {"system.definition": DEFINITIONS[system], "decode.strategy": cfg.decode.strategy,
+                                 "decode.max_new_tokens": cfg.decode.max_new_tokens}
+    if system == "knn_lm":
+        params.update(flatten(cfg.knn, "knn."))
+    elif system == "lora":
+        params.update(flatten(cfg.lora, "lora."))
+    elif system.startswith("pema_"):
+        train_cfg = no_rct_config(cfg) if system == "pema_no_rct" else cfg
+        params.update({**flatten(cfg.adapter, "adapter."), **flatten(train_cfg.train, "train.")})
+    if (schedule := decode_schedule(system, cfg)) is not None:
+        params.update(flatten(schedule, "schedule."))
+    return {k: str(v) for k, v in params.items()}
+
+
+def _log_system_run(system: str, row: dict, cfg: PipelineConfig, experiment_id: str, tags: dict) -> None:
+    with mlflow.start_run(run_name=system, nested=True, experiment_id=experiment_id):
+        mlflow.set_tags({**tags, "pema.stage": "compare", "pema.system": system, "pema.memory_kind": row["memory_kind"]})
+        mlflow.log_params(system_params(system, cfg))
+        mlflow.log_metrics({k: float(row[k]) for k in (*METRICS, "total_params")})
+
+
+def _memory_ready(out: Path) -> bool:
+    return all((out / p).is_file() for p in ("memory/train/manifest.json", "memory/dev/manifest.json",
+                                             "head/head.json"))
+
+
+def compare(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool = True, log=print) -> dict:
+    """The comparison as one ``compare`` MLflow run: builds the memory and head when missing (the ``build_memory``
+    child run), runs :func:`run_compare_stage`, logs a child run per system (metrics, tag ``pema.system``) and on
+    the parent ``compare.png``, ``compare.md`` and ``summary.json``. Merges the rows into ``<output_dir>/summary.json``
+    (one key per system, ``compare_table``, ``compare_timings_s``) and returns that summary."""
+    from pema.integrations import stages
+
+    systems = check_systems(systems)
+    cfg = absolute_data(cfg)
+    d = cfg.data
+    for split in ("train", "test"):  # a missing or malformed file fails here, before the run exists
+        load_pairs(getattr(d, split), limit=getattr(d, f"{split}_limit"), source_field=d.source_field,
+                   target_field=d.target_field)
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with stage_run("compare", cfg, out) as parent:
+        timings: dict[str, float] = {}
+        if not _memory_ready(out):
+            start = time.perf_counter()
+            built = stages.build(cfg, out, progress=progress)
+            timings["build_memory"] = round(time.perf_counter() - start, 2)
+            log(f"memory: {built['train_rows']} train rows, {built['dev_rows']} dev rows")
+        start = time.perf_counter()
+        found = run_compare_stage(cfg, out, systems=systems, progress=progress)
+        timings["compare"] = round(time.perf_counter() - start, 2)
+        rows = found["rows"]
+        tags = lineage_tags(cfg, out)
+        for system, row in rows.items():
+            _log_system_run(system, row, cfg, parent.info.experiment_id, tags)
+        table = format_compare_table(rows)
+        mlflow.log_metrics({f"{s}/{k}": float(r[k]) for s, r in rows.items() for k in METRICS})
+        mlflow.log_text(f"{table}\n\n{MEMORY_NOTE}\n", "compare.md")
+        fig = plots.compare_bars(rows)
+        mlflow.log_figure(fig, "compare.png")
+        plots.plt.close(fig)
+        path = out / "summary.json"
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        summary.update(rows)
+        summary.update({"compare_table": table, "compare_timings_s": {**timings, **found["timings_s"]},
+                        "compare_mlflow": {"run_id": parent.info.run_id, "tracking_uri": mlflow.get_tracking_uri()}})
+        path.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        mlflow.log_artifact(str(path))
+    return summary

@@ -1,0 +1,202 @@
+"""Every system of the comparison, trained and decoded in one process on the same memory and test pairs.
+
+:func:`run_systems` is the body of the ``compare`` job's Ray task (:mod:`pema.integrations.compare`); it has no Ray
+and no MLflow in it and runs as well in a plain process. The definitions of the systems are in :data:`DEFINITIONS`
+and in the docstring of :mod:`pema.integrations.compare`.
+
+Costs per system: ``train_s`` is the wall time of what the system needs before it can decode (PEMA: both training
+phases, kNN-LM: reading the memory and building its index, LoRA: PEFT fine-tuning, zero-shot: nothing);
+``peak_train_mem_mb`` is the peak of that work above its start, as :class:`~pema.profiling.PeakMemory` measures it
+on the work's device (``memory_kind``: ``cuda_allocated`` or ``cpu_rss``, which are not comparable with each other);
+``trainable_params`` counts the parameters that training updates.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from pema.adapter.io import load_head, save_adapter
+from pema.adapter.phases import phase_plan
+from pema.adapter.train import PHASES
+from pema.config import PipelineConfig, ScheduleConfig, TrainConfig, to_dict, with_overrides
+from pema.errors import ConfigError, MemoryFormatError
+from pema.evaluate import evaluate
+from pema.memory import MemoryReader
+from pema.pipeline import train_adapter, translate
+from pema.profiling import PeakMemory
+from pema.tasks import load_pairs
+
+SYSTEMS = ("zero_shot", "knn_lm", "lora", "pema_pd_only", "pema_no_rct", "pema_const", "pema_gu")
+DEFINITIONS = {
+    "zero_shot": "the PLM alone",
+    "knn_lm": "kNN-LM over the train memory: constant lam = knn.lam, k = knn.k, temperature knn.temperature",
+    "lora": "PEFT LoRA on the PLM's weights (lora.*), loss on the target tokens only",
+    "pema_pd_only": "the PEMA adapter's distribution alone: P_PEMA, constant lam = 1 (no mixing with P_LM)",
+    "pema_no_rct": "a PEMA adapter trained without reconstruction (train.method = pd, b_pd_init random), "
+                   "decoded with decode.gu",
+    "pema_const": "the PEMA adapter (train.*), decoded with decode.const (constant lambda)",
+    "pema_gu": "the PEMA adapter (train.*), decoded with decode.gu (Gradual Unrolling)",
+}
+PD_ONLY = ScheduleConfig(kind="constant", lam=1.0)  # log P = log P_PEMA exactly (interpolate handles lam = 1)
+MAIN_ADAPTER = ("pema_pd_only", "pema_const", "pema_gu")  # the systems that share the cfg.train adapter
+
+
+def check_systems(systems: Iterable[str] | str) -> tuple[str, ...]:
+    """``"all"``, ``"a,b"`` or a sequence of names -> the names in :data:`SYSTEMS` order (ConfigError otherwise)."""
+    names = [s.strip() for s in systems.split(",")] if isinstance(systems, str) else list(systems)
+    if names == ["all"]:
+        return SYSTEMS
+    unknown = [s for s in names if s not in SYSTEMS]
+    if unknown or not names:
+        raise ConfigError(f"systems={names!r}: unknown {unknown or 'empty list'}; choose from {SYSTEMS} "
+                          "(comma separated) or 'all'")
+    return tuple(s for s in SYSTEMS if s in names)
+
+
+def no_rct_config(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with PD-only training (no reconstruction phase; there is no B_rct to start B_pd from)."""
+    return with_overrides(cfg, {"train.method": "pd", "train.b_pd_init": "random"})
+
+
+def decode_schedule(system: str, cfg: PipelineConfig) -> ScheduleConfig | None:
+    """The lambda schedule ``system`` decodes with (None: the model alone, no mixing)."""
+    return {"knn_lm": ScheduleConfig(kind="constant", lam=cfg.knn.lam), "pema_pd_only": PD_ONLY,
+            "pema_no_rct": cfg.decode.gu, "pema_const": cfg.decode.const, "pema_gu": cfg.decode.gu}.get(system)
+
+
+def pema_trainable_params(adapter: torch.nn.Module, t: TrainConfig) -> int:
+    """Parameters some phase of ``t.method`` updates (rct_pd: A, B_rct, B_pd; pd: A, B_pd)."""
+    names = set().union(*(PHASES[p["phase"]] for p in phase_plan(t)))
+    return sum(p.numel() for n, p in adapter.named_parameters() if n in names)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_inputs(cfg: PipelineConfig, output_dir) -> None:
+    """MemoryFormatError unless memory/train, memory/dev and head/ exist and the memory holds ``data.train``."""
+    out = Path(output_dir)
+    missing = [p for p in ("memory/train/manifest.json", "memory/dev/manifest.json", "head/head.json")
+               if not (out / p).is_file()]
+    if missing:
+        raise MemoryFormatError(f"{out} lacks {missing}: build the memory and head first (jobs/build_memory.py; "
+                                "the compare job does it when they are missing)")
+    d = cfg.data
+    pairs = len(load_pairs(d.train, limit=d.train_limit, source_field=d.source_field, target_field=d.target_field))
+    built = MemoryReader(out / "memory" / "train", verify=False).manifest.num_examples
+    if built != pairs:
+        raise ConfigError(f"{out / 'memory' / 'train'} holds {built} examples but data.train (train_limit="
+                          f"{d.train_limit}) gives {pairs} pairs: LoRA and PEMA would not train on the same data; "
+                          "use another --output-dir or delete that memory")
+
+
+def write_predictions(path: Path, pairs, hyps: list[str], lam_traces: list[list[float]]) -> None:
+    """One JSON object per test pair, as :func:`pema.pipeline.decode_and_score` writes them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for p, h, lam in zip(pairs, hyps, lam_traces):
+            f.write(json.dumps({"index": p.index, "source": p.source, "reference": p.target, "hypothesis": h,
+                                "lam": [round(x, 4) for x in lam]}, ensure_ascii=False) + "\n")
+
+
+def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str = SYSTEMS, progress: bool = True,
+                log: Callable[[str], None] = print) -> dict:
+    """Train what ``systems`` need, decode the test pairs with each and score them; writes
+    ``predictions/<system>.jsonl`` and the trained adapters under ``compare/``. Returns
+    ``{"rows": {system: row}, "timings_s": {...}}`` in :data:`SYSTEMS` order."""
+    from pema.baselines.knn_index import load_knn
+    from pema.owner.lora import save_lora, train_lora  # the PLM's weights: the owner's side
+    from pema.owner.plm import load_plm
+
+    systems = check_systems(systems)
+    out = Path(output_dir)
+    check_inputs(cfg, out)
+    d, timings, rows = cfg.data, {}, {}
+    fields = dict(source_field=d.source_field, target_field=d.target_field)
+    test_pairs = load_pairs(d.test, limit=d.test_limit, **fields)
+    sources, refs = [p.source for p in test_pairs], [p.target for p in test_pairs]
+    head, head_meta = load_head(out / "head")
+    train_reader, dev_reader = MemoryReader(out / "memory" / "train"), MemoryReader(out / "memory" / "dev")
+    for reader in (train_reader, dev_reader):
+        reader.check_compatible(d=head_meta["d"], vocab_size=head_meta["vocab_size"], model_id=head_meta["model_id"])
+    ratio = train_reader.manifest.target_source_ratio
+    start = time.perf_counter()
+    model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.model.device,
+                                revision=cfg.model.revision)
+    timings["load_model"] = round(time.perf_counter() - start, 2)
+    model_device, plm_params = next(model.parameters()).device, n_params(model)
+
+    def decode(system: str, decoder, cost: dict, **kw) -> None:
+        start = time.perf_counter()
+        hyps, result = translate(decoder, tokenizer, sources, cfg, schedule=decode_schedule(system, cfg),
+                                 progress=progress, desc=system, **kw)
+        timings[f"decode_{system}"] = round(time.perf_counter() - start, 2)
+        raw = (scores := evaluate(hyps, refs, postprocess=cfg.eval.postprocess))["raw"]
+        rows[system] = {"bleu": raw["bleu"], "chrf": raw["chrf"], "ter": raw["ter"], **cost,
+                        "decode_s_per_token": result.seconds_per_token, "generated_tokens": result.generated_tokens,
+                        "definition": DEFINITIONS[system], "signatures": raw["signatures"]}
+        if scores["post"] is not None:
+            rows[system]["post"] = {k: scores["post"][k] for k in ("bleu", "chrf", "ter")}
+        write_predictions(out / "predictions" / f"{system}.jsonl", test_pairs, hyps, result.lam_traces)
+        log(f"compare: {system}: BLEU {raw['bleu']:.2f}, chrF {raw['chrf']:.2f}")
+
+    translate(model, tokenizer, sources[:1], cfg)  # warm-up (first-call costs), so that no system's timing carries it
+    if "zero_shot" in systems:
+        decode("zero_shot", model, {"train_s": 0.0, "peak_train_mem_mb": 0.0, "memory_kind": "none",
+                                    "trainable_params": 0, "total_params": plm_params})
+
+    plans = {"pema": cfg} if set(MAIN_ADAPTER) & set(systems) else {}
+    if "pema_no_rct" in systems:
+        plans["pema_no_rct"] = no_rct_config(cfg)
+    for name, pcfg in plans.items():
+        with PeakMemory(pcfg.train.device) as meter:
+            start = time.perf_counter()
+            adapter, results = train_adapter(pcfg, head, train_reader, dev_reader, progress=progress)
+            seconds = time.perf_counter() - start
+        timings[f"train_{name}"] = round(seconds, 2)
+        save_adapter(adapter, out / "compare" / f"{name}_adapter",
+                     {"model_id": head_meta["model_id"], "config": to_dict(pcfg.adapter),
+                      "train": to_dict(pcfg.train), "target_source_ratio": ratio})
+        adapter, head = adapter.eval().to(model_device), head.to(model_device)
+        cost = {"train_s": seconds, "peak_train_mem_mb": meter.peak_bytes / 2**20, "memory_kind": meter.kind,
+                "trainable_params": pema_trainable_params(adapter, pcfg.train),
+                "total_params": plm_params + n_params(adapter),
+                "train_phases": [{"phase": r.phase, "best_val": r.best_val, "steps": r.steps} for r in results]}
+        log(f"compare: {name} adapter trained in {seconds:.1f} s ({[r.phase for r in results]})")
+        for system in (MAIN_ADAPTER if name == "pema" else ("pema_no_rct",)):
+            if system in systems:
+                decode(system, model, cost, adapter=adapter, head=head, ratio=ratio)
+        del adapter
+
+    if "knn_lm" in systems:
+        with PeakMemory(model_device) as meter:
+            start = time.perf_counter()
+            scorer = load_knn(out / "memory" / "train", cfg.knn, head_meta["vocab_size"], model_device,
+                              d=head_meta["d"])
+            seconds = time.perf_counter() - start
+        timings["index_knn_lm"] = round(seconds, 2)
+        decode("knn_lm", model, {"train_s": seconds, "peak_train_mem_mb": meter.peak_bytes / 2**20,
+                                 "memory_kind": meter.kind, "trainable_params": 0, "total_params": plm_params,
+                                 "index_rows": len(scorer.index)}, scorer=scorer)
+        del scorer
+
+    if "lora" in systems:
+        del model  # LoRA changes the PLM in place: it trains a fresh copy, and one copy at a time is enough
+        gc.collect()
+        train_pairs = load_pairs(d.train, limit=d.train_limit, **fields)
+        base, _ = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.model.device,
+                           revision=cfg.model.revision)
+        result = train_lora(base, tokenizer, train_pairs, cfg, progress=progress)
+        timings["train_lora"] = round(result.train_seconds, 2)
+        save_lora(result, out / "compare" / "lora")
+        log(f"compare: lora trained in {result.train_seconds:.1f} s, loss per epoch {result.epoch_losses}")
+        decode("lora", result.model, {"train_s": result.train_seconds, "peak_train_mem_mb": result.peak_bytes / 2**20,
+                                      "memory_kind": result.memory_kind, "trainable_params": result.trainable_params,
+                                      "total_params": result.total_params, "train_loss": result.epoch_losses})
+    return {"rows": {s: rows[s] for s in systems}, "timings_s": timings}

@@ -1,0 +1,143 @@
+"""The compare job (pema.integrations.compare): the systems' definitions, the table, and the job end to end on the
+smoke config against a real local Ray cluster, with its MLflow runs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pema.adapter.model import PemaAdapter
+from pema.adapter.phases import phase_plan
+from pema.config import ScheduleConfig, load_config
+from pema.errors import ConfigError, MemoryFormatError
+from pema.integrations.compare import format_compare_table, system_params
+from pema.integrations.compare_systems import (SYSTEMS, check_inputs, check_systems, decode_schedule, no_rct_config,
+                                               pema_trainable_params)
+from pema.pipeline import schedule_from
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
+METRICS = ("bleu", "chrf", "ter", "train_s", "peak_train_mem_mb", "trainable_params", "decode_s_per_token")
+
+
+def row(bleu, train_s, mb, params, spt):
+    return {"bleu": bleu, "chrf": 2 * bleu, "ter": 100 - bleu, "train_s": train_s, "peak_train_mem_mb": mb,
+            "trainable_params": params, "decode_s_per_token": spt}
+
+
+def test_format_compare_table():
+    rows = {"zero_shot": row(1.234, 0.0, 0.0, 0, 0.0125), "lora": row(10.0, 612.345, 4328.7, 921600, 0.05)}
+    assert format_compare_table(rows) == "\n".join([
+        "| system | BLEU | chrF | TER | train s | peak train MB | trainable params | decode ms/token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| zero_shot | 1.23 | 2.47 | 98.77 | 0.0 | 0.0 | 0 | 12.50 |",
+        "| lora | 10.00 | 20.00 | 90.00 | 612.3 | 4328.7 | 921,600 | 50.00 |"])
+
+
+def test_systems_are_checked_and_ordered():
+    assert check_systems("all") == SYSTEMS and len(SYSTEMS) == 7
+    assert check_systems("pema_gu, zero_shot") == ("zero_shot", "pema_gu")  # always in table order
+    assert check_systems(["lora"]) == ("lora",)
+    for bad in ("pema", "zero_shot,nope", ""):
+        with pytest.raises(ConfigError, match="choose from"):
+            check_systems(bad)
+
+
+def test_definitions_of_the_schedules():
+    cfg = load_config(SMOKE, ["knn.lam=0.3"])
+    assert decode_schedule("pema_pd_only", cfg) == ScheduleConfig(kind="constant", lam=1.0)
+    lam = schedule_from(decode_schedule("pema_pd_only", cfg))(torch.arange(20), torch.full((20,), 5.0))
+    assert torch.equal(lam, torch.ones(20, dtype=torch.float64))  # P_PEMA alone at every step, whatever the horizon
+    assert decode_schedule("knn_lm", cfg) == ScheduleConfig(kind="constant", lam=0.3)
+    assert decode_schedule("pema_gu", cfg) == decode_schedule("pema_no_rct", cfg) == cfg.decode.gu
+    assert decode_schedule("pema_const", cfg) == cfg.decode.const
+    assert decode_schedule("zero_shot", cfg) is None and decode_schedule("lora", cfg) is None
+
+
+def test_no_rct_trains_pd_only_and_counts_its_parameters():
+    cfg = load_config(SMOKE)
+    no_rct = no_rct_config(cfg)
+    assert (no_rct.train.method, no_rct.train.b_pd_init) == ("pd", "random")
+    assert [p["phase"] for p in phase_plan(no_rct.train)] == ["pd"]
+    assert [p["phase"] for p in phase_plan(cfg.train)] == ["rct", "rct_pd"]
+    adapter = PemaAdapter(d=64, rank=16)
+    assert pema_trainable_params(adapter, cfg.train) == 3 * 16 * 64  # A, B_rct, B_pd
+    assert pema_trainable_params(adapter, no_rct.train) == 2 * 16 * 64  # A, B_pd: B_rct is never trained
+    assert system_params("pema_no_rct", cfg)["train.method"] == "pd"
+    assert system_params("pema_gu", cfg)["train.method"] == "rct_pd"
+    assert system_params("knn_lm", cfg)["knn.k"] == str(cfg.knn.k)
+
+
+def test_missing_memory_is_named(tmp_path):
+    with pytest.raises(MemoryFormatError, match="memory/train/manifest.json"):
+        check_inputs(load_config(SMOKE), tmp_path)
+
+
+def test_compare_bars_has_bleu_and_chrf_per_system():
+    from pema.integrations import plots
+
+    rows = {"zero_shot": row(1.0, 0, 0, 0, 0.01), "pema_gu": row(3.0, 5, 10, 3072, 0.02)}
+    fig = plots.compare_bars(rows)
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert heights == [1.0, 3.0, 2.0, 6.0]
+    plots.plt.close(fig)
+
+
+def test_unknown_system_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "compare.py"), "--config", str(SMOKE),
+                           "--output-dir", str(out), "--systems", "zero_shot,pema_magic"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "pema_magic" in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_compare_job_on_smoke_produces_every_row(ray_cluster, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "jobs/compare.py", "--config", "jobs/configs/smoke.yaml",
+                           "--output-dir", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=840, env=ray_cluster.env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "| pema_gu |" in proc.stdout  # the job prints the table
+
+    cfg = load_config(SMOKE)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(SYSTEMS) <= set(summary) and "| knn_lm |" in summary["compare_table"]
+    for system in SYSTEMS:
+        assert set(METRICS) <= set(summary[system]), system
+        lines = (out / "predictions" / f"{system}.jsonl").read_text().splitlines()
+        assert len(lines) == cfg.data.test_limit
+        lams = [x for line in lines for x in json.loads(line)["lam"]]
+        if system == "pema_pd_only":
+            assert lams and all(x == 1.0 for x in lams)
+        elif system == "knn_lm":
+            assert lams and all(x == cfg.knn.lam for x in lams)
+        elif system in ("zero_shot", "lora"):
+            assert lams == []
+    z, lora = summary["zero_shot"], summary["lora"]
+    assert z["train_s"] == 0 and z["trainable_params"] == 0 and summary["knn_lm"]["trainable_params"] == 0
+    assert lora["trainable_params"] > 0 and lora["train_s"] > 0 and lora["peak_train_mem_mb"] > 0
+    for system in ("pema_pd_only", "pema_no_rct", "pema_const", "pema_gu"):
+        assert 0 < summary[system]["trainable_params"] < lora["total_params"] / 100
+    assert summary["pema_gu"]["train_phases"][-1]["phase"] == "rct_pd"
+    assert [p["phase"] for p in summary["pema_no_rct"]["train_phases"]] == ["pd"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("pema").experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "compare")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    by_system = {r.data.tags["pema.system"]: r for r in children if "pema.system" in r.data.tags}
+    assert set(by_system) == set(SYSTEMS) and all(r.info.run_name == s for s, r in by_system.items())
+    assert by_system["lora"].data.metrics["trainable_params"] == lora["trainable_params"]
+    assert {r.info.run_name for r in children} - set(SYSTEMS) == {"build_memory"}  # built: the folder was empty
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"compare.png", "compare.md", "summary.json"} <= artifacts
+    assert summary["compare_mlflow"]["run_id"] == parent.info.run_id
