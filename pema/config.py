@@ -344,3 +344,8 @@ def with_overrides(cfg, values: dict[str, object], cls=PipelineConfig):
     for key, value in values.items():
         _set_dotted(tree, key, value)
     return config_from_dict(tree, cls)
+
+
+def with_absolute_data(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with absolute data paths: Ray workers and Tune trials do not share the driver's working directory."""
+    return with_overrides(cfg, {f"data.{s}": str(Path(getattr(cfg.data, s)).resolve()) for s in ("train", "dev", "test")})

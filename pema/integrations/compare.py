@@ -29,7 +29,7 @@ from pathlib import Path
 import mlflow
 import ray
 
-from pema.config import PipelineConfig, flatten, to_dict, with_overrides
+from pema.config import PipelineConfig, flatten, to_dict, with_absolute_data
 from pema.integrations import plots
 from pema.integrations.compare_systems import DEFINITIONS, SYSTEMS, check_systems, decode_schedule, no_rct_config
 from pema.integrations.ray_runtime import cluster_gpus
@@ -48,11 +48,6 @@ def _compare_task(cfg_dict: dict, output_dir: str, systems: tuple[str, ...], pro
     return run_systems(config_from_dict(cfg_dict), output_dir, systems=systems, progress=progress)
 
 
-def absolute_data(cfg: PipelineConfig) -> PipelineConfig:
-    """``cfg`` with absolute data paths: Ray workers need not share the driver's working directory."""
-    return with_overrides(cfg, {f"data.{s}": str(Path(getattr(cfg.data, s)).resolve()) for s in ("train", "dev", "test")})
-
-
 def run_compare_stage(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool = True) -> dict:
     """Train, decode and score ``systems`` in one Ray task; ``memory/``, ``head/`` must exist under ``output_dir``.
     Returns ``{"rows": {system: row}, "timings_s": {...}}`` (row keys: :data:`METRICS`, ``memory_kind``,
@@ -60,7 +55,7 @@ def run_compare_stage(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progr
     systems = check_systems(systems)
     gpus = 1 if cfg.model.device.startswith("cuda") and cluster_gpus() > 0 else 0
     task = ray.remote(_compare_task).options(num_cpus=cfg.eval.num_cpus, num_gpus=gpus, max_retries=0)
-    return ray.get(task.remote(to_dict(absolute_data(cfg)), str(Path(output_dir).resolve()), systems, progress))
+    return ray.get(task.remote(to_dict(with_absolute_data(cfg)), str(Path(output_dir).resolve()), systems, progress))
 
 
 def format_compare_table(rows: dict[str, dict]) -> str:
@@ -110,7 +105,7 @@ def compare(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool 
     from pema.integrations import stages
 
     systems = check_systems(systems)
-    cfg = absolute_data(cfg)
+    cfg = with_absolute_data(cfg)
     d = cfg.data
     for split in ("train", "test"):  # a missing or malformed file fails here, before the run exists
         load_pairs(getattr(d, split), limit=getattr(d, f"{split}_limit"), source_field=d.source_field,

@@ -127,15 +127,14 @@ def tune(cfg: PipelineConfig, output_dir, *, train_space: str, decode_space: str
 
     Rerunning the same command after an interruption resumes the search in the same parent run; finished trials
     are not run again. Writes ``tune_summary.json``."""
-    from pema.config import with_overrides
+    from pema.config import with_absolute_data, with_overrides
     from pema.integrations.ray_tune import copy_adapter, run_tune
     from pema.integrations.registry import register
     from pema.integrations.search_space import decode_grid, load_space
     from pema.integrations.tracking import lineage_tags
 
     out = Path(output_dir).resolve()
-    # trials run in their own folders: hand them absolute data paths
-    cfg = with_overrides(cfg, {f"data.{s}": str(Path(getattr(cfg.data, s)).resolve()) for s in ("train", "dev", "test")})
+    cfg = with_absolute_data(cfg)  # trials run in their own folders
     t_space, d_space = load_space(train_space), load_space(decode_space)
     grid = decode_grid(d_space, decode_samples, seed)
     state_path = out / "tune_state.json"
