@@ -1,6 +1,7 @@
 """Helpers shared by the benchmarks: repo import path, logging to stderr, device choice, timing, peak memory.
 
-Imports only the standard library and torch, so a machine with just torch + transformers can run the benchmarks.
+Imports only the standard library, torch and `pema.profiling` (standard library + torch itself), so a machine
+with just torch + transformers can run the benchmarks.
 """
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 from contextlib import contextmanager
 
@@ -17,6 +17,8 @@ if REPO not in sys.path:  # `python bench/x.py` from anywhere, without installin
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
+
+import pema.profiling  # noqa: E402  (standard library and torch only)
 
 
 def log(*args) -> None:
@@ -81,50 +83,22 @@ def timed_steps(step, *, warmup: int, steps: int, device: torch.device) -> tuple
     return rows, watch.seconds
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class PeakMemory:
-    """Peak memory of a block in MiB.
+class PeakMemory(pema.profiling.PeakMemory):
+    """:class:`pema.profiling.PeakMemory` sampling every 5 ms, reported in MiB as ``peak_mb``.
 
     CUDA: ``torch.cuda.max_memory_allocated`` after a reset (absolute: includes every live tensor on the device).
-    CPU: peak resident set size of THIS process above its size at entry, sampled every 5 ms by a thread (child
-    processes, e.g. DataLoader workers, are not included).
+    CPU: peak resident set size of THIS process above its size at entry (child processes, e.g. DataLoader workers,
+    are not included).
     """
 
     def __init__(self, device: torch.device):
-        self.device, self.peak_mb = device, float("nan")
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._base = self._peak = _rss_bytes()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self._peak = max(self._peak, _rss_bytes())
+        super().__init__(device, interval_s=0.005)
+        self.peak_mb = float("nan")
 
     def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            sync(self.device)
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            self._stop.set()
-            self._thread.join()
-            self._peak = max(self._peak, _rss_bytes())
-            self.peak_mb = (self._peak - self._base) / 2**20
+        super().__exit__(*exc)
+        absolute = self.peak_bytes + (self.baseline_bytes if self.kind == "cuda_allocated" else 0)
+        self.peak_mb = absolute / 2**20
 
 
 def free_device_memory(device: torch.device) -> None:

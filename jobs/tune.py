@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from pema.integrations.search_space import decode_grid, load_space
 
     try:  # a bad space fails here, before Ray starts or anything is written
-        load_space(args.train_space, args.config)
-        decode_grid(load_space(args.decode_space, args.config), args.decode_samples, args.seed)
+        train_space = load_space(args.train_space, args.config)
+        grid = decode_grid(load_space(args.decode_space, args.config), args.decode_samples, args.seed)
     except (PemaError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     def stage(cfg):
         from pema.integrations import stages
 
-        return stages.tune(cfg, args.output_dir, train_space=args.train_space, decode_space=args.decode_space,
-                           num_samples=args.num_samples, decode_samples=args.decode_samples, name=args.name,
-                           max_concurrent=args.max_concurrent, seed=args.seed, progress=not args.no_progress)
+        return stages.tune(cfg, args.output_dir, train_space=train_space, decode_grid=grid,
+                           num_samples=args.num_samples, name=args.name, max_concurrent=args.max_concurrent,
+                           seed=args.seed, progress=not args.no_progress)
 
     def show(summary):
         best = summary.get("best")

@@ -76,6 +76,51 @@ def schedule_from(cfg: ScheduleConfig) -> Schedule:
     return Schedule(kind=cfg.kind, lam=cfg.lam, lam_max=cfg.lam_max, floor=cfg.floor)
 
 
+BUNDLES = ("memory/train/manifest.json", "memory/dev/manifest.json", "head/head.json")
+
+
+def missing_bundles(output_dir: str | os.PathLike) -> list[str]:
+    """Which of the owner's outputs (train and dev memories, head) ``output_dir`` lacks; [] when all are there."""
+    return [p for p in BUNDLES if not (Path(output_dir) / p).is_file()]
+
+
+def open_bundles(output_dir: str | os.PathLike):
+    """The data owner's inputs under ``output_dir``: ``(head, head_meta, train_reader, dev_reader)``, with both
+    memories checked against the head (d, vocabulary, model id)."""
+    out = Path(output_dir)
+    head, head_meta = load_head(out / "head")
+    train_reader, dev_reader = MemoryReader(out / "memory" / "train"), MemoryReader(out / "memory" / "dev")
+    for reader in (train_reader, dev_reader):
+        reader.check_compatible(d=head_meta["d"], vocab_size=head_meta["vocab_size"], model_id=head_meta["model_id"])
+    return head, head_meta, train_reader, dev_reader
+
+
+def adapter_meta(cfg: PipelineConfig, head_meta: dict, train_reader: MemoryReader, **extra) -> dict:
+    """The JSON that travels with a trained adapter bundle (the target/source ratio sets the GU horizons)."""
+    return {"model_id": head_meta["model_id"], "config": to_dict(cfg.adapter),
+            "target_source_ratio": train_reader.manifest.target_source_ratio, **extra}
+
+
+def score(hyps: list[str], refs: list[str], result, postprocess: bool) -> dict:
+    """BLEU, chrF, TER (raw, with signatures; ``post`` too with post-processing) and seconds per generated token."""
+    scores = evaluate(hyps, refs, postprocess=postprocess)
+    raw = scores["raw"]
+    row = {"bleu": raw["bleu"], "chrf": raw["chrf"], "ter": raw["ter"], "signatures": raw["signatures"],
+           "seconds_per_token": result.seconds_per_token}
+    if scores["post"] is not None:
+        row["post"] = {k: scores["post"][k] for k in ("bleu", "chrf", "ter")}
+    return row
+
+
+def save_predictions(path: str | os.PathLike, pairs, hyps: list[str], lam_traces: list[list[float]]) -> None:
+    """One JSON object per pair: index, source, reference, hypothesis and the lambda used at each step."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for p, h, lam in zip(pairs, hyps, lam_traces):
+            f.write(json.dumps({"index": p.index, "source": p.source, "reference": p.target, "hypothesis": h,
+                                "lam": [round(x, 4) for x in lam]}, ensure_ascii=False) + "\n")
+
+
 def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progress: bool = True,
                  log=print) -> dict:
     """Run every stage; returns the summary (also written to ``output_dir/summary.json``)."""
@@ -110,15 +155,11 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progress
                     tokenizer_hash=train_manifest.tokenizer_hash)
 
     # ---- data owner: only the head bundle and the memories from here on ----
-    head, head_meta = load_head(out / "head")
-    train_reader, dev_reader = MemoryReader(out / "memory" / "train"), MemoryReader(out / "memory" / "dev")
-    for reader in (train_reader, dev_reader):
-        reader.check_compatible(d=head_meta["d"], vocab_size=head_meta["vocab_size"], model_id=head_meta["model_id"])
+    head, head_meta, train_reader, dev_reader = open_bundles(out)
     history: list[dict] = []
     with timer.stage("train"):
         adapter, results = train_adapter(cfg, head, train_reader, dev_reader, report=history.append, progress=progress)
-    save_adapter(adapter, out / "adapter", {"model_id": head_meta["model_id"], "config": to_dict(cfg.adapter),
-                                            "target_source_ratio": train_manifest.target_source_ratio})
+    save_adapter(adapter, out / "adapter", adapter_meta(cfg, head_meta, train_reader))
     (out / "train_history.json").write_text(json.dumps(history, indent=2))
     for r in results:
         log(f"{r.phase}: best val loss {r.best_val:.4f} at step {r.best_step} of {r.steps} "
@@ -200,7 +241,6 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
     ratio = adapter_meta.get("target_source_ratio") or MemoryReader(out / "memory" / "train").manifest.target_source_ratio
     sources, refs = [p.source for p in pairs], [p.target for p in pairs]
     summary: dict = {}
-    pred_dir = out / "predictions"
     for system in systems:
         kw = {}
         if system != "zero_shot":
@@ -208,18 +248,9 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
                       schedule=cfg.decode.const if system == "pema_const" else cfg.decode.gu)
         with timer.stage(f"decode_{system}"):
             hyps, result = translate(model, tokenizer, sources, cfg, progress=progress, desc=system, **kw)
-        scores = evaluate(hyps, refs, postprocess=cfg.eval.postprocess)
-        raw = scores["raw"]
-        summary[system] = {"bleu": raw["bleu"], "chrf": raw["chrf"], "ter": raw["ter"],
-                           "signatures": raw["signatures"], "seconds_per_token": result.seconds_per_token}
-        if scores["post"] is not None:
-            summary[system]["post"] = {k: scores["post"][k] for k in ("bleu", "chrf", "ter")}
+        summary[system] = score(hyps, refs, result, cfg.eval.postprocess)
         if write_predictions:
-            pred_dir.mkdir(exist_ok=True)
-            with open(pred_dir / f"{system}.jsonl", "w") as f:
-                for p, h, lam in zip(pairs, hyps, result.lam_traces):
-                    f.write(json.dumps({"index": p.index, "source": p.source, "reference": p.target, "hypothesis": h,
-                                        "lam": [round(x, 4) for x in lam]}, ensure_ascii=False) + "\n")
+            save_predictions(out / "predictions" / f"{system}.jsonl", pairs, hyps, result.lam_traces)
     summary["timings_s"] = timer.timings
     return summary
 

@@ -16,14 +16,8 @@ from pema.owner.lora import IGNORE, batch_loss, collate, load_lora, lora_example
 from pema.owner.plm import tiny_model
 from pema.pipeline import translate
 from pema.profiling import PeakMemory
+from test_owner import PAIRS  # the same five pairs
 
-PAIRS = [
-    tasks.Pair(0, "Hello world.", "Hallo Welt."),
-    tasks.Pair(1, "The cat sleeps on the mat.", "Die Katze schläft auf der Matte."),
-    tasks.Pair(2, "Thank you!", "Danke!"),
-    tasks.Pair(3, "Where is the station?", "Wo ist der Bahnhof?"),
-    tasks.Pair(4, "I like green apples and red cherries.", "Ich mag grüne Äpfel und rote Kirschen."),
-]
 LORA = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["all-linear"], "epochs": 8, "lr": 1e-2,
         "batch_size": 2, "seed": 0}
 

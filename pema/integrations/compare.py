@@ -92,11 +92,6 @@ def _log_system_run(system: str, row: dict, cfg: PipelineConfig, experiment_id: 
         mlflow.log_metrics({k: float(row[k]) for k in (*METRICS, "total_params")})
 
 
-def _memory_ready(out: Path) -> bool:
-    return all((out / p).is_file() for p in ("memory/train/manifest.json", "memory/dev/manifest.json",
-                                             "head/head.json"))
-
-
 def compare(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool = True, log=print) -> dict:
     """The comparison as one ``compare`` MLflow run: builds the memory and head when missing (the ``build_memory``
     child run), runs :func:`run_compare_stage`, logs a child run per system (metrics, tag ``pema.system``) and on
@@ -105,7 +100,6 @@ def compare(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool 
     from pema.integrations import stages
 
     systems = check_systems(systems)
-    cfg = with_absolute_data(cfg)
     d = cfg.data
     for split in ("train", "test"):  # a missing or malformed file fails here, before the run exists
         load_pairs(getattr(d, split), limit=getattr(d, f"{split}_limit"), source_field=d.source_field,
@@ -114,11 +108,8 @@ def compare(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool 
     out.mkdir(parents=True, exist_ok=True)
     with stage_run("compare", cfg, out) as parent:
         timings: dict[str, float] = {}
-        if not _memory_ready(out):
-            start = time.perf_counter()
-            built = stages.build(cfg, out, progress=progress)
-            timings["build_memory"] = round(time.perf_counter() - start, 2)
-            log(f"memory: {built['train_rows']} train rows, {built['dev_rows']} dev rows")
+        if (seconds := stages.ensure_built(cfg, out, progress=progress, log=log)) is not None:
+            timings["build_memory"] = seconds
         start = time.perf_counter()
         found = run_compare_stage(cfg, out, systems=systems, progress=progress)
         timings["compare"] = round(time.perf_counter() - start, 2)

@@ -13,21 +13,20 @@ on the work's device (``memory_kind``: ``cuda_allocated`` or ``cpu_rss``, which 
 from __future__ import annotations
 
 import gc
-import json
 import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from pema.adapter.io import load_head, save_adapter
+from pema.adapter.io import save_adapter
 from pema.adapter.phases import phase_plan
 from pema.adapter.train import PHASES
 from pema.config import PipelineConfig, ScheduleConfig, TrainConfig, to_dict, with_overrides
 from pema.errors import ConfigError, MemoryFormatError
-from pema.evaluate import evaluate
 from pema.memory import MemoryReader
-from pema.pipeline import train_adapter, translate
+from pema.pipeline import (adapter_meta, missing_bundles, open_bundles, save_predictions, score, train_adapter,
+                           translate)
 from pema.profiling import PeakMemory
 from pema.tasks import load_pairs
 
@@ -82,9 +81,7 @@ def n_params(model: torch.nn.Module) -> int:
 def check_inputs(cfg: PipelineConfig, output_dir) -> None:
     """MemoryFormatError unless memory/train, memory/dev and head/ exist and the memory holds ``data.train``."""
     out = Path(output_dir)
-    missing = [p for p in ("memory/train/manifest.json", "memory/dev/manifest.json", "head/head.json")
-               if not (out / p).is_file()]
-    if missing:
+    if missing := missing_bundles(out):
         raise MemoryFormatError(f"{out} lacks {missing}: build the memory and head first (jobs/build_memory.py; "
                                 "the compare job does it when they are missing)")
     d = cfg.data
@@ -94,15 +91,6 @@ def check_inputs(cfg: PipelineConfig, output_dir) -> None:
         raise ConfigError(f"{out / 'memory' / 'train'} holds {built} examples but data.train (train_limit="
                           f"{d.train_limit}) gives {pairs} pairs: LoRA and PEMA would not train on the same data; "
                           "use another --output-dir or delete that memory")
-
-
-def write_predictions(path: Path, pairs, hyps: list[str], lam_traces: list[list[float]]) -> None:
-    """One JSON object per test pair, as :func:`pema.pipeline.decode_and_score` writes them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for p, h, lam in zip(pairs, hyps, lam_traces):
-            f.write(json.dumps({"index": p.index, "source": p.source, "reference": p.target, "hypothesis": h,
-                                "lam": [round(x, 4) for x in lam]}, ensure_ascii=False) + "\n")
 
 
 def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str = SYSTEMS, progress: bool = True,
@@ -121,10 +109,7 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
     fields = dict(source_field=d.source_field, target_field=d.target_field)
     test_pairs = load_pairs(d.test, limit=d.test_limit, **fields)
     sources, refs = [p.source for p in test_pairs], [p.target for p in test_pairs]
-    head, head_meta = load_head(out / "head")
-    train_reader, dev_reader = MemoryReader(out / "memory" / "train"), MemoryReader(out / "memory" / "dev")
-    for reader in (train_reader, dev_reader):
-        reader.check_compatible(d=head_meta["d"], vocab_size=head_meta["vocab_size"], model_id=head_meta["model_id"])
+    head, head_meta, train_reader, dev_reader = open_bundles(out)
     ratio = train_reader.manifest.target_source_ratio
     start = time.perf_counter()
     model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.model.device,
@@ -137,14 +122,12 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
         hyps, result = translate(decoder, tokenizer, sources, cfg, schedule=decode_schedule(system, cfg),
                                  progress=progress, desc=system, **kw)
         timings[f"decode_{system}"] = round(time.perf_counter() - start, 2)
-        raw = (scores := evaluate(hyps, refs, postprocess=cfg.eval.postprocess))["raw"]
-        rows[system] = {"bleu": raw["bleu"], "chrf": raw["chrf"], "ter": raw["ter"], **cost,
-                        "decode_s_per_token": result.seconds_per_token, "generated_tokens": result.generated_tokens,
-                        "definition": DEFINITIONS[system], "signatures": raw["signatures"]}
-        if scores["post"] is not None:
-            rows[system]["post"] = {k: scores["post"][k] for k in ("bleu", "chrf", "ter")}
-        write_predictions(out / "predictions" / f"{system}.jsonl", test_pairs, hyps, result.lam_traces)
-        log(f"compare: {system}: BLEU {raw['bleu']:.2f}, chrF {raw['chrf']:.2f}")
+        row = score(hyps, refs, result, cfg.eval.postprocess)
+        per_token = row.pop("seconds_per_token")
+        rows[system] = {**row, **cost, "decode_s_per_token": per_token,
+                        "generated_tokens": result.generated_tokens, "definition": DEFINITIONS[system]}
+        save_predictions(out / "predictions" / f"{system}.jsonl", test_pairs, hyps, result.lam_traces)
+        log(f"compare: {system}: BLEU {row['bleu']:.2f}, chrF {row['chrf']:.2f}")
 
     translate(model, tokenizer, sources[:1], cfg)  # warm-up (first-call costs), so that no system's timing carries it
     if "zero_shot" in systems:
@@ -161,8 +144,7 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
             seconds = time.perf_counter() - start
         timings[f"train_{name}"] = round(seconds, 2)
         save_adapter(adapter, out / "compare" / f"{name}_adapter",
-                     {"model_id": head_meta["model_id"], "config": to_dict(pcfg.adapter),
-                      "train": to_dict(pcfg.train), "target_source_ratio": ratio})
+                     adapter_meta(pcfg, head_meta, train_reader, train=to_dict(pcfg.train)))
         adapter, head = adapter.eval().to(model_device), head.to(model_device)
         cost = {"train_s": seconds, "peak_train_mem_mb": meter.peak_bytes / 2**20, "memory_kind": meter.kind,
                 "trainable_params": pema_trainable_params(adapter, pcfg.train),

@@ -26,24 +26,16 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from pema.adapter.checkpoint import load_checkpoint, save_checkpoint
-from pema.adapter.io import load_adapter, load_head, save_adapter
+from pema.adapter.io import load_adapter, save_adapter
 from pema.adapter.model import PemaAdapter
 from pema.adapter.phases import run_phases
 from pema.adapter.resident import ResidentMemory
 from pema.adapter.train import target_vocab
 from pema.config import PipelineConfig, config_from_dict, to_dict
 from pema.errors import ConfigError
-from pema.memory import MemoryReader
+from pema.pipeline import adapter_meta, open_bundles
 
 FINAL = "final.json"  # marks the last checkpoint: the trained adapter bundle sits beside it in adapter/
-
-
-def _open_memories(head_dir: str, train_dir: str, dev_dir: str):
-    head, meta = load_head(head_dir)
-    readers = MemoryReader(train_dir), MemoryReader(dev_dir)
-    for reader in readers:
-        reader.check_compatible(d=meta["d"], vocab_size=meta["vocab_size"], model_id=meta["model_id"])
-    return head, meta, readers
 
 
 def _report(metrics: dict, ckpt_writer=None, rank: int = 0) -> None:
@@ -63,7 +55,7 @@ def train_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if t.device.startswith("cuda") else torch.device("cpu")
-    head, meta, (train_reader, dev_reader) = _open_memories(config["head_dir"], config["train_dir"], config["dev_dir"])
+    head, _, train_reader, dev_reader = open_bundles(config["output_dir"])
     share = len(train_reader) // world
     if share == 0 or t.batch_size < world:
         raise ConfigError(f"train.num_workers={world} is too many for {len(train_reader)} memory rows and "
@@ -126,14 +118,11 @@ def run_train_stage(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progr
     """Train the adapter on Ray Train from ``output_dir/{head,memory/train,memory/dev}``; writes ``adapter/`` and
     ``train_history.json``; returns the phase summaries, the steps run and the seconds taken."""
     out = Path(output_dir).resolve()
-    head_dir, train_dir, dev_dir = out / "head", out / "memory" / "train", out / "memory" / "dev"
-    _, head_meta, (train_reader, _) = _open_memories(str(head_dir), str(train_dir), str(dev_dir))  # fail fast
+    _, head_meta, train_reader, _ = open_bundles(out)  # fail fast, before the workers start
     t = cfg.train
     use_gpu = t.device.startswith("cuda")
-    adapter_meta = {"model_id": head_meta["model_id"], "config": to_dict(cfg.adapter),
-                    "target_source_ratio": train_reader.manifest.target_source_ratio}
-    config = {"cfg": to_dict(cfg), "head_dir": str(head_dir), "train_dir": str(train_dir), "dev_dir": str(dev_dir),
-              "adapter_meta": adapter_meta, "progress": progress}
+    config = {"cfg": to_dict(cfg), "output_dir": str(out), "adapter_meta": adapter_meta(cfg, head_meta, train_reader),
+              "progress": progress}
     if fault is not None:
         config["fault"] = fault
     trainer = TorchTrainer(

@@ -27,14 +27,14 @@ import time
 from pathlib import Path
 
 import torch
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray import tune
 
 from pema.adapter.checkpoint import load_checkpoint, save_checkpoint
-from pema.adapter.io import load_head, save_adapter
+from pema.adapter.io import save_adapter
 from pema.config import config_from_dict, flatten, to_dict, with_overrides
-from pema.memory import MemoryReader
-from pema.pipeline import decode_and_score, train_adapter
+from pema.pipeline import adapter_meta, decode_and_score, open_bundles, train_adapter
 
 TRIAL_META = "trial.json"
 BUNDLE = "adapter"
@@ -62,15 +62,13 @@ class TrialRun:
                 **setup["lineage"]})
             run_id = run.info.run_id
             params = {k: str(v)[:6000] for k, v in flatten(cfg).items()}
-            self.client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
+            self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
             self.client.set_tag(run_id, "pema.search", json.dumps(overrides))
         else:  # a trial resumed after an interruption goes on in its own run
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
 
     def metrics(self, values: dict, step: int = 0) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
 
@@ -79,11 +77,6 @@ class TrialRun:
             self.client.set_tag(self.run_id, key, value)
         self.client.set_terminated(self.run_id, status)
 
-
-def _param(key, value):
-    from mlflow.entities import Param
-
-    return Param(key, value)
 
 
 def tune_trial(config: dict, setup: dict) -> None:
@@ -104,16 +97,15 @@ def tune_trial(config: dict, setup: dict) -> None:
             resume = load_checkpoint(d)
     run = TrialRun(setup, trial_id, overrides, cfg, run_id)
 
-    head, head_meta = load_head(out / "head")
-    train_reader, dev_reader = MemoryReader(out / "memory" / "train"), MemoryReader(out / "memory" / "dev")
+    head, head_meta, train_reader, dev_reader = open_bundles(out)
     base = {"mlflow_run_id": run.run_id, "trial_dir": str(trial_dir)}
 
     def on_check(ckpt, metrics):
         if metrics["phase"] == "rct" or metrics["step"] == 0:
             return  # ASHA compares trials on the PD phase only (RCT's loss is a reconstruction MSE)
-        result = {**base, "dev_ce": metrics["val_ce"], "dev_loss": metrics["val_loss"], "pd_epoch": metrics["epoch"]}
-        run.metrics({"dev_ce": metrics["val_ce"], "dev_loss": metrics["val_loss"], "pd_epoch": metrics["epoch"]},
-                    step=metrics["step"])
+        values = {"dev_ce": metrics["val_ce"], "dev_loss": metrics["val_loss"], "pd_epoch": metrics["epoch"]}
+        run.metrics(values, step=metrics["step"])
+        result = {**base, **values}
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(ckpt, tmp)
             (Path(tmp) / TRIAL_META).write_text(json.dumps({"mlflow_run_id": run.run_id}))
@@ -125,8 +117,7 @@ def tune_trial(config: dict, setup: dict) -> None:
                                      resume=resume)
     pd = results[-1]
     adapter_dir = trial_dir / BUNDLE
-    save_adapter(adapter.cpu(), adapter_dir, {"model_id": head_meta["model_id"], "config": to_dict(cfg.adapter),
-                                              "target_source_ratio": train_reader.manifest.target_source_ratio})
+    save_adapter(adapter.cpu(), adapter_dir, adapter_meta(cfg, head_meta, train_reader))
     _event(trial_dir, "train_end", seconds=round(time.perf_counter() - start, 2))
     run.metrics({"train_s": time.perf_counter() - start, "best_dev_loss": pd.best_val})
 

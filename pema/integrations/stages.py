@@ -119,40 +119,51 @@ def pipeline(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=prin
     return summary
 
 
-def tune(cfg: PipelineConfig, output_dir, *, train_space: str, decode_space: str, num_samples: int,
-         decode_samples: int = 0, name: str | None = None, max_concurrent: int = 1, seed: int = 0,
-         progress: bool = True, log=print) -> dict:
+def ensure_built(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> float | None:
+    """Build the memories and the head (the ``build_memory`` child run) unless ``output_dir`` has them; returns the
+    seconds it took, or None when nothing was missing."""
+    from pema.pipeline import missing_bundles
+
+    if not missing_bundles(output_dir):
+        return None
+    start = time.perf_counter()
+    built = build(cfg, output_dir, progress=progress)
+    log(f"memory: {built['train_rows']} train rows, {built['dev_rows']} dev rows")
+    return round(time.perf_counter() - start, 2)
+
+
+def tune(cfg: PipelineConfig, output_dir, *, train_space: dict, decode_grid: list[dict], num_samples: int,
+         name: str | None = None, max_concurrent: int = 1, seed: int = 0, progress: bool = True, log=print) -> dict:
     """The search as one parent run: builds the memory if missing (child run), one child run per trial, then the
     winning (adapter, decoding setting) at ``<output_dir>/adapter`` and, with ``name``, registered (child run).
 
-    Rerunning the same command after an interruption resumes the search in the same parent run; finished trials
-    are not run again. Writes ``tune_summary.json``."""
+    ``train_space``: a loaded space (``search_space.load_space``); ``decode_grid``: the decoding settings every
+    surviving adapter is decoded with (``search_space.decode_grid``). Rerunning the same command after an
+    interruption resumes the search in the same parent run; finished trials are not run again. Writes
+    ``tune_summary.json``."""
     from pema.config import with_absolute_data, with_overrides
     from pema.integrations.ray_tune import copy_adapter, run_tune
     from pema.integrations.registry import register
-    from pema.integrations.search_space import decode_grid, load_space
     from pema.integrations.tracking import lineage_tags
 
     out = Path(output_dir).resolve()
     cfg = with_absolute_data(cfg)  # trials run in their own folders
-    t_space, d_space = load_space(train_space), load_space(decode_space)
-    grid = decode_grid(d_space, decode_samples, seed)
     state_path = out / "tune_state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     out.mkdir(parents=True, exist_ok=True)
     with stage_run("tune", cfg, out, run_id=state.get("parent_run_id")) as parent:
         state_path.write_text(json.dumps({"parent_run_id": parent.info.run_id}))
-        if not all((out / p / "manifest.json").is_file() for p in ("memory/train", "memory/dev")) or \
-                not (out / "head" / "head.json").is_file():
-            build(cfg, out, progress=progress)
+        ensure_built(cfg, out, progress=progress, log=log)
         setup = {"tracking_uri": mlflow.get_tracking_uri(), "experiment_id": parent.info.experiment_id,
                  "parent_run_id": parent.info.run_id, "lineage": lineage_tags(cfg, out)}
-        mlflow.log_dict({"train": {k: list(v) for k, v in t_space.items()}, "decode_grid": grid}, "search_space.json")
-        found = run_tune(cfg, out, train_space=t_space, decode_grid=grid, setup=setup, num_samples=num_samples,
+        mlflow.log_dict({"train": {k: list(v) for k, v in train_space.items()}, "decode_grid": decode_grid},
+                        "search_space.json")
+        found = run_tune(cfg, out, train_space=train_space, decode_grid=decode_grid, setup=setup,
+                         num_samples=num_samples,
                          max_concurrent=max_concurrent, seed=seed, progress=progress)
         table = [{k: v for k, v in t.items() if k != "checkpoint"} for t in found["trials"]]
         summary = {"trials": table, "unfinished": found["unfinished"], "experiment_path": found["path"],
-                   "parent_run_id": parent.info.run_id, "decode_grid": grid}
+                   "parent_run_id": parent.info.run_id, "decode_grid": decode_grid}
         if found["unfinished"]:
             log(f"interrupted: {found['unfinished']} trial(s) unfinished; rerun the same command to resume")
         elif found["best"] is None:
