@@ -1,5 +1,6 @@
 """Ray Train on a real local cluster: 2 CPU workers with DDP lower the loss, and a worker killed mid-training is
-restarted by Ray and resumes at the last checkpoint, running fewer steps and ending on the same adapter."""
+restarted by Ray and resumes at the last checkpoint, running fewer steps and ending on the same adapter; the
+workers' adapters agree at every validation (gradients are averaged)."""
 import json
 import os
 from pathlib import Path
@@ -53,7 +54,14 @@ def fresh_run(ray_client, stage_inputs, tmp_path_factory):
 
     cfg, src = stage_inputs
     out = _copy_inputs(src, tmp_path_factory.mktemp("fresh"))
-    return out, run_train_stage(cfg, out, progress=False)
+    seen = str(out / "seen")
+    os.makedirs(seen)
+
+    def record(rank, ckpt):  # every worker's adapter at every validation (pickled by value into the workers)
+        torch.save({k: v.cpu() for k, v in ckpt.state.adapter.items()},
+                   os.path.join(seen, f"{ckpt.phase_index}-{ckpt.state.step}-rank{rank}.pt"))
+
+    return out, run_train_stage(cfg, out, progress=False, fault=record)
 
 
 def test_two_ddp_workers_lower_the_loss(fresh_run):
@@ -66,6 +74,15 @@ def test_two_ddp_workers_lower_the_loss(fresh_run):
         assert len(losses) >= 3 and min(losses[1:]) < losses[0], (phase, losses)
     adapter, meta = load_adapter(out / "adapter")
     assert meta["config"]["rank"] == 16 and not list(out.glob("adapter.partial"))
+    # DDP averages the gradients: both workers hold the same adapter at every validation, though each trains on
+    # its own half of the memory
+    checks = sorted({p.name.rsplit("-rank", 1)[0] for p in (out / "seen").glob("*.pt")})
+    assert len(checks) >= 4
+    for check in checks:
+        a, b = (torch.load(out / "seen" / f"{check}-rank{r}.pt") for r in (0, 1))
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=f"{check} {name}")
 
 
 def test_killed_worker_resumes_from_checkpoint(fresh_run, stage_inputs, tmp_path):

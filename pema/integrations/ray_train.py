@@ -98,7 +98,7 @@ def train_worker(config: dict) -> None:
         train_rows=len(train_mem), dev_batches=lambda: dev_mem.batches(4096, shuffle=False),
         vocab_subset=lambda: target_vocab(b["token"] for b in train_reader.iter_batches(65536)).to(device),
         progress=config.get("progress", False) and rank == 0, checkpoint=on_check, resume=resume,
-        steps_done=steps_run.append)
+        wrap=wrap, steps_done=steps_run.append)
     summary = [{"phase": r.phase, "best_val": r.best_val, "best_step": r.best_step, "steps": r.steps,
                 "stopped_early": r.stopped_early, "seconds": r.seconds, "rows_per_s": r.entries_per_s,
                 "history": r.history} for r in results]
