@@ -206,6 +206,27 @@ def test_interpolate_keeps_neg_inf_of_lm():
     assert out[0, 4].item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("lam", [0.0, 0.4, 1.0, [0.0, 1.0, 0.7]])
+def test_interpolate_masked_entries_stay_neg_inf_at_every_lambda(lam):
+    """Every entry an earlier processor banned (-inf in log P_LM) stays -inf, lam = 0 and lam = 1 included (lam = 1
+    once returned log P_PEMA unmasked); every other entry equals the probability-space mixture (1e-6, float64)."""
+    lp, lq = dists()
+    lp = lp.clone()
+    banned = [(0, 3), (1, 0), (1, 7), (2, 5)]
+    for r, c in banned:
+        lp[r, c] = float("-inf")
+    lam_t = torch.as_tensor(lam, dtype=torch.float64)
+    out = interpolate(lp, lq, lam_t)
+    rows = lam_t.expand(lp.shape[0]) if lam_t.dim() == 0 else lam_t
+    for r, c in banned:
+        assert torch.isneginf(out[r, c]), (r, c)
+    for r in range(lp.shape[0]):
+        v = float(rows[r])
+        expected = torch.log((1 - v) * lp[r].exp() + v * lq[r].exp())
+        keep = torch.isfinite(lp[r])
+        torch.testing.assert_close(out[r][keep], expected[keep], atol=1e-6, rtol=0)
+
+
 def test_interpolate_no_nan_where_pema_is_neg_inf():
     lp, lq = dists()
     lq = lq.clone()

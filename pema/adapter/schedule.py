@@ -70,8 +70,9 @@ def estimate_horizons(source_lengths: Sequence[int], ratio: float) -> torch.Tens
 def interpolate(log_p_lm: torch.Tensor, log_p_pema: torch.Tensor, lam: torch.Tensor | float) -> torch.Tensor:
     """Mix two log-distributions (rows, vocab) with per-row lam (rows,) or a scalar, in log space.
 
-    lam = 0 returns ``log_p_lm`` exactly and lam = 1 returns ``log_p_pema`` exactly (no log 0 is evaluated).
-    Entries that are -inf in ``log_p_lm`` (hard constraints from earlier logits processors) stay -inf.
+    lam = 0 returns ``log_p_lm`` exactly and lam = 1 returns ``log_p_pema`` exactly (no log 0 is evaluated), except
+    that entries that are -inf in ``log_p_lm`` (hard constraints from earlier logits processors: no_repeat_ngram,
+    bad words) stay -inf at every lam, 1 included.
     """
     lam = torch.as_tensor(lam, dtype=torch.float64, device=log_p_lm.device)
     if lam.dim() == 0:
@@ -82,6 +83,6 @@ def interpolate(log_p_lm: torch.Tensor, log_p_pema: torch.Tensor, lam: torch.Ten
         raise ScheduleError(f"lambda must lie in [0, 1], got min {lam.min().item()} max {lam.max().item()}")
     lam_c = lam.clamp(1e-12, 1 - 1e-12).to(log_p_lm.dtype)[:, None]
     mixed = torch.logaddexp(torch.log1p(-lam_c) + log_p_lm, torch.log(lam_c) + log_p_pema)
-    mixed = torch.where(torch.isneginf(log_p_lm), log_p_lm, mixed)
     out = torch.where((lam == 0)[:, None], log_p_lm, mixed)
-    return torch.where((lam == 1)[:, None], log_p_pema, out)
+    out = torch.where((lam == 1)[:, None], log_p_pema, out)
+    return out.masked_fill(torch.isneginf(log_p_lm), float("-inf"))  # banned stays banned at every lam, 1 included
