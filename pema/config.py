@@ -110,6 +110,9 @@ class TrainConfig:
     b_pd_init: str = "from_rct"  # from_rct: B_pd starts as B_rct (PEMA starts near P_LM); random; zeros
     pd_vocab: str = "full"  # full softmax, or "targets": softmax over the tokens seen as targets (cheaper on CPU)
     weight_decay: float = 0.0
+    rct_solver: str = "sgd"  # sgd: the seed's RCT epochs; exact: the closed-form optimum (top-r principal subspace)
+    pd_objective: str = "pema"  # pema: CE of P_PEMA (the paper); mixture: NLL of (1 - mixture_lam) P_LM + mixture_lam P_PEMA
+    mixture_lam: float = 0.5  # the mixture's lambda in the training objective (pd_objective: mixture)
     evals_per_epoch: int = 1
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | cuda:N
@@ -132,6 +135,10 @@ class TrainConfig:
         _choice("train.phase2_init_A", self.phase2_init_A, ("carry", "reinit"))
         _choice("train.b_pd_init", self.b_pd_init, ("from_rct", "random", "zeros"))
         _choice("train.pd_vocab", self.pd_vocab, ("full", "targets"))
+        _choice("train.rct_solver", self.rct_solver, ("sgd", "exact"))
+        _choice("train.pd_objective", self.pd_objective, ("pema", "mixture"))
+        _check(_is_num(self.mixture_lam) and 0.0 < self.mixture_lam <= 1.0, "train.mixture_lam", self.mixture_lam,
+               "a number in (0, 1]")
         _check(_is_num(self.kappa) and 0.0 <= self.kappa <= 1.0, "train.kappa", self.kappa, "a number in [0, 1]")
         for name in ("rct_epochs", "epochs"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "an integer >= 0")
@@ -150,12 +157,15 @@ class ScheduleConfig:
     lam: float = 0.5  # constant schedule's lambda
     lam_max: float = 0.9
     floor: float = 0.0  # q, in [0, 1]
+    stop_lam: float | None = None  # PEMA's weight in the stop decision; null: the schedule's lam_t as for any token
 
     def __post_init__(self):
         _choice("schedule.kind", self.kind, ("constant", "gu_quadratic", "gu_linear"))
         for name in ("lam", "lam_max", "floor"):
             v = getattr(self, name)
             _check(_is_num(v) and 0.0 <= v <= 1.0, name, v, "a number in [0, 1]")
+        _check(self.stop_lam is None or (_is_num(self.stop_lam) and 0.0 <= self.stop_lam <= 1.0), "stop_lam",
+               self.stop_lam, "null or a number in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -168,6 +178,7 @@ class DecodeConfig:
     batch_size: int = 16
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.0
+    length_cap: float | None = None  # every system stops after ceil(length_cap * H) tokens (H: the row's horizon)
     const: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(kind="constant"))
     gu: ScheduleConfig = field(default_factory=ScheduleConfig)
     seed: int = 0
@@ -183,6 +194,8 @@ class DecodeConfig:
                self.no_repeat_ngram_size, "an integer >= 0 (0 = off)")
         _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0, "decode.repetition_penalty",
                self.repetition_penalty, "> 0 (1.0 = off)")
+        _check(self.length_cap is None or (_is_num(self.length_cap) and 0 < self.length_cap <= 100),
+               "decode.length_cap", self.length_cap, "null (off) or a multiple of the horizon H in (0, 100]")
 
 
 @dataclass(frozen=True)
