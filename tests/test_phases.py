@@ -96,3 +96,21 @@ def test_resume_with_dropout_restores_the_generator(tmp_path):
     torch.manual_seed(1234)  # a different generator state than at the checkpoint
     resumed, _, _ = run(mem, head, seed=7, dropout=0.3, resume=ckpt)
     assert states_equal(snapshot(resumed), snapshot(adapter))
+
+
+def test_exact_rct_phase_takes_no_steps_and_beats_sgd_reconstruction():
+    """train.rct_solver=exact: the RCT phase is the closed form (0 steps, its dev MSE below SGD's), phase 2 starts
+    from it (B_pd = B_rct) and the mixture objective is what phase 2 reports and selects on."""
+    mem, head = Memory(), make_head()
+    _, sgd, _ = run(mem, head)
+    exact_cfg = dataclasses.replace(CFG, rct_solver="exact", pd_objective="mixture", mixture_lam=0.5)
+    history = []
+    adapter, exact, steps = run(mem, head, exact_cfg, report=history.append)
+    assert exact[0].phase == "rct" and exact[0].steps == 0 and exact[0].best_val < sgd[0].best_val
+    assert steps == exact[1].steps > 0
+    pd_checks = [h for h in history if h["phase"] == "rct_pd"]
+    assert all("val_mix_ce" in h and "val_ce" in h for h in pd_checks)
+    # the selected loss is kappa * rct + (1 - kappa) * mixture NLL (float32 batch means: 1e-5)
+    for h in pd_checks:
+        assert h["val_loss"] == pytest.approx(0.2 * h["val_rct"] + 0.8 * h["val_mix_ce"], abs=1e-5)
+    assert exact[1].best_val == pytest.approx(min(h["val_loss"] for h in pd_checks), abs=0)

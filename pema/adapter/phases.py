@@ -8,6 +8,7 @@ continues where it was taken. Pure torch: data comes in as callables, side effec
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -15,7 +16,8 @@ import torch
 
 from pema.adapter.head import OutputHead
 from pema.adapter.model import PemaAdapter
-from pema.adapter.train import PhaseResult, PhaseState, train_phase
+from pema.adapter.rct_exact import fit_rct_exact
+from pema.adapter.train import PhaseResult, PhaseState, train_phase, validate
 from pema.config import TrainConfig
 
 
@@ -40,6 +42,18 @@ def _prepare_second_phase(adapter: PemaAdapter, t: TrainConfig) -> None:
     if t.method == "rct_pd" and t.phase2_init_A == "reinit":
         adapter.reset_A()
     adapter.reset_B("B_pd", t.b_pd_init)
+
+
+def _exact_rct(adapter: PemaAdapter, head: OutputHead, train_batches, dev_batches, report) -> PhaseResult:
+    """The RCT phase in closed form (``train.rct_solver: exact``): no optimizer steps, one dev check after."""
+    start = time.perf_counter()
+    rows = fit_rct_exact(adapter, train_batches(0))
+    check = validate(adapter, head, dev_batches, "rct", 1.0)
+    metrics = {"phase": "rct", "epoch": 1.0, "step": 0, "solver": "exact", **{"val_" + k: v for k, v in check.items()}}
+    if report:
+        report(metrics)
+    adapter.eval()
+    return PhaseResult("rct", check["loss"], 0, 0, False, time.perf_counter() - start, rows, [metrics])
 
 
 def run_phases(adapter: PemaAdapter, head: OutputHead, t: TrainConfig, *,
@@ -72,6 +86,9 @@ def run_phases(adapter: PemaAdapter, head: OutputHead, t: TrainConfig, *,
             if vocab_subset is None:
                 raise ValueError("train.pd_vocab='targets' needs the vocab_subset callable")
             subset = vocab_subset()
+        if p["phase"] == "rct" and t.rct_solver == "exact":
+            results.append(_exact_rct(adapter, head, train_batches, dev_batches, report))
+            continue
         done = [dataclasses.asdict(r) for r in results]
         on_check = None
         if checkpoint:
@@ -80,5 +97,6 @@ def run_phases(adapter: PemaAdapter, head: OutputHead, t: TrainConfig, *,
             adapter, head, phase=p["phase"], train_batches=train_batches, train_rows=train_rows,
             dev_batches=dev_batches, epochs=p["epochs"], lr=p["lr"], kappa=p["kappa"], weight_decay=t.weight_decay,
             evals_per_epoch=t.evals_per_epoch, vocab_subset=subset, report=report, progress=progress,
-            checkpoint=on_check, resume=state, wrap=wrap, steps_done=steps_done))
+            checkpoint=on_check, resume=state, wrap=wrap, steps_done=steps_done,
+            mixture_lam=t.mixture_lam if t.pd_objective == "mixture" else None))
     return results

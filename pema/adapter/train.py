@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -56,9 +57,25 @@ def vocab_remap(subset: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return table
 
 
+def mixture_nll(logits_pema: torch.Tensor, logits_lm: torch.Tensor, target: torch.Tensor, lam: float) -> torch.Tensor:
+    """Mean ``-log((1 - lam) P_LM(y) + lam P_PEMA(y))`` over the batch, in log space: logits (batch, vocab),
+    target (batch,), lam in (0, 1]. The loss of what decoding uses (the mixture), not of P_PEMA alone."""
+    if not 0.0 < lam <= 1.0:
+        raise ValueError(f"mixture lam={lam} must be in (0, 1]")
+    lp_pema = -torch.nn.functional.cross_entropy(logits_pema, target, reduction="none")
+    if lam == 1.0:
+        return -lp_pema.mean()
+    lp_lm = -torch.nn.functional.cross_entropy(logits_lm, target, reduction="none")
+    return -torch.logaddexp(lp_lm + math.log1p(-lam), lp_pema + math.log(lam)).mean()
+
+
 def phase_losses(adapter: PemaAdapter, head: OutputHead, batch: dict, phase: str, kappa: float,
-                 vocab_subset: torch.Tensor | None = None, remap: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Loss terms of one batch: ``{"loss", "rct"?, "ce"?}``."""
+                 vocab_subset: torch.Tensor | None = None, remap: torch.Tensor | None = None,
+                 mixture_lam: float | None = None) -> dict[str, torch.Tensor]:
+    """Loss terms of one batch: ``{"loss", "rct"?, "ce"?, "mix_ce"?}``.
+
+    ``ce`` is P_PEMA's cross-entropy. With ``mixture_lam`` the prediction term of the loss is ``mix_ce``, the
+    mixture's NLL with P_LM = the head applied to the stored key (:func:`mixture_nll`), instead of ``ce``."""
     device = next(adapter.parameters()).device
     key = torch.as_tensor(batch["key"]).to(device=device, dtype=torch.float32)
     kappa = PHASE_KAPPA.get(phase, kappa)
@@ -72,13 +89,20 @@ def phase_losses(adapter: PemaAdapter, head: OutputHead, batch: dict, phase: str
             target = remap[target]
             if (target < 0).any():
                 raise ValueError("a target token is outside the training vocabulary subset")
-        out["ce"] = pd_loss(head(h, vocab_subset), target)
-    out["loss"] = joint_loss(out.get("rct", torch.zeros(())), out.get("ce", torch.zeros(())), kappa)
+        logits = head(h, vocab_subset)
+        out["ce"] = pd_loss(logits, target)
+        if mixture_lam is not None:
+            with torch.no_grad():
+                logits_lm = head.from_key(key, vocab_subset)
+            out["mix_ce"] = mixture_nll(logits, logits_lm, target, mixture_lam)
+    pred = out.get("mix_ce", out.get("ce", torch.zeros(())))
+    out["loss"] = joint_loss(out.get("rct", torch.zeros(())), pred, kappa)
     return out
 
 
 @torch.no_grad()
-def validate(adapter: PemaAdapter, head: OutputHead, dev_batches: Batches, phase: str, kappa: float) -> dict[str, float]:
+def validate(adapter: PemaAdapter, head: OutputHead, dev_batches: Batches, phase: str, kappa: float,
+             mixture_lam: float | None = None) -> dict[str, float]:
     """Row-weighted mean of each loss term over the dev memory (full vocabulary, dropout off)."""
     was_training = adapter.training
     adapter.eval()
@@ -86,7 +110,7 @@ def validate(adapter: PemaAdapter, head: OutputHead, dev_batches: Batches, phase
     rows = 0
     for batch in dev_batches():
         n = len(batch["token"])
-        for name, value in phase_losses(adapter, head, batch, phase, kappa).items():
+        for name, value in phase_losses(adapter, head, batch, phase, kappa, mixture_lam=mixture_lam).items():
             sums[name] = sums.get(name, 0.0) + float(value) * n
         rows += n
     adapter.train(was_training)
@@ -149,15 +173,17 @@ def train_phase(adapter: PemaAdapter, head: OutputHead, *, phase: str, train_bat
                 save: Callable[[dict, dict], None] | None = None, progress: bool = True,
                 checkpoint: Callable[[PhaseState, dict], None] | None = None, resume: PhaseState | None = None,
                 wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                steps_done: Callable[[int], None] | None = None) -> PhaseResult:
+                steps_done: Callable[[int], None] | None = None, mixture_lam: float | None = None) -> PhaseResult:
     """Train the parameters of ``phase`` (``rct``: A, B_rct; ``rct_pd``/``pd``: A, B_pd, B_rct frozen).
 
     Callbacks: ``report(metrics)`` at each validation, ``save(best_state, metrics)`` on each new best,
     ``checkpoint(state, metrics)`` at each validation (the check before training included) with a
     :class:`PhaseState` to pass back as ``resume`` after a crash. ``wrap(adapter)`` returns the module the training
     steps run through (a ``DistributedDataParallel`` wrapper for data-parallel workers). ``steps_done(n)`` is told
-    how many optimizer steps this call ran (a resumed call runs only the remaining ones).
+    how many optimizer steps this call ran (a resumed call runs only the remaining ones). ``mixture_lam``: train
+    and select on the mixture's NLL (:func:`phase_losses`); ignored by the RCT phase.
     """
+    mixture_lam = None if phase == "rct" else mixture_lam
     if phase not in PHASES:
         raise ValueError(f"phase {phase!r} is not one of {sorted(PHASES)}")
     if train_rows <= 0:
@@ -173,7 +199,7 @@ def train_phase(adapter: PemaAdapter, head: OutputHead, *, phase: str, train_bat
     device = next(adapter.parameters()).device
     marks = [train_rows * (i + 1) // evals_per_epoch for i in range(evals_per_epoch)]
     if resume is None:
-        check = validate(model, head, dev_batches, phase, kappa)
+        check = validate(model, head, dev_batches, phase, kappa, mixture_lam)
         st = PhaseState(phase, 0, 0, 0, 0, 0, 0, check["loss"], 0, 0.0, [_check_metrics(phase, 0.0, 0, check)],
                         adapter={}, best=_snapshot(adapter), optimizer={})
         if report:
@@ -197,7 +223,7 @@ def train_phase(adapter: PemaAdapter, head: OutputHead, *, phase: str, train_bat
         running, running_rows = 0.0, 0
         for batch in itertools.islice(train_batches(st.epoch), st.batches, None):
             n = len(batch["token"])
-            loss = phase_losses(model, head, batch, phase, kappa, vocab_subset, remap)["loss"]
+            loss = phase_losses(model, head, batch, phase, kappa, vocab_subset, remap, mixture_lam)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -209,7 +235,7 @@ def train_phase(adapter: PemaAdapter, head: OutputHead, *, phase: str, train_bat
                 continue
             while st.mark < len(marks) and st.epoch_rows >= marks[st.mark]:
                 st.mark += 1
-            check = validate(model, head, dev_batches, phase, kappa)
+            check = validate(model, head, dev_batches, phase, kappa, mixture_lam)
             metrics = _check_metrics(phase, st.epoch + min(1.0, st.epoch_rows / train_rows), st.step, check,
                                      train_loss=running / max(1, running_rows))
             running, running_rows = 0.0, 0
