@@ -2,11 +2,15 @@
 
 Raw scores are always reported; post-processed scores are an optional second view, so a paper-style
 number (which used the seed's clean-up) and an honest unprocessed number can be compared side by side.
+:func:`paired_significance` adds sacreBLEU's paired bootstrap test (95% intervals, p-values against a baseline).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import threading
+from contextlib import contextmanager
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
@@ -91,3 +95,123 @@ def evaluate(hypotheses, references, *, postprocess: bool = False) -> dict:
     raw = score(hypotheses, references)
     post = score([_postprocess_text(h) for h in hypotheses], references) if postprocess else None
     return {"raw": raw, "post": post}
+
+
+SIGNIFICANCE_SEED = 12345  # sacreBLEU's own default SACREBLEU_SEED; fixed so every table is reproducible
+SIGNIFICANCE_SAMPLES = 1000  # sacreBLEU's default number of paired-bootstrap resamples
+_SEED_LOCK = threading.Lock()  # SACREBLEU_SEED is process-wide: one PairedTest set-up at a time
+
+
+@contextmanager
+def _sacrebleu_seed(seed: int):
+    """``SACREBLEU_SEED=seed`` for the block, then the previous value (or its absence) restored."""
+    with _SEED_LOCK:
+        previous = os.environ.get("SACREBLEU_SEED")
+        os.environ["SACREBLEU_SEED"] = str(seed)
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop("SACREBLEU_SEED", None)
+            else:
+                os.environ["SACREBLEU_SEED"] = previous
+
+
+def _as_float(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def paired_significance(hyps_by_system: dict[str, list[str]], references: list[str], *, baseline: str = "zero_shot",
+                        n_samples: int = SIGNIFICANCE_SAMPLES, seed: int = SIGNIFICANCE_SEED) -> dict:
+    """Paired bootstrap resampling of every system against ``baseline`` (sacreBLEU's own test, Koehn 2004):
+    ``sacrebleu.significance.PairedTest(named_systems, metrics, [references], test_type="bs",
+    n_samples=n_samples)`` with BLEU, chrF and TER at sacreBLEU's defaults (as :func:`score`), the baseline first.
+
+    Returns ``{system: {"bleu": m, "chrf": m, "ter": m, "baseline", "n_samples", "seed", "signatures"}}`` for every
+    system in ``hyps_by_system`` (the baseline included), where ``m`` is ``{"score", "mean", "ci", "ci_low",
+    "ci_high", "p_value", "tied"}`` in plain floats: ``mean`` and ``ci`` are sacreBLEU's bootstrap mean and 95%
+    half-width, ``[ci_low, ci_high] = mean -/+ ci``, and ``p_value`` the paired test's p against ``baseline`` (None
+    for the baseline itself). ``signatures`` are sacreBLEU's, with ``bs:<n_samples>`` and ``seed:<seed>``.
+
+    Seed: sacreBLEU reads it from ``SACREBLEU_SEED`` while the test is set up (the baseline's resampling there, the
+    paired resampling then uses the seed it stored). This function sets that variable to ``seed`` only around the
+    set-up, under a lock, and restores the previous value (or its absence), so results depend on ``seed`` alone
+    and nothing leaks into the environment. Every system is resampled with the same indices.
+
+    Ties: where a system's score, bootstrap mean and half-width all equal the baseline's (every resample scored
+    them the same: identical hypotheses, or both at BLEU 0), sacreBLEU's strict count still gives
+    p = 1 / (n_samples + 1); such a system gets ``p_value`` 1.0 and ``tied`` True instead.
+
+    ValueError (naming the value) for an unknown ``baseline``, hypotheses and references of different lengths,
+    no pairs, a non-string item, ``n_samples`` < 1 or ``seed`` < 1 (sacreBLEU treats seed 0 as "unseeded").
+    """
+    from sacrebleu.significance import PairedTest
+
+    systems = {name: list(hyps) for name, hyps in hyps_by_system.items()}
+    references = list(references)
+    if baseline not in systems:
+        raise ValueError(f"baseline={baseline!r} is not among the systems {list(systems)}")
+    if not references:
+        raise ValueError("no references: pass at least one hypothesis/reference pair")
+    for name, hyps in systems.items():
+        if len(hyps) != len(references):
+            raise ValueError(f"system {name!r} has {len(hyps)} hypotheses but there are {len(references)} "
+                             "references; they must pair up one to one")
+        for i, item in enumerate(hyps):
+            if not isinstance(item, str):
+                raise ValueError(f"system {name!r}: hypotheses[{i}] is {type(item).__name__}, not str")
+    for i, item in enumerate(references):
+        if not isinstance(item, str):
+            raise ValueError(f"references[{i}] is {type(item).__name__}, not str")
+    for label, value in (("n_samples", n_samples), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label}={value!r} must be an integer >= 1")
+
+    order = [baseline, *(s for s in systems if s != baseline)]
+    metrics = {"bleu": BLEU(), "chrf": CHRF(), "ter": TER()}
+    with _sacrebleu_seed(seed):
+        test = PairedTest([(s, systems[s]) for s in order], metrics, [references], test_type="bs",
+                          n_samples=n_samples)
+    signatures, scores = test()
+    names = [k for k in scores if k != "System"]  # sacreBLEU's metric names (BLEU, chrF2, TER), in metrics' order
+    if len(names) != len(metrics):
+        raise RuntimeError(f"sacreBLEU returned metrics {names}, expected one per {list(metrics)}")
+    out: dict = {s: {"baseline": baseline, "n_samples": n_samples, "seed": seed,
+                     "signatures": {key: str(signatures[name]) for key, name in zip(metrics, names)}} for s in order}
+    for key, name in zip(metrics, names):
+        base = scores[name][0]
+        for system, result in zip(order, scores[name]):
+            mean, ci = float(result.mean), float(result.ci)
+            tied = system != baseline and (result.score, result.mean, result.ci) == (base.score, base.mean, base.ci)
+            out[system][key] = {"score": float(result.score), "mean": mean, "ci": ci, "ci_low": mean - ci,
+                                "ci_high": mean + ci, "p_value": 1.0 if tied else _as_float(result.p_value),
+                                "tied": tied}
+    return {s: out[s] for s in systems}
+
+
+def significance_against(hyps_by_system: dict[str, list[str]], references: list[str], baselines, *,
+                         n_samples: int = SIGNIFICANCE_SAMPLES, seed: int = SIGNIFICANCE_SEED) -> dict:
+    """:func:`paired_significance` once per name in ``baselines`` -> ``{system: {baseline: entry}}`` (every system,
+    in ``hyps_by_system``'s order; the same seed for each test, so a system's interval is the same in each)."""
+    baselines = list(dict.fromkeys(baselines))
+    out: dict = {s: {} for s in hyps_by_system}
+    for b in baselines:
+        for system, entry in paired_significance(hyps_by_system, references, baseline=b, n_samples=n_samples,
+                                                 seed=seed).items():
+            out[system][b] = entry
+    return out
+
+
+def format_interval(m: dict | None, score: float | None = None) -> str:
+    """``"0.83 [0.51, 1.20]"``: the score and sacreBLEU's 95% bootstrap interval (just the score without one)."""
+    if m is None:
+        return "-" if score is None else f"{score:.2f}"
+    return f"{m['score']:.2f} [{m['ci_low']:.2f}, {m['ci_high']:.2f}]"
+
+
+def format_p(m: dict | None) -> str:
+    """The p-value with three decimals (``"-"`` for the baseline itself or no test); ``"<0.001"`` below 0.001."""
+    if m is None or m.get("p_value") is None:
+        return "-"
+    p = m["p_value"]
+    return "<0.001" if p < 0.0005 else f"{p:.3f}"

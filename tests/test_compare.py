@@ -15,8 +15,8 @@ from pema.adapter.phases import phase_plan
 from pema.config import ScheduleConfig, load_config
 from pema.errors import ConfigError, MemoryFormatError
 from pema.integrations.compare import format_compare_table, system_params
-from pema.integrations.compare_systems import (SYSTEMS, check_inputs, check_systems, decode_schedule, no_rct_config,
-                                               pema_trainable_params)
+from pema.integrations.compare_systems import (SYSTEMS, check_against, check_inputs, check_systems, decode_schedule,
+                                               no_rct_config, pema_trainable_params)
 from pema.pipeline import schedule_from
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +36,55 @@ def test_format_compare_table():
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         "| zero_shot | 1.23 | 2.47 | 98.77 | 0.0 | 0.0 | 0 | 12.50 |",
         "| lora | 10.00 | 20.00 | 90.00 | 612.3 | 4328.7 | 921,600 | 50.00 |"])
+
+
+def _sig(score, half, p):
+    return {"score": score, "mean": score, "ci": half, "ci_low": score - half, "ci_high": score + half,
+            "p_value": p, "tied": False}
+
+
+def with_sig(r, **p_by_baseline):
+    r["significance"] = {b: {"bleu": _sig(r["bleu"], 0.25, p), "chrf": _sig(r["chrf"], 1.0, p and p / 10)}
+                         for b, p in p_by_baseline.items()}
+    return r
+
+
+def test_format_compare_table_with_intervals_and_p_values():
+    rows = {"zero_shot": with_sig(row(1.234, 0.0, 0.0, 0, 0.0125), zero_shot=None, lora=0.0009990),
+            "lora": with_sig(row(10.0, 612.345, 4328.7, 921600, 0.05), zero_shot=0.02, lora=None)}
+    lines = format_compare_table(rows).splitlines()
+    assert lines[0] == ("| system | BLEU [95% CI] | chrF [95% CI] | TER | p BLEU vs zero_shot | p chrF vs zero_shot | "
+                        "p BLEU vs lora | p chrF vs lora | train s | peak train MB | trainable params | "
+                        "decode ms/token |")
+    assert lines[1] == "|---|" + "---:|" * 11
+    assert lines[2] == ("| zero_shot | 1.23 [0.98, 1.48] | 2.47 [1.47, 3.47] | 98.77 | - | - | 0.001 | <0.001 | "
+                        "0.0 | 0.0 | 0 | 12.50 |")
+    assert lines[3] == ("| lora | 10.00 [9.75, 10.25] | 20.00 [19.00, 21.00] | 90.00 | 0.020 | 0.002 | - | - | "
+                        "612.3 | 4328.7 | 921,600 | 50.00 |")
+
+
+def test_against_is_checked_against_the_systems_that_run():
+    assert check_against(None, SYSTEMS) == ("zero_shot",)  # the default
+    assert check_against(None, ("lora", "pema_gu")) == ()  # no zero_shot: no default test
+    assert check_against("knn_lm, zero_shot", SYSTEMS) == ("zero_shot", "knn_lm")
+    assert check_against((), ("lora",)) == ()
+    for bad in ("pema_magic", "zero_shot,nope", ""):
+        with pytest.raises(ConfigError, match="choose from"):
+            check_against(bad, SYSTEMS)
+    with pytest.raises(ConfigError, match="'knn_lm'.*not among the systems that run"):
+        check_against("knn_lm", ("zero_shot", "pema_gu"))
+
+
+def test_significance_metrics_names():
+    from pema.integrations.stages import significance_metrics
+
+    r = with_sig(row(1.0, 0, 0, 0, 0.01), zero_shot=0.04, knn_lm=0.5)
+    got = significance_metrics(r, "pema_gu/")
+    assert got == {"pema_gu/bleu_ci_low": 0.75, "pema_gu/bleu_ci_high": 1.25, "pema_gu/bleu_p": 0.04,
+                   "pema_gu/chrf_ci_low": 1.0, "pema_gu/chrf_ci_high": 3.0, "pema_gu/chrf_p": 0.004,
+                   "pema_gu/bleu_p_vs_knn_lm": 0.5, "pema_gu/chrf_p_vs_knn_lm": 0.05}
+    assert "bleu_p" not in significance_metrics(with_sig(row(1.0, 0, 0, 0, 0.01), zero_shot=None))
+    assert significance_metrics(row(1.0, 0, 0, 0, 0.01)) == {}
 
 
 def test_systems_are_checked_and_ordered():
@@ -96,15 +145,26 @@ def test_unknown_system_exits_2_and_writes_nothing(tmp_path):
     assert not out.exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("against, named", [("zero_shot,nope", "nope"), ("knn_lm", "knn_lm")])
+def test_bad_against_exits_2_and_writes_nothing(tmp_path, against, named):
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "compare.py"), "--config", str(SMOKE),
+                           "--output-dir", str(out), "--systems", "zero_shot,pema_gu", "--against", against],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and named in proc.stderr and "against" in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists() and not (tmp_path / "mlflow.db").exists()
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_compare_job_on_smoke_produces_every_row(ray_cluster, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "jobs/compare.py", "--config", "jobs/configs/smoke.yaml",
-                           "--output-dir", str(out), "--no-progress"],
+                           "--output-dir", str(out), "--no-progress", "--against", "zero_shot,knn_lm"],
                           capture_output=True, text=True, timeout=840, env=ray_cluster.env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "| pema_gu |" in proc.stdout  # the job prints the table
+    assert "p BLEU vs zero_shot" in proc.stdout and "p chrF vs knn_lm" in proc.stdout
 
     cfg = load_config(SMOKE)
     summary = json.loads((out / "summary.json").read_text())
@@ -127,6 +187,15 @@ def test_compare_job_on_smoke_produces_every_row(ray_cluster, tmp_path):
         assert 0 < summary[system]["trainable_params"] < lora["total_params"] / 100
     assert summary["pema_gu"]["train_phases"][-1]["phase"] == "rct_pd"
     assert [p["phase"] for p in summary["pema_no_rct"]["train_phases"]] == ["pd"]
+    for system in SYSTEMS:  # sacreBLEU's paired bootstrap against each --against baseline
+        sig = summary[system]["significance"]
+        assert list(sig) == ["zero_shot", "knn_lm"]
+        for baseline, entry in sig.items():
+            assert entry["baseline"] == baseline and entry["n_samples"] == 1000
+            for metric in ("bleu", "chrf", "ter"):
+                assert entry[metric]["score"] == pytest.approx(summary[system][metric])
+                assert (entry[metric]["p_value"] is None) == (system == baseline)
+    assert "p BLEU vs knn_lm" in summary["compare_table"]
 
     from mlflow.tracking import MlflowClient
 
@@ -137,6 +206,13 @@ def test_compare_job_on_smoke_produces_every_row(ray_cluster, tmp_path):
     by_system = {r.data.tags["pema.system"]: r for r in children if "pema.system" in r.data.tags}
     assert set(by_system) == set(SYSTEMS) and all(r.info.run_name == s for s, r in by_system.items())
     assert by_system["lora"].data.metrics["trainable_params"] == lora["trainable_params"]
+    lora_sig = summary["lora"]["significance"]
+    assert by_system["lora"].data.metrics["bleu_p"] == pytest.approx(lora_sig["zero_shot"]["bleu"]["p_value"])
+    assert by_system["lora"].data.metrics["chrf_p_vs_knn_lm"] == pytest.approx(lora_sig["knn_lm"]["chrf"]["p_value"])
+    assert by_system["lora"].data.metrics["bleu_ci_low"] == pytest.approx(lora_sig["zero_shot"]["bleu"]["ci_low"])
+    assert "bleu_p" not in by_system["zero_shot"].data.metrics and "bleu_ci_high" in by_system["zero_shot"].data.metrics
+    assert parent.data.metrics["pema_gu/chrf_ci_high"] == pytest.approx(
+        summary["pema_gu"]["significance"]["zero_shot"]["chrf"]["ci_high"])
     assert {r.info.run_name for r in children} - set(SYSTEMS) == {"build_memory"}  # built: the folder was empty
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"compare.png", "compare.md", "summary.json"} <= artifacts

@@ -74,6 +74,36 @@ def test_stage_run_nests_under_an_active_run(tmp_path, monkeypatch):
     assert (tmp_path / "mlflow.db").is_file()  # the embedded default store
 
 
+def test_log_scores_logs_intervals_and_p_values_of_every_system_present(tmp_path, monkeypatch):
+    import mlflow
+
+    from pema.evaluate import significance_against
+    from pema.integrations.stages import log_scores
+    from pema.integrations.tracking import connect, experiment_id
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    refs = ["Das Haus ist klein.", "Der Hund bellt.", "Ich trinke gern Kaffee.", "Es regnet heute."]
+    hyps = {"zero_shot": ["x"] * 4, "pema_gu": refs, "some_new_system": ["Das Haus.", "Hund.", "Kaffee.", "Es."]}
+    sig = significance_against(hyps, refs, ["zero_shot"])
+    scores = {s: {"bleu": v["zero_shot"]["bleu"]["score"], "chrf": v["zero_shot"]["chrf"]["score"],
+                  "ter": v["zero_shot"]["ter"]["score"], "seconds_per_token": 0.01, "significance": v}
+              for s, v in sig.items()}
+    scores["timings_s"] = {"decode_zero_shot": 1.0}
+    connect(tmp_path)
+    with mlflow.start_run(experiment_id=experiment_id()) as run:
+        log_scores(scores)
+    metrics = mlflow.tracking.MlflowClient().get_run(run.info.run_id).data.metrics
+    for system in hyps:  # not only pema.pipeline.SYSTEMS: whatever the scores hold
+        assert metrics[f"{system}/bleu"] == pytest.approx(scores[system]["bleu"])
+        for m in ("bleu", "chrf", "ter"):
+            entry = sig[system]["zero_shot"][m]
+            assert metrics[f"{system}/{m}_ci_low"] == pytest.approx(entry["ci_low"])
+            assert metrics[f"{system}/{m}_ci_high"] == pytest.approx(entry["ci_high"])
+            if system != "zero_shot":
+                assert metrics[f"{system}/{m}_p"] == pytest.approx(entry["p_value"])
+    assert "zero_shot/bleu_p" not in metrics and metrics["pema_gu/bleu_p"] < 0.05
+
+
 @pytest.fixture(scope="module")
 def tracked(ray_cluster, mlflow_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("tracked") / "run"
@@ -103,6 +133,9 @@ def test_pipeline_is_a_parent_run_with_stage_children(tracked):
     for system in ("zero_shot", "pema_const", "pema_gu"):
         for k in ("bleu", "chrf", "ter"):
             assert metrics[f"{system}/{k}"] == pytest.approx(summary[system][k])
+            sig = summary[system]["significance"]["zero_shot"][k]
+            assert metrics[f"{system}/{k}_ci_low"] == pytest.approx(sig["ci_low"])
+            assert (f"{system}/{k}_p" in metrics) == (system != "zero_shot")
     history = api(uri, "metrics/get-history", run_id=runs["train"]["info"]["run_id"], metric_key="rct_pd/val_loss")
     assert len(history["metrics"]) >= 2  # one point per validation
     assert {"loss_curves.png", "train_history.json"} <= artifacts(uri, runs["train"])

@@ -41,6 +41,15 @@ def test_smoke_summary_contract(smoke_run):
         assert on_disk["timings_s"][stage] >= 0
     predictions = (out / "predictions" / "pema_gu.jsonl").read_text().splitlines()
     assert len(predictions) == 6  # smoke.yaml: test_limit 6
+    for system in SYSTEMS:  # sacreBLEU's paired bootstrap against zero_shot, for every system
+        sig = on_disk[system]["significance"]["zero_shot"]
+        assert (sig["baseline"], sig["n_samples"], sig["seed"]) == ("zero_shot", 1000, 12345)
+        for metric in ("bleu", "chrf", "ter"):
+            m = sig[metric]
+            assert m["score"] == pytest.approx(on_disk[system][metric])
+            assert m["ci_low"] <= m["mean"] <= m["ci_high"]
+            assert (m["p_value"] is None) == (system == "zero_shot")
+            assert system == "zero_shot" or 0 < m["p_value"] <= 1
 
 
 def test_smoke_outputs_are_consistent(smoke_run):
@@ -145,3 +154,31 @@ def test_train_device_is_validated():
         load_config(SMOKE, ["train.device=tpu"])
     with pytest.raises(ConfigError, match="train.resident"):
         load_config(SMOKE, ["train.resident=maybe"])
+
+
+def _sig(score, low, high, p):
+    return {"score": score, "mean": (low + high) / 2, "ci": (high - low) / 2, "ci_low": low, "ci_high": high,
+            "p_value": p, "tied": False}
+
+
+def test_format_table_shows_intervals_and_p_values():
+    from pema.pipeline import format_table
+
+    def row(bleu, chrf, p):
+        return {"bleu": bleu, "chrf": chrf, "ter": 150.0,
+                "significance": {"zero_shot": {"bleu": _sig(bleu, bleu - 0.3, bleu + 0.4, p),
+                                               "chrf": _sig(chrf, chrf - 1.5, chrf + 1.25, p and p / 2)}}}
+
+    summary = {"pema_gu": row(0.83, 15.86, 0.0421), "zero_shot": row(0.74, 15.93, None),
+               "timings_s": {"decode_zero_shot": 1.0}}
+    table = format_table(summary)
+    lines = table.splitlines()
+    assert "BLEU [95% CI]" in lines[0] and "p vs zero_shot" in lines[0] and "TER" in lines[0]
+    assert lines[1].startswith("zero_shot") and lines[2].startswith("pema_gu")  # SYSTEMS order; only those present
+    assert "0.83 [0.53, 1.23]" in lines[2] and "0.042" in lines[2] and "15.86 [14.36, 17.11]" in lines[2]
+    assert "0.021" in lines[2] and "150.00" in lines[2]
+    assert lines[1].split()[4] == "-"  # the baseline has no p-value against itself
+    assert "pema_const" not in table and "decode_zero_shot" in table
+    assert max(map(len, lines)) <= 120
+    plain = format_table({"pema_gu": {"bleu": 1.0, "chrf": 2.0, "ter": 3.0}, "timings_s": {}})  # no significance
+    assert "pema_gu" in plain and "1.00" in plain and "[" not in plain.splitlines()[1]

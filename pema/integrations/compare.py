@@ -19,6 +19,12 @@ Everything runs in ONE Ray task (:func:`run_compare_stage`; GPUs: one when ``mod
 has one) that loads the PLM once; the work itself is :func:`pema.integrations.compare_systems.run_systems`.
 Per system it reports BLEU, chrF, TER, training time, peak training memory, trainable parameters and decoding time
 per token, and writes ``predictions/<system>.jsonl``. :func:`compare` adds the MLflow runs and ``summary.json``.
+
+Significance (sacreBLEU's paired bootstrap, 1,000 resamples, fixed seed: :func:`pema.evaluate.paired_significance`):
+the table shows BLEU and chrF with their 95% interval and, for every baseline of ``against`` (default
+``zero_shot``), a p-value column for each; each row's ``significance`` holds the numbers (``{baseline: entry}``),
+and the child runs log them as ``bleu_ci_low``, ``bleu_ci_high``, ``bleu_p`` (against ``zero_shot``),
+``bleu_p_vs_<baseline>`` (others) and the same for ``chrf`` and ``ter`` (on the parent with ``<system>/`` before).
 """
 from __future__ import annotations
 
@@ -31,8 +37,11 @@ import ray
 
 from pema.config import PipelineConfig, flatten, to_dict, with_absolute_data
 from pema.integrations import plots
-from pema.integrations.compare_systems import DEFINITIONS, SYSTEMS, check_systems, decode_schedule, no_rct_config
+from pema.evaluate import format_interval, format_p
+from pema.integrations.compare_systems import (DEFINITIONS, SYSTEMS, check_against, check_systems, decode_schedule,
+                                               no_rct_config)
 from pema.integrations.ray_runtime import cluster_gpus
+from pema.integrations.stages import significance_metrics
 from pema.integrations.tracking import lineage_tags, stage_run
 from pema.tasks import load_pairs
 
@@ -41,31 +50,49 @@ MEMORY_NOTE = ("peak train MB: the training's peak above its start; cpu_rss = sa
                "= torch's allocator (not comparable with each other); kNN-LM: building its index")
 
 
-def _compare_task(cfg_dict: dict, output_dir: str, systems: tuple[str, ...], progress: bool) -> dict:
+def _compare_task(cfg_dict: dict, output_dir: str, systems: tuple[str, ...], progress: bool,
+                  against: tuple[str, ...]) -> dict:
     from pema.config import config_from_dict
     from pema.integrations.compare_systems import run_systems
 
-    return run_systems(config_from_dict(cfg_dict), output_dir, systems=systems, progress=progress)
+    return run_systems(config_from_dict(cfg_dict), output_dir, systems=systems, progress=progress, against=against)
 
 
-def run_compare_stage(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool = True) -> dict:
+def run_compare_stage(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool = True,
+                      against=None) -> dict:
     """Train, decode and score ``systems`` in one Ray task; ``memory/``, ``head/`` must exist under ``output_dir``.
+    ``against``: the baselines of the paired tests (:func:`~pema.integrations.compare_systems.check_against`).
     Returns ``{"rows": {system: row}, "timings_s": {...}}`` (row keys: :data:`METRICS`, ``memory_kind``,
-    ``total_params``, ``definition``, ...)."""
+    ``total_params``, ``definition``, ``significance``, ...)."""
     systems = check_systems(systems)
+    against = check_against(against, systems)
     gpus = 1 if cfg.model.device.startswith("cuda") and cluster_gpus() > 0 else 0
     task = ray.remote(_compare_task).options(num_cpus=cfg.eval.num_cpus, num_gpus=gpus, max_retries=0)
-    return ray.get(task.remote(to_dict(with_absolute_data(cfg)), str(Path(output_dir).resolve()), systems, progress))
+    return ray.get(task.remote(to_dict(with_absolute_data(cfg)), str(Path(output_dir).resolve()), systems, progress,
+                               against))
+
+
+def table_baselines(rows: dict[str, dict]) -> list[str]:
+    """The baselines the rows were tested against, in order of first appearance."""
+    return list(dict.fromkeys(b for r in rows.values() for b in r.get("significance", {})))
 
 
 def format_compare_table(rows: dict[str, dict]) -> str:
-    """Markdown table of ``{system: row}``, in the mapping's order."""
-    lines = ["| system | BLEU | chrF | TER | train s | peak train MB | trainable params | decode ms/token |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """Markdown table of ``{system: row}``, in the mapping's order: BLEU and chrF with their 95% bootstrap interval
+    (when the rows have ``significance``), TER, a BLEU and a chrF p-value column per baseline, then the costs."""
+    baselines = table_baselines(rows)
+    p_heads = [f"p {m} vs {b}" for b in baselines for m in ("BLEU", "chrF")]
+    heads = ["system", "BLEU [95% CI]" if baselines else "BLEU", "chrF [95% CI]" if baselines else "chrF", "TER",
+             *p_heads, "train s", "peak train MB", "trainable params", "decode ms/token"]
+    lines = ["| " + " | ".join(heads) + " |", "|---|" + "---:|" * (len(heads) - 1)]
     for system, r in rows.items():
-        lines.append(f"| {system} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['ter']:.2f} | {r['train_s']:.1f} | "
-                     f"{r['peak_train_mem_mb']:.1f} | {int(r['trainable_params']):,} | "
-                     f"{1000 * r['decode_s_per_token']:.2f} |")
+        sig = r.get("significance", {})
+        first = sig.get(baselines[0], {}) if baselines else {}  # a system's interval is the same against each
+        p_cells = [format_p(sig.get(b, {}).get(m)) for b in baselines for m in ("bleu", "chrf")]
+        cells = [system, format_interval(first.get("bleu"), r["bleu"]), format_interval(first.get("chrf"), r["chrf"]),
+                 f"{r['ter']:.2f}", *p_cells, f"{r['train_s']:.1f}", f"{r['peak_train_mem_mb']:.1f}",
+                 f"{int(r['trainable_params']):,}", f"{1000 * r['decode_s_per_token']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -89,17 +116,20 @@ def _log_system_run(system: str, row: dict, cfg: PipelineConfig, experiment_id: 
     with mlflow.start_run(run_name=system, nested=True, experiment_id=experiment_id):
         mlflow.set_tags({**tags, "pema.stage": "compare", "pema.system": system, "pema.memory_kind": row["memory_kind"]})
         mlflow.log_params(system_params(system, cfg))
-        mlflow.log_metrics({k: float(row[k]) for k in (*METRICS, "total_params")})
+        mlflow.log_metrics({**{k: float(row[k]) for k in (*METRICS, "total_params")}, **significance_metrics(row)})
 
 
-def compare(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool = True, log=print) -> dict:
+def compare(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool = True, log=print,
+            against=None) -> dict:
     """The comparison as one ``compare`` MLflow run: builds the memory and head when missing (the ``build_memory``
     child run), runs :func:`run_compare_stage`, logs a child run per system (metrics, tag ``pema.system``) and on
     the parent ``compare.png``, ``compare.md`` and ``summary.json``. Merges the rows into ``<output_dir>/summary.json``
-    (one key per system, ``compare_table``, ``compare_timings_s``) and returns that summary."""
+    (one key per system, ``compare_table``, ``compare_timings_s``) and returns that summary. ``against``: the
+    baselines of the paired tests (default ``zero_shot`` when it runs; ConfigError for names that do not run)."""
     from pema.integrations import stages
 
     systems = check_systems(systems)
+    against = check_against(against, systems)
     d = cfg.data
     for split in ("train", "test"):  # a missing or malformed file fails here, before the run exists
         load_pairs(getattr(d, split), limit=getattr(d, f"{split}_limit"), source_field=d.source_field,
@@ -111,7 +141,7 @@ def compare(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool 
         if (seconds := stages.ensure_built(cfg, out, progress=progress, log=log)) is not None:
             timings["build_memory"] = seconds
         start = time.perf_counter()
-        found = run_compare_stage(cfg, out, systems=systems, progress=progress)
+        found = run_compare_stage(cfg, out, systems=systems, progress=progress, against=against)
         timings["compare"] = round(time.perf_counter() - start, 2)
         rows = found["rows"]
         tags = lineage_tags(cfg, out)
@@ -119,6 +149,9 @@ def compare(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool 
             _log_system_run(system, row, cfg, parent.info.experiment_id, tags)
         table = format_compare_table(rows)
         mlflow.log_metrics({f"{s}/{k}": float(r[k]) for s, r in rows.items() for k in METRICS})
+        for s, r in rows.items():
+            if sig := significance_metrics(r, f"{s}/"):
+                mlflow.log_metrics(sig)
         mlflow.log_text(f"{table}\n\n{MEMORY_NOTE}\n", "compare.md")
         fig = plots.compare_bars(rows)
         mlflow.log_figure(fig, "compare.png")

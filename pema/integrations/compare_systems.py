@@ -9,6 +9,10 @@ phases, kNN-LM: reading the memory and building its index, LoRA: PEFT fine-tunin
 ``peak_train_mem_mb`` is the peak of that work above its start, as :class:`~pema.profiling.PeakMemory` measures it
 on the work's device (``memory_kind``: ``cuda_allocated`` or ``cpu_rss``, which are not comparable with each other);
 ``trainable_params`` counts the parameters that training updates.
+
+Significance: each row's ``significance`` is ``{baseline: entry}`` for every baseline of ``against``
+(:func:`check_against`; default ``zero_shot`` when it runs), ``entry`` as :func:`pema.evaluate.paired_significance`
+returns it (sacreBLEU's paired bootstrap: 95% intervals of BLEU, chrF and TER, p-values against that baseline).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from pema.adapter.phases import phase_plan
 from pema.adapter.train import PHASES
 from pema.config import PipelineConfig, ScheduleConfig, TrainConfig, to_dict, with_overrides
 from pema.errors import ConfigError, MemoryFormatError
+from pema.evaluate import significance_against
 from pema.memory import MemoryReader
 from pema.pipeline import (adapter_meta, missing_bundles, open_bundles, save_predictions, score, train_adapter,
                            translate)
@@ -54,6 +59,27 @@ def check_systems(systems: Iterable[str] | str) -> tuple[str, ...]:
     if unknown or not names:
         raise ConfigError(f"systems={names!r}: unknown {unknown or 'empty list'}; choose from {SYSTEMS} "
                           "(comma separated) or 'all'")
+    return tuple(s for s in SYSTEMS if s in names)
+
+
+def check_against(against: Iterable[str] | str | None, systems: Iterable[str]) -> tuple[str, ...]:
+    """The baselines every system is tested against: ``"a,b"`` or a sequence of names, each one of ``systems`` (the
+    systems that run), in :data:`SYSTEMS` order; None: ``("zero_shot",)`` when it runs, else ``()``. ConfigError
+    (naming them) for unknown names or names that do not run."""
+    systems = check_systems(systems)
+    if against is None:
+        return ("zero_shot",) if "zero_shot" in systems else ()
+    names = [s.strip() for s in against.split(",")] if isinstance(against, str) else list(against)
+    if not names and not isinstance(against, str):
+        return ()  # no tests asked for (a checked default where zero_shot does not run)
+    unknown = [s for s in names if s not in SYSTEMS]
+    if unknown or not names:
+        raise ConfigError(f"against={names!r}: unknown {unknown or 'empty list'}; choose from {SYSTEMS} "
+                          "(comma separated)")
+    absent = [s for s in names if s not in systems]
+    if absent:
+        raise ConfigError(f"against={names!r}: {absent} not among the systems that run {systems}; add them to "
+                          "--systems")
     return tuple(s for s in SYSTEMS if s in names)
 
 
@@ -94,18 +120,20 @@ def check_inputs(cfg: PipelineConfig, output_dir) -> None:
 
 
 def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str = SYSTEMS, progress: bool = True,
-                log: Callable[[str], None] = print) -> dict:
-    """Train what ``systems`` need, decode the test pairs with each and score them; writes
-    ``predictions/<system>.jsonl`` and the trained adapters under ``compare/``. Returns
-    ``{"rows": {system: row}, "timings_s": {...}}`` in :data:`SYSTEMS` order."""
+                log: Callable[[str], None] = print, against: Iterable[str] | str | None = None) -> dict:
+    """Train what ``systems`` need, decode the test pairs with each and score them, each against every baseline
+    of ``against`` (:func:`check_against`) when two or more systems run; writes ``predictions/<system>.jsonl`` and
+    the trained adapters under ``compare/``. Returns ``{"rows": {system: row}, "timings_s": {...}}`` in
+    :data:`SYSTEMS` order."""
     from pema.baselines.knn_index import load_knn
     from pema.owner.lora import save_lora, train_lora  # the PLM's weights: the owner's side
     from pema.owner.plm import load_plm
 
     systems = check_systems(systems)
+    baselines = check_against(against, systems)
     out = Path(output_dir)
     check_inputs(cfg, out)
-    d, timings, rows = cfg.data, {}, {}
+    d, timings, rows, hyps_by_system = cfg.data, {}, {}, {}
     fields = dict(source_field=d.source_field, target_field=d.target_field)
     test_pairs = load_pairs(d.test, limit=d.test_limit, **fields)
     sources, refs = [p.source for p in test_pairs], [p.target for p in test_pairs]
@@ -126,6 +154,7 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
         per_token = row.pop("seconds_per_token")
         rows[system] = {**row, **cost, "decode_s_per_token": per_token,
                         "generated_tokens": result.generated_tokens, "definition": DEFINITIONS[system]}
+        hyps_by_system[system] = hyps
         save_predictions(out / "predictions" / f"{system}.jsonl", test_pairs, hyps, result.lam_traces)
         log(f"compare: {system}: BLEU {row['bleu']:.2f}, chrF {row['chrf']:.2f}")
 
@@ -181,4 +210,9 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
         decode("lora", result.model, {"train_s": result.train_seconds, "peak_train_mem_mb": result.peak_bytes / 2**20,
                                       "memory_kind": result.memory_kind, "trainable_params": result.trainable_params,
                                       "total_params": result.total_params, "train_loss": result.epoch_losses})
+    if baselines and len(systems) >= 2:
+        start = time.perf_counter()
+        for system, sig in significance_against({s: hyps_by_system[s] for s in systems}, refs, baselines).items():
+            rows[system]["significance"] = sig
+        timings["significance"] = round(time.perf_counter() - start, 2)
     return {"rows": {s: rows[s] for s in systems}, "timings_s": timings}

@@ -5,7 +5,11 @@
   seconds and rows/s per phase; ``train_history.json`` and a loss-curve figure.
 - ``evaluate``: BLEU, chrF, TER and seconds per token per system (``pema_const`` and ``pema_gu`` are the two
   lambda schedules; their settings are params ``decode.const.*`` / ``decode.gu.*``); the predictions and a figure
-  of the lambda actually used at each generated token.
+  of the lambda actually used at each generated token. With a ``significance`` entry (sacreBLEU's paired
+  bootstrap, :func:`pema.evaluate.paired_significance`) also, per system and for ``bleu``, ``chrf`` and ``ter``:
+  ``<system>/<metric>_ci_low`` and ``<system>/<metric>_ci_high`` (the 95% interval), ``<system>/<metric>_p`` (the
+  p-value against ``zero_shot``) and ``<system>/<metric>_p_vs_<baseline>`` against any other baseline (the compare
+  job's ``--against``); a baseline's own p-value is not logged. :func:`significance_metrics` builds them.
 - ``pipeline``: a parent run holding the three as child runs, plus the final scores and ``summary.json``.
 """
 from __future__ import annotations
@@ -65,12 +69,32 @@ def train(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
     return info
 
 
+SIGNIFICANCE_METRICS = ("bleu", "chrf", "ter")
+
+
+def significance_metrics(row: dict, prefix: str = "") -> dict[str, float]:
+    """MLflow metrics from a row's ``significance`` (``{baseline: entry}``): ``<prefix><metric>_ci_low``,
+    ``_ci_high``, ``_p`` (against ``zero_shot``) and ``_p_vs_<baseline>`` (other baselines); {} without one."""
+    metrics: dict[str, float] = {}
+    for baseline, entry in row.get("significance", {}).items():
+        for m in SIGNIFICANCE_METRICS:
+            if m not in entry:
+                continue
+            metrics[f"{prefix}{m}_ci_low"] = float(entry[m]["ci_low"])  # the same for every baseline (same seed)
+            metrics[f"{prefix}{m}_ci_high"] = float(entry[m]["ci_high"])
+            if entry[m]["p_value"] is not None:
+                suffix = "" if baseline == "zero_shot" else f"_vs_{baseline}"
+                metrics[f"{prefix}{m}_p{suffix}"] = float(entry[m]["p_value"])
+    return metrics
+
+
 def log_scores(scores: dict, prefix: str = "") -> None:
-    for system in SYSTEMS:
-        if system in scores:
-            s = scores[system]
-            mlflow.log_metrics({f"{prefix}{system}/{k}": float(s[k]) for k in ("bleu", "chrf", "ter",
-                                                                               "seconds_per_token")})
+    """Scores, seconds per token and the significance metrics of every system in ``scores`` (its order)."""
+    for system, s in scores.items():
+        if isinstance(s, dict) and "bleu" in s:
+            metrics = {f"{prefix}{system}/{k}": float(s[k]) for k in ("bleu", "chrf", "ter", "seconds_per_token")
+                       if k in s}
+            mlflow.log_metrics({**metrics, **significance_metrics(s, f"{prefix}{system}/")})
 
 
 def evaluate(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
