@@ -6,7 +6,10 @@ Stages and their on-disk outputs under ``output_dir``:
 - ``export_head``   (PLM owner): ``head/`` (safetensors + head.json)
 - ``train``         (data owner): ``adapter/`` (safetensors + adapter.json), ``train_history.json``
 - ``decode_*``      (both): ``predictions/<system>.jsonl``
-- ``summary.json``: BLEU, chrF and TER per system and the stage timings
+- ``summary.json``: BLEU, chrF and TER per system and the stage timings; with ``zero_shot`` and at least one other
+  system, each system's ``significance``: ``{"zero_shot": {"bleu": {"score", "mean", "ci", "ci_low", "ci_high",
+  "p_value", "tied"}, "chrf": {..}, "ter": {..}, "baseline", "n_samples", "seed", "signatures"}}``, sacreBLEU's
+  paired bootstrap test (:func:`pema.evaluate.paired_significance`, 1,000 resamples, fixed seed)
 """
 from __future__ import annotations
 
@@ -23,11 +26,11 @@ from pema.adapter.decode import GenerationSettings, generate
 from pema.adapter.io import load_adapter, load_head, save_adapter
 from pema.adapter.model import PemaAdapter
 from pema.adapter.resident import ResidentMemory
-from pema.adapter.schedule import Schedule, estimate_horizons
+from pema.adapter.schedule import Schedule, estimate_horizons, length_caps
 from pema.adapter.phases import run_phases
 from pema.adapter.train import target_vocab
 from pema.config import PipelineConfig, ScheduleConfig, to_dict
-from pema.evaluate import evaluate
+from pema.evaluate import evaluate, format_interval, format_p, significance_against
 from pema.memory import MemoryReader
 from pema.tasks import (load_pairs, resolve_template, source_prompt_ids, source_token_count, stop_token_id,
                         use_chat_template)
@@ -73,7 +76,7 @@ def train_adapter(cfg: PipelineConfig, head, train_reader: MemoryReader, dev_rea
 
 
 def schedule_from(cfg: ScheduleConfig) -> Schedule:
-    return Schedule(kind=cfg.kind, lam=cfg.lam, lam_max=cfg.lam_max, floor=cfg.floor)
+    return Schedule(kind=cfg.kind, lam=cfg.lam, lam_max=cfg.lam_max, floor=cfg.floor, stop_lam=cfg.stop_lam)
 
 
 BUNDLES = ("memory/train/manifest.json", "memory/dev/manifest.json", "head/head.json")
@@ -192,20 +195,23 @@ def translate(model, tokenizer, sources: list[str], cfg: PipelineConfig, *, adap
     settings = GenerationSettings(**{f.name: getattr(dc, f.name) for f in dataclasses.fields(GenerationSettings)})
     stop = stop_token_id(tokenizer, chat=chat)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
-    mix_kw = {}
-    if adapter is not None or scorer is not None:
+    mix_kw, mixing = {}, adapter is not None or scorer is not None
+    if ratio is None and dc.length_cap is not None:
+        raise ValueError("ratio=None: decode.length_cap needs the training memory's target/source token ratio "
+                         "(manifest.target_source_ratio) for the horizons H")
+    if mixing and ratio is None and schedule is not None and schedule.kind != "constant":
+        raise ValueError(f"ratio=None: schedule kind {schedule.kind!r} needs the training memory's "
+                         "target/source token ratio (manifest.target_source_ratio) for its horizons")
+    horizons = estimate_horizons([source_token_count(tokenizer, src) for src in sources], ratio or 1.0)
+    if dc.length_cap is not None:  # every system alike, zero-shot included
+        mix_kw["length_caps"] = length_caps(horizons, dc.length_cap)
+    if mixing:
         if adapter is not None and scorer is not None:
             raise ValueError("pass either adapter and head (PEMA) or scorer (e.g. kNN-LM), not both")
         if schedule is None:
             raise ValueError("schedule=None: mixed decoding needs a ScheduleConfig, e.g. "
                              "ScheduleConfig(kind='constant', lam=cfg.knn.lam) for kNN-LM")
-        if ratio is None and schedule.kind == "constant":
-            ratio = 1.0  # the horizons are unused by a constant schedule
-        if ratio is None:
-            raise ValueError(f"ratio=None: schedule kind {schedule.kind!r} needs the training memory's "
-                             "target/source token ratio (manifest.target_source_ratio) for its horizons")
-        horizons = estimate_horizons([source_token_count(tokenizer, src) for src in sources], ratio)
-        mix_kw = dict(key_source=ContextTap(model), schedule=schedule_from(schedule), horizons=horizons)
+        mix_kw.update(key_source=ContextTap(model), schedule=schedule_from(schedule), horizons=horizons)
         mix_kw.update(dict(adapter=adapter, head=head) if scorer is None else dict(scorer=scorer))
     result = generate(model, prompts, stop_token_id=stop, pad_token_id=pad, settings=settings, progress=progress,
                       desc=desc, **mix_kw)
@@ -219,7 +225,9 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
 
     Reads ``head/`` and ``adapter/`` under ``output_dir`` (or the adapter bundle at ``adapter_dir``); writes ``predictions/<system>.jsonl`` (test split). The
     PLM (loaded here unless passed in) answers the context queries through the owner's ContextTap.
-    Returns ``{system: scores, ..., "timings_s": {...}}``.
+    Returns ``{system: scores, ..., "timings_s": {...}}``. With ``zero_shot`` and at least one other system, each
+    system's scores get ``significance`` against ``zero_shot`` (paired bootstrap on the raw hypotheses; see the
+    module docstring).
     """
     from pema.owner.plm import load_plm  # the PLM's responses come from the owner's side
 
@@ -241,25 +249,42 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
     ratio = adapter_meta.get("target_source_ratio") or MemoryReader(out / "memory" / "train").manifest.target_source_ratio
     sources, refs = [p.source for p in pairs], [p.target for p in pairs]
     summary: dict = {}
+    hyps_by_system: dict[str, list[str]] = {}
     for system in systems:
-        kw = {}
+        kw = {"ratio": ratio}  # the horizons H: GU and decode.length_cap (every system alike)
         if system != "zero_shot":
             kw = dict(adapter=adapter, head=head, ratio=ratio,
                       schedule=cfg.decode.const if system == "pema_const" else cfg.decode.gu)
         with timer.stage(f"decode_{system}"):
             hyps, result = translate(model, tokenizer, sources, cfg, progress=progress, desc=system, **kw)
         summary[system] = score(hyps, refs, result, cfg.eval.postprocess)
+        hyps_by_system[system] = hyps
         if write_predictions:
             save_predictions(out / "predictions" / f"{system}.jsonl", pairs, hyps, result.lam_traces)
+    if "zero_shot" in hyps_by_system and len(hyps_by_system) >= 2:
+        with timer.stage("significance"):
+            for system, sig in significance_against(hyps_by_system, refs, ["zero_shot"]).items():
+                summary[system]["significance"] = sig
     summary["timings_s"] = timer.timings
     return summary
 
 
-def format_table(summary: dict) -> str:
-    lines = [f"{'system':<12} {'BLEU':>7} {'chrF':>7} {'TER':>7}"]
-    for system in SYSTEMS:
+def format_table(summary: dict, baseline: str = "zero_shot") -> str:
+    """The systems in ``summary`` (in :data:`SYSTEMS` order): BLEU and chrF with their 95% bootstrap interval and
+    p-value against ``baseline`` (when ``significance`` is there), TER; then the stage timings."""
+    systems = [s for s in SYSTEMS if isinstance(summary.get(s), dict)]
+    w = max([12, *map(len, systems)])
+    p_head = f"p vs {baseline}"
+    lines = [f"{'system':<{w}} {'BLEU [95% CI]':>24} {p_head:>{len(p_head)}} {'chrF [95% CI]':>24} "
+             f"{p_head:>{len(p_head)}} {'TER':>7}"]
+    for system in systems:
         s = summary[system]
-        lines.append(f"{system:<12} {s['bleu']:>7.2f} {s['chrf']:>7.2f} {s['ter']:>7.2f}")
+        sig = s.get("significance", {}).get(baseline, {})
+        bleu, chrf = sig.get("bleu"), sig.get("chrf")
+        lines.append(f"{system:<{w}} {format_interval(bleu, s['bleu']):>24} {format_p(bleu):>{len(p_head)}} "
+                     f"{format_interval(chrf, s['chrf']):>24} {format_p(chrf):>{len(p_head)}} {s['ter']:>7.2f}")
+    if any("significance" in summary[s] for s in systems):
+        lines.append(f"(sacreBLEU paired bootstrap: 95% interval around the bootstrap mean, p against {baseline})")
     lines.append("")
     lines.append(f"{'stage':<20} {'seconds':>8}")
     for stage, sec in summary["timings_s"].items():

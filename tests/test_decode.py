@@ -4,6 +4,8 @@ Model: pema.owner.plm.tiny_model("llama", vocab_size=100) (d=64, 2 layers); head
 pema.owner.export.export_head and read back with pema.adapter.io.load_head; keys from ContextTap.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -272,3 +274,38 @@ def test_empty_prompt_and_bad_strategy_are_rejected(model, prompts):
         run(model, prompts + [[]], GREEDY)
     with pytest.raises(ValueError):
         run(model, prompts, GenerationSettings(strategy="topk"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# length caps and the stop decision inside generate()
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_length_caps_bound_every_row_with_and_without_pema(model, adapter, head, prompts):
+    """Without a cap the tiny model runs to max_new_tokens; with caps [1, 2, 3, 4] no row is longer than its cap,
+    and a row that its cap does not reach is the uncapped output (zero-shot and PEMA alike)."""
+    long = GenerationSettings(strategy="greedy", max_new_tokens=12, batch_size=16)
+    caps = torch.tensor([1, 2, 3, 40])
+    for kw in ({}, pema_kw(model, adapter, head, Schedule("constant", lam=0.5), [4] * 4)):
+        free = run(model, prompts, long, **kw)
+        capped = run(model, prompts, long, length_caps=caps, **kw)
+        for row, (f, c) in enumerate(zip(free.token_ids, capped.token_ids)):
+            assert len(c) <= int(caps[row])
+            assert c == f[: int(caps[row])]
+    with pytest.raises(ValueError, match="length_caps"):
+        run(model, prompts, long, length_caps=torch.tensor([1, 2]))
+
+
+def test_stop_lam_one_lets_the_second_distribution_alone_decide_to_stop(model, prompts):
+    """A scorer whose distribution puts 0.99 on the stop token: with stop_lam = 1 every row stops at once even at
+    token lam = 0.001; without stop_lam the same mixture (P(stop) <= 0.001 + P_LM(stop)) lets rows run on."""
+    def stopper(key):
+        logp = torch.full((key.shape[0], VOCAB), math.log(0.01 / (VOCAB - 1)))
+        logp[:, STOP] = math.log(0.99)
+        return logp
+
+    settings = GenerationSettings(strategy="greedy", max_new_tokens=6, batch_size=16)
+    kw = dict(scorer=stopper, key_source=ContextTap(model), horizons=torch.full((4,), 4.0, dtype=torch.float64))
+    own = run(model, prompts, settings, schedule=Schedule("constant", lam=0.001, stop_lam=1.0), **kw)
+    assert own.token_ids == [[] for _ in prompts]
+    shared = run(model, prompts, settings, schedule=Schedule("constant", lam=0.001), **kw)
+    assert any(len(s) > 0 for s in shared.token_ids)

@@ -23,7 +23,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from pema.adapter.head import OutputHead
 from pema.adapter.model import PemaAdapter
-from pema.adapter.schedule import Schedule, interpolate
+from pema.adapter.schedule import Schedule, interpolate, own_stop
 
 
 class KeySource(Protocol):
@@ -46,8 +46,10 @@ class MixtureLogitsProcessor(LogitsProcessor):
 
     def __init__(self, scorer: Callable[[torch.Tensor], torch.Tensor], key_source: Callable[[], torch.Tensor],
                  schedule: Schedule, horizons: torch.Tensor, prompt_length: int,
-                 device: torch.device | str | None = None):
-        self.scorer, self.key_source, self.device = scorer, key_source, device
+                 device: torch.device | str | None = None, stop_token_id: int | None = None):
+        if schedule.stop_lam is not None and stop_token_id is None:
+            raise ValueError("a schedule with stop_lam needs the stop_token_id")
+        self.scorer, self.key_source, self.device, self.stop_token_id = scorer, key_source, device, stop_token_id
         self.schedule, self.horizons, self.prompt_length = schedule, horizons, prompt_length
         self.lam_trace: list[torch.Tensor] = []  # lam per step, per input row (for plots and tests)
 
@@ -64,7 +66,8 @@ class MixtureLogitsProcessor(LogitsProcessor):
         t = input_ids.shape[1] - self.prompt_length
         lam = self.lam_for(t, input_ids.shape[0])
         self.lam_trace.append(lam[:: max(1, input_ids.shape[0] // len(self.horizons))].clone())
-        if bool((lam == 0).all()):
+        stop_lam = self.schedule.stop_lam
+        if bool((lam == 0).all()) and stop_lam in (None, 0.0):
             return scores  # exactly the PLM's own decoding
         device = scores.device if self.device is None else self.device
         key = self.key_source().to(device=device, dtype=torch.float32)
@@ -74,17 +77,42 @@ class MixtureLogitsProcessor(LogitsProcessor):
         if log_p_other.shape[1] < vocab:
             pad = log_p_other.new_full((log_p_other.shape[0], vocab - log_p_other.shape[1]), float("-inf"))
             log_p_other = torch.cat([log_p_other, pad], dim=1)
-        mixed = interpolate(log_p_lm, log_p_other[:, :vocab], lam.to(device))
+        log_p_other = log_p_other[:, :vocab]
+        mixed = interpolate(log_p_lm, log_p_other, lam.to(device))
+        if stop_lam is not None:
+            mixed = own_stop(mixed, log_p_lm, log_p_other.masked_fill(torch.isneginf(log_p_lm), float("-inf")),
+                             self.stop_token_id, stop_lam)
         return mixed.to(scores.device, scores.dtype)
+
+
+class LengthCapProcessor(LogitsProcessor):
+    """Forces the stop token once a row has generated ``caps[row]`` tokens (rows = batch * beams): a length limit
+    per row, known before decoding (e.g. from the source length, :func:`pema.adapter.schedule.length_caps`), for
+    every system alike."""
+
+    def __init__(self, caps: torch.Tensor, prompt_length: int, stop_token_id: int):
+        self.caps, self.prompt_length, self.stop_token_id = caps.to(torch.long), prompt_length, stop_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        t = input_ids.shape[1] - self.prompt_length
+        caps = self.caps.to(scores.device)
+        if input_ids.shape[0] != len(caps):
+            caps = caps.repeat_interleave(input_ids.shape[0] // len(caps))
+        over = t >= caps
+        if not bool(over.any()):
+            return scores
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.stop_token_id] = 0.0
+        return torch.where(over[:, None], forced, scores)
 
 
 class PemaLogitsProcessor(MixtureLogitsProcessor):
     """The mixture with P_PEMA: ``scorer = adapter.log_probs(key, head)``, computed on the adapter's device."""
 
     def __init__(self, adapter: PemaAdapter, head: OutputHead, key_source: Callable[[], torch.Tensor],
-                 schedule: Schedule, horizons: torch.Tensor, prompt_length: int):
+                 schedule: Schedule, horizons: torch.Tensor, prompt_length: int, stop_token_id: int | None = None):
         super().__init__(lambda key: adapter.log_probs(key, head), key_source, schedule, horizons, prompt_length,
-                         device=next(adapter.parameters()).device)
+                         device=next(adapter.parameters()).device, stop_token_id=stop_token_id)
         self.adapter, self.head = adapter, head
 
 
@@ -128,13 +156,15 @@ def generate(model, prompts: Sequence[Sequence[int]], *, stop_token_id: int, pad
              settings: GenerationSettings = GenerationSettings(), adapter: PemaAdapter | None = None,
              head: OutputHead | None = None, key_source: KeySource | None = None, schedule: Schedule | None = None,
              horizons: torch.Tensor | None = None, progress: bool = True, desc: str = "decode",
-             scorer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GenerationResult:
+             scorer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             length_caps: torch.Tensor | None = None) -> GenerationResult:
     """Generate for every prompt (token ids). Without ``adapter`` or ``scorer`` this is the PLM alone (zero-shot).
 
     ``adapter`` + ``head`` mix in P_PEMA; ``scorer(key (rows, d) float32) -> log-probs (rows, vocab)`` instead mixes
     in any other distribution of the owner's key (the kNN-LM baseline). Either needs ``key_source``, ``schedule``
     and ``horizons`` (one per prompt). Prompts are sorted by length and left-padded per batch; results come back
-    in input order.
+    in input order. ``length_caps`` (one per prompt): the most tokens a row may generate before its stop token
+    is forced (:class:`LengthCapProcessor`), with or without mixing.
     """
     if scorer is not None and (adapter is not None or head is not None):
         raise ValueError("pass either adapter and head (PEMA) or scorer (e.g. kNN-LM), not both")
@@ -145,6 +175,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, stop_token_id: int, pad
         raise ValueError("decoding with a scorer needs key_source, schedule and horizons too")
     if mixing and len(horizons) != len(prompts):
         raise ValueError(f"{len(horizons)} horizons for {len(prompts)} prompts")
+    if length_caps is not None and (len(length_caps) != len(prompts) or bool((length_caps < 1).any())):
+        raise ValueError(f"length_caps needs one cap >= 1 per prompt, got {len(length_caps)} for {len(prompts)}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
@@ -164,12 +196,18 @@ def generate(model, prompts: Sequence[Sequence[int]], *, stop_token_id: int, pad
             mask[row, width - len(prompts[i]) :] = 1
         kwargs = dict(settings.generate_kwargs(), max_new_tokens=settings.max_new_tokens, eos_token_id=stop_token_id,
                       pad_token_id=pad_token_id)
-        proc = None
+        proc, procs = None, LogitsProcessorList()
         if mixing:
-            proc = (PemaLogitsProcessor(adapter, head, key_source.last_key, schedule, horizons[idx], width)
+            proc = (PemaLogitsProcessor(adapter, head, key_source.last_key, schedule, horizons[idx], width,
+                                        stop_token_id)
                     if scorer is None else
-                    MixtureLogitsProcessor(scorer, key_source.last_key, schedule, horizons[idx], width))
-            kwargs["logits_processor"] = LogitsProcessorList([proc])
+                    MixtureLogitsProcessor(scorer, key_source.last_key, schedule, horizons[idx], width,
+                                           stop_token_id=stop_token_id))
+            procs.append(proc)
+        if length_caps is not None:  # after the mixture: the forced stop is final
+            procs.append(LengthCapProcessor(length_caps[idx], width, stop_token_id))
+        if procs:
+            kwargs["logits_processor"] = procs
         with torch.no_grad(), (key_source if mixing else _null()):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         for row, i in enumerate(idx):

@@ -38,12 +38,15 @@ class Schedule:
     lam: float = 0.5
     lam_max: float = 0.9
     floor: float = 0.0
+    stop_lam: float | None = None  # PEMA's weight in the stop decision (see own_stop); None: lam_t like every token
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ScheduleError(f"schedule kind {self.kind!r} is not one of {KINDS}")
         for name in ("lam", "lam_max", "floor"):
             _unit(name, getattr(self, name))
+        if self.stop_lam is not None:
+            _unit("stop_lam", self.stop_lam)
 
     def __call__(self, t: int | torch.Tensor, horizons: torch.Tensor) -> torch.Tensor:
         """lam for each row: ``t`` scalar or (rows,), ``horizons`` (rows,) > 0 -> (rows,) float64 in [0, 1]."""
@@ -67,6 +70,13 @@ def estimate_horizons(source_lengths: Sequence[int], ratio: float) -> torch.Tens
     return torch.tensor([max(1, math.ceil(n * ratio)) for n in source_lengths], dtype=torch.float64)
 
 
+def length_caps(horizons: torch.Tensor, cap: float) -> torch.Tensor:
+    """(rows,) int64 most tokens per row: ``max(1, ceil(cap * H))`` for horizons H (rows,)."""
+    if not cap > 0 or math.isinf(cap):
+        raise ScheduleError(f"length cap must be a positive finite multiple of H, got {cap}")
+    return torch.clamp(torch.ceil(horizons.to(torch.float64) * cap), min=1).to(torch.long)
+
+
 def interpolate(log_p_lm: torch.Tensor, log_p_pema: torch.Tensor, lam: torch.Tensor | float) -> torch.Tensor:
     """Mix two log-distributions (rows, vocab) with per-row lam (rows,) or a scalar, in log space.
 
@@ -86,3 +96,39 @@ def interpolate(log_p_lm: torch.Tensor, log_p_pema: torch.Tensor, lam: torch.Ten
     out = torch.where((lam == 0)[:, None], log_p_lm, mixed)
     out = torch.where((lam == 1)[:, None], log_p_pema, out)
     return out.masked_fill(torch.isneginf(log_p_lm), float("-inf"))  # banned stays banned at every lam, 1 included
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (-inf at x = 0)."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def own_stop(mixed: torch.Tensor, log_p_lm: torch.Tensor, log_p_pema: torch.Tensor, stop_id: int,
+             stop_lam: float) -> torch.Tensor:
+    """The stop decision with its own lambda: a two-level distribution (rows, vocab), in log space.
+
+        P(stop)  = (1 - stop_lam) P_LM(stop) + stop_lam P_PEMA(stop)
+        P(y)     = (1 - P(stop)) * mixed(y) / sum_{y' != stop} mixed(y')        for y != stop
+
+    ``mixed`` is the token mixture under the schedule's lam_t (:func:`interpolate`); the other tokens keep their
+    relative odds. A stop that is -inf in ``log_p_lm`` (banned by an earlier processor, e.g. a minimum length)
+    stays banned and leaves the row as it was.
+    """
+    if not 0.0 <= stop_lam <= 1.0:
+        raise ScheduleError(f"stop_lam={stop_lam!r} is outside [0, 1]")
+    lm_s, pema_s = log_p_lm[:, stop_id], log_p_pema[:, stop_id]
+    if stop_lam == 0.0:
+        new_s = lm_s
+    elif stop_lam == 1.0:
+        new_s = pema_s
+    else:
+        new_s = torch.logaddexp(lm_s + math.log1p(-stop_lam), pema_s + math.log(stop_lam))
+    others = mixed.clone()
+    others[:, stop_id] = float("-inf")
+    rest = torch.logsumexp(others, dim=-1)
+    rest = torch.where(torch.isneginf(rest), torch.zeros_like(rest), rest)  # every other token banned: no 0/0
+    out = others - rest[:, None] + _log1mexp(new_s)[:, None]
+    out[:, stop_id] = new_s
+    banned = torch.isneginf(lm_s)
+    return torch.where(banned[:, None], mixed, out)
