@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = compare(cfg, args.output_dir, systems=systems, progress=not args.no_progress, against=against)
         return f"{summary['compare_table']}\nsummary: {Path(args.output_dir) / 'summary.json'}"
 
-    return run_job(args, stage)
+    from pema.pipeline import missing_bundles
+
+    # the dev pairs are read only to build a missing memory
+    splits = ("train", "dev", "test") if missing_bundles(args.output_dir) else ("train", "test")
+    return run_job(args, stage, inputs=splits)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(scores, indent=2, ensure_ascii=False))
         return f"{format_table(scores)}\nscores: {path}"
 
-    return run_job(args, stage)
+    from pema.integrations.stages import ADAPTER_BUNDLES
+
+    return run_job(args, stage, bundles=ADAPTER_BUNDLES)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return register(cfg, args.output_dir, args.name, dev_bleu=args.dev_bleu, progress=not args.no_progress)
 
-    return run_job(args, stage, show=json.dumps)
+    # the dev pairs are decoded only when --dev-bleu is not given
+    return run_job(args, stage, show=json.dumps, inputs=("dev",) if args.dev_bleu is None else (),
+                   bundles=("adapter/adapter.json", "head/head.json"))
 
 
 if __name__ == "__main__":

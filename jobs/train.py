@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return stages.train(cfg, args.output_dir, progress=not args.no_progress)
 
-    return run_job(args, stage, show=json.dumps)
+    from pema.pipeline import BUNDLES
+
+    # the data owner's inputs are the memory and the head: it never loads the PLM
+    return run_job(args, stage, show=json.dumps, model=False, bundles=BUNDLES)
 
 
 if __name__ == "__main__":

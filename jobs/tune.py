@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         tail = f"best: {json.dumps(best)}" if best else "unfinished: rerun the same command to resume"
         return "\n".join(rows + [tail])
 
-    code = run_job(args, stage, show=show)
+    code = run_job(args, stage, show=show, inputs=("train", "dev"))  # the test pairs are not used
     summary_path = Path(args.output_dir) / "tune_summary.json"
     if code == 0 and summary_path.is_file() and json.loads(summary_path.read_text())["unfinished"]:
         return 130

@@ -15,9 +15,15 @@ import yaml
 from pema.errors import ConfigError
 
 
+def _invalid(name: str, value, allowed: str) -> ConfigError:
+    exc = ConfigError(f"{name}={value!r} is invalid: expected {allowed}")
+    exc.key, exc.value, exc.allowed = name, value, allowed  # _build renames the key to its full dotted path
+    return exc
+
+
 def _check(cond: bool, name: str, value, allowed: str) -> None:
     if not cond:
-        raise ConfigError(f"{name}={value!r} is invalid: expected {allowed}")
+        raise _invalid(name, value, allowed)
 
 
 def _is_int(v) -> bool:
@@ -75,8 +81,10 @@ class MemoryConfig:
 
     def __post_init__(self):
         _choice("memory.dtype", self.dtype, ("float16", "float32"))
-        _check(self.rows_per_part > 0, "memory.rows_per_part", self.rows_per_part, "> 0")
-        _check(self.batch_tokens > 0, "memory.batch_tokens", self.batch_tokens, "> 0")
+        _check(_is_int(self.rows_per_part) and self.rows_per_part > 0, "memory.rows_per_part", self.rows_per_part,
+               "an integer > 0")
+        _check(_is_int(self.batch_tokens) and self.batch_tokens > 0, "memory.batch_tokens", self.batch_tokens,
+               "an integer > 0")
         _check(_is_int(self.num_actors) and self.num_actors >= 0, "memory.num_actors", self.num_actors,
                "an integer >= 0 (0 = one actor per GPU group, or 1 without GPUs)")
         _check(_is_int(self.gpus_per_actor) and self.gpus_per_actor >= 1, "memory.gpus_per_actor",
@@ -92,9 +100,10 @@ class AdapterConfig:
     dropout: float = 0.2
 
     def __post_init__(self):
-        _check(isinstance(self.rank, int) and self.rank > 0, "adapter.rank", self.rank, "an integer > 0")
-        _check(self.alpha > 0, "adapter.alpha", self.alpha, "> 0")
-        _check(0.0 <= self.dropout < 1.0, "adapter.dropout", self.dropout, "in [0, 1)")
+        _check(_is_int(self.rank) and self.rank > 0, "adapter.rank", self.rank, "an integer > 0")
+        _check(_is_num(self.alpha) and self.alpha > 0, "adapter.alpha", self.alpha, "a number > 0")
+        _check(_is_num(self.dropout) and 0.0 <= self.dropout < 1.0, "adapter.dropout", self.dropout,
+               "a number in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -141,12 +150,17 @@ class TrainConfig:
                "a number in (0, 1]")
         _check(_is_num(self.kappa) and 0.0 <= self.kappa <= 1.0, "train.kappa", self.kappa, "a number in [0, 1]")
         for name in ("rct_epochs", "epochs"):
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "an integer >= 0")
+            v = getattr(self, name)
+            _check(_is_int(v) and v >= 0, f"train.{name}", v, "an integer >= 0")
         for name in ("lr", "rct_lr"):
-            _check(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "> 0")
-        _check(self.batch_size > 0, "train.batch_size", self.batch_size, "> 0")
-        _check(self.evals_per_epoch >= 1, "train.evals_per_epoch", self.evals_per_epoch, ">= 1")
-        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+            v = getattr(self, name)
+            _check(_is_num(v) and v > 0, f"train.{name}", v, "a number > 0")
+        _check(_is_int(self.batch_size) and self.batch_size > 0, "train.batch_size", self.batch_size, "an integer > 0")
+        _check(_is_int(self.evals_per_epoch) and self.evals_per_epoch >= 1, "train.evals_per_epoch",
+               self.evals_per_epoch, "an integer >= 1")
+        _check(_is_num(self.weight_decay) and self.weight_decay >= 0, "train.weight_decay", self.weight_decay,
+               "a number >= 0")
+        _check(_is_int(self.seed), "train.seed", self.seed, "an integer")
         _check(not (self.b_pd_init == "from_rct" and self.method != "rct_pd"), "train.b_pd_init", self.b_pd_init,
                "'random' or 'zeros' unless train.method is 'rct_pd' (there is no B_rct to copy)")
 
@@ -181,21 +195,24 @@ class DecodeConfig:
     length_cap: float | None = None  # every system stops after ceil(length_cap * H) tokens (H: the row's horizon)
     const: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(kind="constant"))
     gu: ScheduleConfig = field(default_factory=ScheduleConfig)
+    pema: ScheduleConfig = field(default_factory=ScheduleConfig)  # the recommended schedule (the `pema` row)
     seed: int = 0
 
     def __post_init__(self):
         _choice("decode.strategy", self.strategy, ("greedy", "beam", "sample"))
-        _check(self.num_beams >= 1, "decode.num_beams", self.num_beams, ">= 1")
-        _check(self.max_new_tokens >= 1, "decode.max_new_tokens", self.max_new_tokens, ">= 1")
-        _check(self.batch_size >= 1, "decode.batch_size", self.batch_size, ">= 1")
-        _check(self.temperature > 0, "decode.temperature", self.temperature, "> 0")
-        _check(0 < self.top_p <= 1, "decode.top_p", self.top_p, "in (0, 1]")
+        for name in ("num_beams", "max_new_tokens", "batch_size"):
+            v = getattr(self, name)
+            _check(_is_int(v) and v >= 1, f"decode.{name}", v, "an integer >= 1")
+        _check(_is_num(self.temperature) and self.temperature > 0, "decode.temperature", self.temperature,
+               "a number > 0")
+        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "decode.top_p", self.top_p, "a number in (0, 1]")
         _check(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0, "decode.no_repeat_ngram_size",
                self.no_repeat_ngram_size, "an integer >= 0 (0 = off)")
         _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0, "decode.repetition_penalty",
                self.repetition_penalty, "> 0 (1.0 = off)")
         _check(self.length_cap is None or (_is_num(self.length_cap) and 0 < self.length_cap <= 100),
                "decode.length_cap", self.length_cap, "null (off) or a multiple of the horizon H in (0, 100]")
+        _check(_is_int(self.seed), "decode.seed", self.seed, "an integer")
 
 
 @dataclass(frozen=True)
@@ -252,6 +269,7 @@ class LoraConfig:
         _check(_is_int(self.epochs) and self.epochs >= 1, "lora.epochs", self.epochs, "an integer >= 1")
         _check(_is_num(self.lr) and self.lr > 0, "lora.lr", self.lr, "> 0")
         _check(_is_int(self.batch_size) and self.batch_size >= 1, "lora.batch_size", self.batch_size, "an integer >= 1")
+        _check(_is_int(self.seed), "lora.seed", self.seed, "an integer")
         _check(isinstance(self.device, str) and (self.device == "cpu" or self.device.startswith("cuda")),
                "lora.device", self.device, "'cpu', 'cuda' or 'cuda:N'")
 
@@ -295,6 +313,11 @@ def _build(cls, data, path: str):
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{path or 'config'}: {exc}") from exc
+    except ConfigError as exc:  # a section reused under several paths (ScheduleConfig) names its field alone
+        key = getattr(exc, "key", None)
+        if key is None or not path or key.startswith(path + "."):
+            raise
+        raise _invalid(f"{path}.{key.rsplit('.', 1)[-1]}", exc.value, exc.allowed) from None
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:

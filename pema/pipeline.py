@@ -35,7 +35,8 @@ from pema.memory import MemoryReader
 from pema.tasks import (load_pairs, resolve_template, source_prompt_ids, source_token_count, stop_token_id,
                         use_chat_template)
 
-SYSTEMS = ("zero_shot", "pema_const", "pema_gu")
+SYSTEMS = ("zero_shot", "pema_const", "pema_gu", "pema")
+SCHEDULES = {"pema_const": "const", "pema_gu": "gu", "pema": "pema"}  # system -> its decode.<schedule>
 
 
 class Timer:
@@ -254,7 +255,7 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
         kw = {"ratio": ratio}  # the horizons H: GU and decode.length_cap (every system alike)
         if system != "zero_shot":
             kw = dict(adapter=adapter, head=head, ratio=ratio,
-                      schedule=cfg.decode.const if system == "pema_const" else cfg.decode.gu)
+                      schedule=getattr(cfg.decode, SCHEDULES[system]))
         with timer.stage(f"decode_{system}"):
             hyps, result = translate(model, tokenizer, sources, cfg, progress=progress, desc=system, **kw)
         summary[system] = score(hyps, refs, result, cfg.eval.postprocess)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,45 +72,62 @@ def render_instruction(template: str, source: str, *, source_field: str) -> str:
     return template.format(**{source_field: source})
 
 
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
+
+
+def _text_lines(path: Path):
+    """``(lineno, line)`` of a UTF-8 text file, lazily; a line that is not valid UTF-8 raises DataError naming
+    ``<path>:<lineno>``, the byte offset in the file and the byte. Lines split as in text mode (universal newlines)."""
+    offset = 0  # bytes before the current line: newline="" keeps "\r\n" so every byte is counted
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if bad := _UNDECODABLE.search(line):
+                head = line[:bad.start()].encode("utf-8", "surrogateescape")
+                byte = ord(bad.group()) - 0xDC00
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{byte:02x} at byte offset "
+                                f"{offset + len(head)} of the file, column {bad.start() + 1}); save the file as UTF-8")
+            offset += len(line.encode("utf-8", "surrogateescape"))
+            yield lineno, line
+
+
 def load_pairs(
     path, *, source_field: str = "en", target_field: str = "du", limit: int | None = None
 ) -> list[Pair]:
     """Read a JSONL file of ``{source_field: ..., target_field: ...}`` objects into Pairs.
 
-    Blank lines are skipped; ``limit`` keeps the first N pairs.  Any malformed line raises DataError
-    naming ``<path>:<lineno>`` and the field; FileNotFoundError passes through.
+    Blank lines are skipped; ``limit`` keeps the first N pairs.  Any malformed line (bad JSON or UTF-8, a missing
+    or empty field) raises DataError naming ``<path>:<lineno>``; FileNotFoundError passes through.
     """
     if limit is not None and limit < 1:
         raise ConfigError(f"limit={limit!r} must be a positive integer or None")
     path = Path(path)
     pairs: list[Pair] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if limit is not None and len(pairs) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                                "write one JSON object per line") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            texts = []
-            for field in (source_field, target_field):
-                if field not in obj:
-                    raise DataError(f"{path}:{lineno}: missing field {field!r} (fields present: "
-                                    f"{', '.join(sorted(obj)) or 'none'}); set source_field/target_field "
-                                    "to match the file or fix the line")
-                value = obj[field]
-                if not isinstance(value, str):
-                    raise DataError(f"{path}:{lineno}: field {field!r} must be a string, "
-                                    f"got {type(value).__name__}")
-                if not value.strip():
-                    raise DataError(f"{path}:{lineno}: field {field!r} is empty; remove the line or fill it")
-                texts.append(value)
-            pairs.append(Pair(index=len(pairs), source=texts[0], target=texts[1]))
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                            "write one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        texts = []
+        for field in (source_field, target_field):
+            if field not in obj:
+                raise DataError(f"{path}:{lineno}: missing field {field!r} (fields present: "
+                                f"{', '.join(sorted(obj)) or 'none'}); set source_field/target_field "
+                                "to match the file or fix the line")
+            value = obj[field]
+            if not isinstance(value, str):
+                raise DataError(f"{path}:{lineno}: field {field!r} must be a string, "
+                                f"got {type(value).__name__}")
+            if not value.strip():
+                raise DataError(f"{path}:{lineno}: field {field!r} is empty; remove the line or fill it")
+            texts.append(value)
+        pairs.append(Pair(index=len(pairs), source=texts[0], target=texts[1]))
+        if limit is not None and len(pairs) >= limit:
+            break  # before the next line is read: what lies past the limit is never looked at
     if not pairs:
         raise DataError(f"{path}: no pairs found (the file is empty or blank); expected JSONL lines "
                         f"with fields {source_field!r} and {target_field!r}")
@@ -117,8 +135,7 @@ def load_pairs(
 
 
 def _read_segments(path) -> list[str]:
-    with open(path, encoding="utf-8") as fh:
-        return [line.rstrip("\r\n") for line in fh]
+    return [line.rstrip("\r\n") for _, line in _text_lines(Path(path))]
 
 
 def parallel_to_jsonl(

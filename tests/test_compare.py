@@ -88,10 +88,11 @@ def test_significance_metrics_names():
 
 
 def test_systems_are_checked_and_ordered():
-    assert check_systems("all") == SYSTEMS and len(SYSTEMS) == 7
+    assert check_systems("all") == SYSTEMS and len(SYSTEMS) == 8
     assert check_systems("pema_gu, zero_shot") == ("zero_shot", "pema_gu")  # always in table order
     assert check_systems(["lora"]) == ("lora",)
-    for bad in ("pema", "zero_shot,nope", ""):
+    assert check_systems("pema") == ("pema",)
+    for bad in ("pema_x", "zero_shot,nope", ""):
         with pytest.raises(ConfigError, match="choose from"):
             check_systems(bad)
 
@@ -103,6 +104,7 @@ def test_definitions_of_the_schedules():
     assert torch.equal(lam, torch.ones(20, dtype=torch.float64))  # P_PEMA alone at every step, whatever the horizon
     assert decode_schedule("knn_lm", cfg) == ScheduleConfig(kind="constant", lam=0.3)
     assert decode_schedule("pema_gu", cfg) == decode_schedule("pema_no_rct", cfg) == cfg.decode.gu
+    assert decode_schedule("pema", cfg) == cfg.decode.pema
     assert decode_schedule("pema_const", cfg) == cfg.decode.const
     assert decode_schedule("zero_shot", cfg) is None and decode_schedule("lora", cfg) is None
 

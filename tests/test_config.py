@@ -1,5 +1,7 @@
 """Tests of pema.config: YAML loading, validation, dotted overrides and flatten()."""
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -116,7 +118,7 @@ def test_lambda_and_kappa_outside_unit_interval(override, name):
     ("train.pd_vocab=some", "train.pd_vocab"),
     ("train.phase2_init_A=keep", "train.phase2_init_A"),
     ("decode.strategy=topk", "decode.strategy"),
-    ("decode.gu.kind=cosine", "schedule.kind"),
+    ("decode.gu.kind=cosine", "decode.gu.kind"),
     ("model.dtype=int8", "model.dtype"),
     ("memory.dtype=bfloat16", "memory.dtype"),
 ])
@@ -134,6 +136,54 @@ def test_bad_choices(override, name):
 def test_out_of_range_values(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         load_config(None, [override])
+
+
+def number_fields(cls=PipelineConfig, prefix=""):
+    """Dotted keys of every int / float field (``int | None`` too), through the nested sections."""
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from number_fields(hint, f"{prefix}{f.name}.")
+        elif {t for t in typing.get_args(hint) or (hint,) if t is not type(None)} & {int, float}:
+            yield f"{prefix}{f.name}"
+
+
+def test_number_fields_cover_every_section():
+    keys = set(number_fields())
+    assert {"adapter.rank", "adapter.alpha", "memory.rows_per_part", "memory.batch_tokens", "train.rct_epochs",
+            "train.lr", "train.seed", "decode.num_beams", "decode.gu.lam_max", "decode.pema.stop_lam",
+            "knn.k", "lora.seed", "eval.num_cpus", "data.train_limit"} <= keys
+    assert not {k for k in keys if k.endswith((".kind", ".device", ".method", ".resident", ".postprocess"))}
+
+
+@pytest.mark.parametrize("key", sorted(number_fields()))
+def test_bool_is_not_a_number(key):
+    # YAML `true` is a Python bool, and bool is an int subclass: it must not pass as 1 (adapter.rank=true)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"{key}=true"])
+    assert str(info.value).startswith(f"{key}=True is invalid"), str(info.value)
+
+
+@pytest.mark.parametrize("override", [
+    "decode.gu.lam_max=1.5", "decode.gu.floor=-1", "decode.gu.kind=cosine", "decode.const.lam=2",
+    "decode.pema.stop_lam=1.5", "decode.pema.lam_max=-0.5", "train.kappa=1.5", "train.batch_size=0",
+    "adapter.rank=0", "memory.num_actors=-1", "knn.lam=2", "lora.rank=0", "eval.num_cpus=0", "decode.top_p=0",
+])
+def test_range_errors_name_the_full_dotted_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    # exactly the key the user typed: not the leaf (lam_max=...), nor a doubled prefix (train.train.kappa=...)
+    assert str(info.value).startswith(f"{key}="), str(info.value)
+
+
+def test_schedule_errors_name_their_section_from_yaml_too(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("decode:\n  pema:\n    stop_lam: 3\n")
+    with pytest.raises(ConfigError, match=r"^decode\.pema\.stop_lam=3 is invalid"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"^lam=-1\.0 is invalid"):  # built directly, there is no path to name
+        ScheduleConfig(lam=-1.0)
 
 
 def test_wrong_type_becomes_config_error():

@@ -74,6 +74,61 @@ def test_stage_run_nests_under_an_active_run(tmp_path, monkeypatch):
     assert (tmp_path / "mlflow.db").is_file()  # the embedded default store
 
 
+KILLED_STORE = """
+import os, signal, sys
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from pema.integrations.tracking import connect, experiment_id
+count = [0]
+@event.listens_for(Engine, "after_cursor_execute")
+def kill(conn, cursor, statement, *args):  # SIGKILL right after the chosen SQL statement of MLflow's migration
+    count[0] += 1
+    if count[0] == int(sys.argv[2]) if sys.argv[2].isdigit() else sys.argv[2] in statement:
+        os.kill(os.getpid(), signal.SIGKILL)
+connect(sys.argv[1])
+experiment_id()  # what a stage's run does first: a fresh store gets its tables here at the latest
+"""
+
+
+def test_store_creation_killed_at_any_instant_leaves_a_usable_folder(tmp_path, monkeypatch):
+    """SIGKILL while MLflow creates the tables of a fresh mlflow.db used to leave it half-migrated, and every later
+    open failed with ``table _alembic_tmp_trace_info already exists``. Kill the creating job at several instants
+    (the first statement, the issue's one, late in the migration), then open the folder's store and log a run."""
+    import mlflow
+
+    from pema.integrations.tracking import stage_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # the experiment's artifacts go to ./mlruns
+    out = tmp_path / "o"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    for kill_at in ("1", "CREATE TABLE _alembic_tmp_trace_info", "1500"):
+        proc = subprocess.run([sys.executable, "-c", KILLED_STORE, str(out), kill_at], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -9, f"not killed at {kill_at!r}: {proc.stderr[-2000:]}"
+    (out / "mlflow.db.init-1-deadbeef").write_bytes(b"half a database")  # a partial file as a kill leaves it
+    cfg = load_config(SMOKE)
+    with stage_run("after_kill", cfg, out) as run:
+        mlflow.log_metric("x", 1.0)
+    got = mlflow.tracking.MlflowClient().get_run(run.info.run_id)
+    assert got.info.status == "FINISHED" and got.data.metrics["x"] == 1.0
+    assert sorted(p.name for p in out.iterdir()) == ["mlflow.db"]  # the killed attempts' files are gone
+
+
+def test_a_half_migrated_store_is_named_with_the_fix(tmp_path, monkeypatch):
+    import sqlite3
+
+    from pema.errors import TrackingError
+    from pema.integrations.tracking import connect
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with sqlite3.connect(tmp_path / "mlflow.db") as con:  # what a kill left before stores were made atomically
+        con.execute("CREATE TABLE experiments (id INTEGER)")
+        con.execute("CREATE TABLE _alembic_tmp_trace_info (id INTEGER)")
+    with pytest.raises(TrackingError, match=r"mlflow\.db was left half-migrated.*_alembic_tmp_trace_info.*delete"):
+        connect(tmp_path)
+
+
 def test_log_scores_logs_intervals_and_p_values_of_every_system_present(tmp_path, monkeypatch):
     import mlflow
 

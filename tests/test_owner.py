@@ -21,7 +21,7 @@ from pema.owner import build as build_mod
 from pema.owner.build import build_memory, prepare_examples
 from pema.owner.encode import EncodeExample, MemoryEncoder, length_batches
 from pema.owner.export import export_head
-from pema.owner.plm import SMOLLM2_GGUF, head_modules, resolve_model, tiny_model
+from pema.owner.plm import SMOLLM2_GGUF, head_modules, load_plm, load_tokenizer, resolve_model, tiny_model
 from pema.owner.respond import ContextTap
 
 V = 97  # vocabulary of the random-id models
@@ -320,6 +320,31 @@ def test_resolve_model(tmp_path):
     assert ref.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert os.path.isfile(os.path.join(ref.path, ref.gguf_file))
     assert resolve_model("org/some-model") == type(ref)("org/some-model", None)
+
+
+@pytest.mark.parametrize("model_id", ["/nonexistent/model", "./no_model_here", "../no_model_here", "~/no_model",
+                                      "a/b/c", "tests/no_such_model"])
+def test_missing_model_path_is_named_before_transformers(model_id, monkeypatch):
+    import transformers
+
+    def called(*args, **kwargs):
+        raise AssertionError("transformers was asked to load a path that does not exist")
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ exists there
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", called)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", called)
+    message = f"model.model_id={model_id!r}: no such file or folder"
+    for load in (resolve_model, load_tokenizer, load_plm):
+        with pytest.raises(ConfigError) as exc:
+            load(model_id)
+        assert str(exc.value).startswith(message), str(exc.value)
+
+
+def test_hub_ids_and_existing_paths_are_not_refused(tmp_path):
+    assert resolve_model("org/some-model").path == "org/some-model"  # a hub id: org/name
+    assert resolve_model("gpt2").path == "gpt2"
+    assert resolve_model("tiny://llama").path == "tiny://llama"
+    assert resolve_model(str(tmp_path)).path == str(tmp_path)  # exists: transformers reads the folder
 
 
 def test_resolve_model_missing_dotted_package_is_config_error():

@@ -1,5 +1,7 @@
 """`ray job submit` of the smoke pipeline to a real local cluster, and every job's bad-input exit code."""
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -69,3 +71,115 @@ def test_jobs_reject_bad_input_with_exit_code_2(job, tmp_path):
                              timeout=120)
     assert missing.returncode == 2 and "nope.yaml" in missing.stderr
     assert not (tmp_path / "o").exists()
+
+
+SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
+MISSING_MODEL = "/nonexistent/model"
+# (job, the flag that points at a JSONL file the job reads): the train job reads no JSONL (memory and head only)
+DATA_FLAG = {"pipeline": "--test", "build_memory": "--dev", "evaluate": "--test", "register": "--dev",
+             "tune": "--train", "compare": "--test"}
+
+
+def latin1_file(folder: Path) -> Path:
+    path = folder / "latin1.jsonl"
+    path.write_bytes('{"en": "Hello", "du": "Hallo"}\n'.encode() + b'{"en": "Gr\xfc\xdfe", "du": "Gr\xfc\xdfe"}\n')
+    return path
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def load_job(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_job", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bad_inputs(job: str, folder: Path) -> list[tuple[list[str], str]]:
+    """(extra arguments, what the error line must name) for each bad input the job reads."""
+    cases = [(["adapter.rank=true"], "error: adapter.rank=True is invalid"),
+             (["decode.gu.lam_max=1.5"], "error: decode.gu.lam_max=1.5 is invalid")]
+    if job in DATA_FLAG:
+        bad = latin1_file(folder)
+        cases.append(([DATA_FLAG[job], str(bad)], f"error: {bad}:2: not valid UTF-8 (byte 0xfc at byte offset 41"))
+    if job != "train":  # the data owner's training never loads the PLM
+        cases.append(([f"model.model_id={MISSING_MODEL}"],
+                      f"error: model.model_id={MISSING_MODEL!r}: no such file or folder"))
+    if job in ("train", "evaluate"):  # their inputs are bundles of earlier stages
+        cases.append(([], "lacks ["))
+    return cases
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_jobs_refuse_bad_input_before_ray_and_leave_the_folder_as_it_was(job, tmp_path, monkeypatch, capsys):
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a job whose input is wrong")
+
+    monkeypatch.setattr("pema.integrations.ray_runtime.init_ray", no_ray)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(ROOT)  # the smoke config's data paths are relative to the repository
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file\n")
+    before = snapshot(out)
+    main = load_job(job).main
+    base = ["--config", str(SMOKE), "--output-dir", str(out), "--no-progress"]
+    base += ["--name", "m"] if job == "register" else []
+    for extra, named in bad_inputs(job, tmp_path):
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert named in err, (extra, err)
+        assert snapshot(out) == before, extra  # no config.json, no mlflow.db, nothing
+    assert {p.name for p in tmp_path.iterdir()} <= {"latin1.jsonl", "o"}  # nothing beside the folder either
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--train", "LATIN1"], "LATIN1:2: not valid UTF-8"),
+    ([f"model.model_id={MISSING_MODEL}"], f"model.model_id={MISSING_MODEL!r}: no such file or folder"),
+])
+def test_pipeline_job_exits_2_on_the_issues_bad_inputs_and_writes_nothing(extra, named, tmp_path):
+    bad = str(latin1_file(tmp_path))
+    extra, named = [a.replace("LATIN1", bad) for a in extra], named.replace("LATIN1", bad)
+    out = tmp_path / "o"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(SMOKE), "--output-dir",
+                           str(out), "--no-progress", *extra], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: {named}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["latin1.jsonl"]
+
+
+def test_stages_check_their_inputs_before_writing_anything(tmp_path, monkeypatch):
+    from pema.config import load_config
+    from pema.errors import ConfigError, DataError
+    from pema.integrations import stages
+    from pema.integrations.registry import register
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(ROOT)
+    bad = latin1_file(tmp_path)
+    no_model = load_config(SMOKE, [f"model.model_id={MISSING_MODEL}"])
+    out = tmp_path / "o"
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not valid UTF-8"):
+        stages.pipeline(load_config(SMOKE, [f"data.test={bad}"]), out)
+    for call in (lambda: stages.pipeline(no_model, out), lambda: stages.build(no_model, out),
+                 lambda: stages.tune(no_model, out, train_space={}, decode_grid=[], num_samples=1)):
+        with pytest.raises(ConfigError, match="no such file or folder"):
+            call()
+    for stage in (stages.train, stages.evaluate):  # the bundles of the earlier stages are missing
+        with pytest.raises(FileNotFoundError, match="lacks"):
+            stage(load_config(SMOKE), out)
+    assert not out.exists()  # no folder, no config.json, no mlflow.db
+
+    for bundle in ("adapter/adapter.json", "head/head.json"):  # register: bundles there, the base model is not
+        (out / bundle).parent.mkdir(parents=True)
+        (out / bundle).write_text("{}")
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        register(no_model, out, "m", dev_bleu=1.0)
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2"):
+        register(load_config(SMOKE, [f"data.dev={bad}"]), out, "m")
+    assert snapshot(out) == before

@@ -33,7 +33,7 @@ def test_the_spaces_cover_what_the_search_varies():
     ("train.lr: {loguniform: [0, 0.1]}", "low > 0"),
     ("adapter.rank: {choice: []}", "non-empty"),
     ("adapter.rank: {gaussian: [1, 2]}", "kind in"),
-    ("decode.gu.kind: {choice: [cosine]}", "schedule.kind"),
+    ("decode.gu.kind: {choice: [cosine]}", "decode.gu.kind=.cosine."),
     ("- adapter.rank", "mapping"),
 ])
 def test_bad_spaces_are_refused(tmp_path, text, match):

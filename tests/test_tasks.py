@@ -140,6 +140,29 @@ def test_load_pairs_empty_file_and_missing_file(tmp_path):
         load_pairs(tmp_path / "nope.jsonl")
 
 
+def test_load_pairs_invalid_utf8_names_line_and_byte_offset(tmp_path):
+    good = '{"en": "Hello", "du": "Hallo"}\r\n'.encode()
+    bad = '{"en": "Gr'.encode() + b"\xfc" + '\u00df", "du": "Gr\u00fc\u00df"}\n'.encode()  # latin-1 in a UTF-8 file
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n" + bad)
+    with pytest.raises(DataError) as exc:
+        load_pairs(path)
+    msg = str(exc.value)
+    assert f"{path}:3: not valid UTF-8" in msg and "0xfc" in msg
+    assert f"byte offset {len(good) + 1 + bad.index(0xfc)}" in msg
+    path.write_bytes(good + bad)
+    assert load_pairs(path, limit=1)[0].target == "Hallo"  # lines past the limit are not read
+
+
+def test_parallel_invalid_utf8_names_line(tmp_path):
+    src = write_lines(tmp_path / "en.txt", ["one", "two"])
+    tgt = tmp_path / "de.txt"
+    tgt.write_bytes(b"eins\nzw\xe4i\n")
+    with pytest.raises(DataError, match=r"de\.txt:2: not valid UTF-8 \(byte 0xe4 at byte offset 7"):
+        parallel_to_jsonl(src, tgt, tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 # --- parallel_to_jsonl -------------------------------------------------------------------------
 
 def test_parallel_round_trip(tmp_path):

@@ -1,8 +1,9 @@
 """What every job in ``jobs/`` shares: the command line, config loading, connecting to Ray and the exit code.
 
-A job is ``parse -> config -> one stage call -> exit code``: 0 on success, 2 with ``error: ...`` on stderr when the
-input is wrong (a named :class:`~pema.errors.PemaError`, a missing file). Anything else is a bug and keeps its
-traceback.
+A job is ``parse -> config -> inputs checked -> one stage call -> exit code``: 0 on success, 2 with ``error: ...`` on
+stderr when the input is wrong (a named :class:`~pema.errors.PemaError`, a missing file). The config, the JSONL
+files, the model path and the bundles the job reads are checked before Ray starts and before anything is written, so
+a refused job leaves ``--output-dir`` as it was. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def job_parser(doc: str, *, splits: tuple[str, ...] = ("train", "dev", "test")) 
     parser.add_argument("--output-dir", default="outputs/run", help="the run's folder: memory/, head/, adapter/, ...")
     for split in splits:
         parser.add_argument(f"--{split}", help=f"{split} pairs JSONL (overrides data.{split})")
+    parser.set_defaults(input_splits=splits)  # the JSONL files run_job checks (unless the job names others)
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.kappa=0.3")
@@ -34,10 +36,17 @@ def job_config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def run_job(args: argparse.Namespace, stage: Callable[[PipelineConfig], object],
-            show: Callable[[object], str] = str) -> int:
-    """Load the config, connect to Ray, run ``stage(cfg)`` and print ``show(result)``; returns the exit code."""
+            show: Callable[[object], str] = str, *, inputs: tuple[str, ...] | None = None, model: bool = True,
+            bundles: tuple[str, ...] = ()) -> int:
+    """Load the config, check the inputs, connect to Ray, run ``stage(cfg)`` and print ``show(result)``; returns the
+    exit code. Checked first (:func:`~pema.integrations.stages.check_inputs`): the pairs of ``inputs`` (default: the
+    job's ``--train/--dev/--test`` splits), ``model.model_id`` when ``model`` and ``bundles`` under ``--output-dir``."""
     try:
         cfg = job_config(args)
+        from pema.integrations.stages import check_inputs
+
+        check_inputs(cfg, args.output_dir, splits=getattr(args, "input_splits", ()) if inputs is None else inputs,
+                     model=model, bundles=bundles)
         from pema.integrations.ray_runtime import init_ray
         from pema.integrations.tracking import check_server, tracking_uri
 

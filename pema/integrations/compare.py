@@ -10,6 +10,7 @@ the same ``decode.*`` settings through :func:`pema.pipeline.translate`, and are 
   is what the PLM owner could offer instead of PEMA.
 - ``pema_gu``: the PEMA adapter trained as ``train.*`` says, decoded with ``decode.gu`` (Gradual Unrolling).
 - ``pema_const``: the same adapter, decoded with ``decode.const`` (constant lambda instead of GU).
+- ``pema``: the same adapter, decoded with ``decode.pema``: the recommended schedule, chosen on dev pairs.
 - ``pema_pd_only``: the same adapter's distribution ALONE (P_PEMA, constant lam = 1: no mixing with P_LM), i.e.
   what the PD head has learnt by itself.
 - ``pema_no_rct``: an adapter trained WITHOUT reconstruction (``train.method = pd``, ``b_pd_init = random``: there

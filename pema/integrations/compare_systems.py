@@ -35,7 +35,7 @@ from pema.pipeline import (adapter_meta, missing_bundles, open_bundles, save_pre
 from pema.profiling import PeakMemory
 from pema.tasks import load_pairs
 
-SYSTEMS = ("zero_shot", "knn_lm", "lora", "pema_pd_only", "pema_no_rct", "pema_const", "pema_gu")
+SYSTEMS = ("zero_shot", "knn_lm", "lora", "pema_pd_only", "pema_no_rct", "pema_const", "pema_gu", "pema")
 DEFINITIONS = {
     "zero_shot": "the PLM alone",
     "knn_lm": "kNN-LM over the train memory: constant lam = knn.lam, k = knn.k, temperature knn.temperature",
@@ -45,9 +45,10 @@ DEFINITIONS = {
                    "decoded with decode.gu",
     "pema_const": "the PEMA adapter (train.*), decoded with decode.const (constant lambda)",
     "pema_gu": "the PEMA adapter (train.*), decoded with decode.gu (Gradual Unrolling)",
+    "pema": "the PEMA adapter (train.*), decoded with decode.pema (the recommended schedule, chosen on dev)",
 }
 PD_ONLY = ScheduleConfig(kind="constant", lam=1.0)  # log P = log P_PEMA exactly (interpolate handles lam = 1)
-MAIN_ADAPTER = ("pema_pd_only", "pema_const", "pema_gu")  # the systems that share the cfg.train adapter
+MAIN_ADAPTER = ("pema_pd_only", "pema_const", "pema_gu", "pema")  # the systems that share the cfg.train adapter
 
 
 def check_systems(systems: Iterable[str] | str) -> tuple[str, ...]:
@@ -91,7 +92,8 @@ def no_rct_config(cfg: PipelineConfig) -> PipelineConfig:
 def decode_schedule(system: str, cfg: PipelineConfig) -> ScheduleConfig | None:
     """The lambda schedule ``system`` decodes with (None: the model alone, no mixing)."""
     return {"knn_lm": ScheduleConfig(kind="constant", lam=cfg.knn.lam), "pema_pd_only": PD_ONLY,
-            "pema_no_rct": cfg.decode.gu, "pema_const": cfg.decode.const, "pema_gu": cfg.decode.gu}.get(system)
+            "pema_no_rct": cfg.decode.gu, "pema_const": cfg.decode.const, "pema_gu": cfg.decode.gu,
+            "pema": cfg.decode.pema}.get(system)
 
 
 def pema_trainable_params(adapter: torch.nn.Module, t: TrainConfig) -> int:

@@ -63,10 +63,13 @@ def register(cfg: PipelineConfig, output_dir, name: str, *, dev_bleu: float | No
              progress: bool = True) -> dict:
     """Register ``output_dir/adapter`` as a new version of ``name``; returns the version, its dev BLEU and
     whether it became the champion. ``dev_bleu`` is measured on the dev pairs unless given (a Tune trial has it)."""
+    from pema.integrations.stages import check_inputs
+
     out = Path(output_dir)
     for part in ("adapter", "head"):
         if not (out / part / f"{part}.json").is_file():
             raise FileNotFoundError(f"{out / part} holds no {part} bundle: run the build and train jobs first")
+    check_inputs(cfg, splits=("dev",) if dev_bleu is None else (), model=True)  # before the run exists
     with stage_run("register", cfg, out):
         if dev_bleu is None:
             dev_bleu = dev_bleu_of(cfg, out, progress=progress)

