@@ -3,8 +3,8 @@
     python jobs/register.py --config jobs/configs/default.yaml --output-dir outputs/default --name pema-wmt22
 
 Logs <output-dir>/adapter + head + the config as a pyfunc model (text -> text), registers a new version of --name,
-measures its dev BLEU under decode.gu (unless --dev-bleu is given) and points `champion` at it when it beats the
-current champion's dev BLEU. Logs to MLFLOW_TRACKING_URI, or to <output-dir>/mlflow.db without it.
+measures its dev BLEU as the `pema` row, under decode.pema (unless --dev-bleu is given), and points `champion` at it
+when it beats the current champion's dev BLEU. Logs to MLFLOW_TRACKING_URI, or to <output-dir>/mlflow.db without it.
 """
 from __future__ import annotations
 

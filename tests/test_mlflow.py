@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pema.config import load_config
+from pema.config import load_config, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
@@ -202,30 +202,100 @@ def test_pipeline_is_a_parent_run_with_stage_children(tracked):
     assert summary["mlflow"]["run_id"] == parent["info"]["run_id"]
 
 
+# what is registered and deployed is the recommended row (decode.pema), set apart here from the GU ablation's
+PEMA_SCHEDULE = {"decode.pema.kind": "gu_linear", "decode.pema.lam_max": 0.8, "decode.pema.floor": 0.3,
+                 "decode.pema.stop_lam": 0.9}
+
+
+def schedule_cfg():
+    return with_overrides(load_config(SMOKE), PEMA_SCHEDULE)
+
+
+def test_schedule_tag_describes_decode_pema_with_stop_lam():
+    from pema.integrations.registry import schedule_tag
+
+    cfg = schedule_cfg()
+    assert cfg.decode.pema != cfg.decode.gu
+    assert schedule_tag(cfg) == "gu_linear lam=0.5 lam_max=0.8 floor=0.3 stop_lam=0.9"
+    assert schedule_tag(load_config(SMOKE)).endswith(" stop_lam=null")  # the default: the schedule's lambda
+
+
+def test_dev_bleu_of_decodes_the_pema_system_on_dev(monkeypatch):
+    import pema.integrations.ray_pipeline as ray_pipeline
+    import pema.integrations.stages as stages
+    from pema.integrations.registry import dev_bleu_of
+
+    calls, logged = [], []
+
+    def fake_stage(cfg, output_dir, **kwargs):
+        calls.append(kwargs)
+        return {system: {"bleu": 1.25 if system == "pema" else 9.0} for system in kwargs["systems"]}
+
+    monkeypatch.setattr(ray_pipeline, "run_evaluate_stage", fake_stage)
+    monkeypatch.setattr(stages, "log_scores", lambda scores, prefix="": logged.append((prefix, set(scores))))
+    assert dev_bleu_of(schedule_cfg(), "unused", progress=False) == 1.25
+    assert [(c["split"], c["systems"]) for c in calls] == [("dev", ("pema",))]
+    assert logged == [("dev/", {"pema"})]
+
+
+def test_registered_translator_decodes_with_decode_pema(monkeypatch):
+    import pema.pipeline
+    from pema.integrations.pyfunc_model import PemaTranslator
+
+    got = {}
+
+    def fake_translate(model, tokenizer, sources, cfg, **kw):
+        got.update(sources=sources, **kw)
+        return [s.upper() for s in sources], None
+
+    monkeypatch.setattr(pema.pipeline, "translate", fake_translate)
+    translator = PemaTranslator()
+    translator.cfg = schedule_cfg()
+    translator.model = translator.tokenizer = translator.adapter = translator.head = object()
+    translator.ratio = 1.1
+    assert translator.predict(None, ["a b", "c"]) == ["A B", "C"]
+    assert got["schedule"] == translator.cfg.decode.pema and got["schedule"] != translator.cfg.decode.gu
+    assert got["sources"] == ["a b", "c"] and got["ratio"] == 1.1
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_register_moves_champion_only_when_better(tracked):
     import mlflow
 
+    from pema.integrations.registry import schedule_tag
+
     out, env, uri = tracked
-    first = job("register", out, env, "--name", "pema-smoke")
+    schedule = [f"{k}={v}" for k, v in PEMA_SCHEDULE.items()]
+    first = job("register", out, env, "--name", "pema-smoke", *schedule)
     assert first.returncode == 0, first.stderr[-3000:]
     v1 = json.loads(first.stdout.strip().splitlines()[-1])
     assert v1["champion"] and v1["version"] == "1"
     alias = api(uri, "registered-models/alias", name="pema-smoke", alias="champion")["model_version"]
     assert alias["version"] == "1"
+    # the version's dev BLEU is the pema row's (decode.pema), decoded on dev, and its schedule tag says so
+    version = api(uri, "model-versions/get", name="pema-smoke", version="1")["model_version"]
+    version_tags = {t["key"]: t["value"] for t in version["tags"]}
+    assert version_tags["schedule"] == schedule_tag(schedule_cfg())
+    assert version_tags["schedule"] == "gu_linear lam=0.5 lam_max=0.8 floor=0.3 stop_lam=0.9"
+    assert float(version_tags["dev_bleu"]) == v1["dev_bleu"]
+    register_run = api(uri, "runs/get", run_id=version["run_id"])["run"]
+    register_metrics = {m["key"]: m["value"] for m in register_run["data"]["metrics"]}
+    assert register_metrics["dev/pema/bleu"] == pytest.approx(v1["dev_bleu"])
+    assert not any(k.startswith("dev/pema_gu/") for k in register_metrics)
 
-    worse = job("register", out, env, "--name", "pema-smoke", "--dev-bleu", str(v1["dev_bleu"] - 1.0))
+    worse = job("register", out, env, "--name", "pema-smoke", "--dev-bleu", str(v1["dev_bleu"] - 1.0), *schedule)
     assert worse.returncode == 0, worse.stderr[-3000:]
     assert not json.loads(worse.stdout.strip().splitlines()[-1])["champion"]
     assert api(uri, "registered-models/alias", name="pema-smoke", alias="champion")["model_version"]["version"] == "1"
 
-    better = job("register", out, env, "--name", "pema-smoke", "--dev-bleu", str(v1["dev_bleu"] + 1.0))
+    better = job("register", out, env, "--name", "pema-smoke", "--dev-bleu", str(v1["dev_bleu"] + 1.0), *schedule)
     assert json.loads(better.stdout.strip().splitlines()[-1])["version"] == "3"
     assert api(uri, "registered-models/alias", name="pema-smoke", alias="champion")["model_version"]["version"] == "3"
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/pema-smoke@champion")
+    assert model.unwrap_python_model().cfg.decode.pema == schedule_cfg().decode.pema  # the deployed schedule
     hyps = model.predict(["An English sentence.", "The weather is nice today."])
     assert len(hyps) == 2 and all(isinstance(h, str) for h in hyps)
     local = mlflow.artifacts.download_artifacts(f"models:/pema-smoke/3")

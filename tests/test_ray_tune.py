@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
+from pema.config import load_config, to_dict
 from pema.integrations.ray_tune import read_events
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +45,9 @@ def test_tune_job_sweeps_decoding_per_adapter_and_registers_the_best(ray_cluster
     summary = json.loads((out / "tune_summary.json").read_text())
     trials, grid, best = summary["trials"], summary["decode_grid"], summary["best"]
     assert len(trials) == 4 and len(grid) == 2 and summary["unfinished"] == 0
+    # the sweep is over the recommended row's schedule (decode.pema), stop_lam included
+    assert all(set(s) >= {"decode.pema.kind", "decode.pema.stop_lam"} and all(k.startswith("decode.pema.") for k in s)
+               for s in grid), grid
     completed = [t for t in trials if t["status"] == "completed"]
     assert completed and all(t["status"] in ("completed", "pruned") for t in trials)
 
@@ -76,13 +81,18 @@ def test_tune_job_sweeps_decoding_per_adapter_and_registers_the_best(ray_cluster
     mv = client.get_model_version_by_alias("smoke-tune", "champion")
     assert reg["champion"] and str(mv.version) == str(reg["version"]) and float(mv.tags["dev_bleu"]) == best["dev_bleu"]
     setting = best["decode"]
-    assert mv.tags["schedule"].startswith(setting["decode.gu.kind"] + " ")
-    for key in ("lam_max", "floor", "lam"):
-        if f"decode.gu.{key}" in setting:
-            assert f"{key}={setting[f'decode.gu.{key}']}" in mv.tags["schedule"]
+    assert setting in grid
+    kind, *pairs = mv.tags["schedule"].split()  # "<kind> lam=.. lam_max=.. floor=.. stop_lam=.." (YAML scalars)
+    schedule = {"kind": kind, **{k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)}}
+    assert set(schedule) == {"kind", "lam", "lam_max", "floor", "stop_lam"}
+    for key, value in setting.items():  # the registered decode.pema is the winning setting, stop_lam included
+        assert schedule[key.removeprefix("decode.pema.")] == value, (key, setting, mv.tags["schedule"])
     register_run = client.get_run(mv.run_id)
     assert register_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     winner = json.loads((out / "config.json").read_text())
+    assert winner["decode"]["pema"] == schedule  # the shipped config decodes the pema row with the winner
+    smoke = load_config(ROOT / "jobs/configs/smoke.yaml")
+    assert winner["decode"]["gu"] == to_dict(smoke.decode.gu)  # the GU ablation's schedule is not searched
     assert winner["adapter"]["rank"] == best["config"]["adapter.rank"]
     assert winner["train"]["kappa"] == best["config"]["train.kappa"]
     from safetensors.torch import load_file

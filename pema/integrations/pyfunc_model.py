@@ -22,7 +22,8 @@ def _sources(model_input) -> list[str]:
 
 
 class PemaTranslator(PythonModel):
-    """text -> text: the PLM mixed with the PEMA adapter under the registered lambda schedule (``decode.gu``)."""
+    """text -> text: the PLM mixed with the PEMA adapter under the registered lambda schedule (``decode.pema``, the
+    recommended PEMA configuration)."""
 
     def load_context(self, context):
         import yaml
@@ -46,7 +47,7 @@ class PemaTranslator(PythonModel):
         from pema.pipeline import translate
 
         hyps, _ = translate(self.model, self.tokenizer, _sources(model_input), self.cfg, adapter=self.adapter,
-                            head=self.head, schedule=self.cfg.decode.gu, ratio=self.ratio)
+                            head=self.head, schedule=self.cfg.decode.pema, ratio=self.ratio)
         return hyps
 
 

@@ -6,9 +6,10 @@ One trial = one training configuration (``tune_spaces/train.yaml`` sampled):
    validation it reports ``dev_ce`` (the dev cross-entropy of P_PEMA, comparable across kappa) at ``pd_epoch`` with
    a checkpoint (safetensors + JSON, :mod:`pema.adapter.checkpoint`). ASHA compares trials on ``dev_ce`` at the
    same ``pd_epoch`` and stops the laggards.
-2. A trial that finishes training decodes the dev pairs once per decoding setting (``tune_spaces/decode.yaml``,
-   the same settings for every trial) with the SAME adapter: decoding needs no retraining. Its last report
-   carries ``dev_bleu`` (the best over the settings), the setting that reached it and the adapter bundle.
+2. A trial that finishes training decodes the dev pairs with the ``pema`` system once per decoding setting
+   (``tune_spaces/decode.yaml``: ``decode.pema.*``, the same settings for every trial) with the SAME adapter:
+   decoding needs no retraining. Its last report carries ``dev_bleu`` (the best over the settings), the setting
+   that reached it and the adapter bundle.
 
 Every trial logs to its own MLflow run, a child of the tune job's parent run (``mlflow.parentRunId``): the sampled
 config as params, ``dev_ce`` per validation, the dev BLEU/chrF of each decoding setting (step = its index) and the
@@ -134,7 +135,8 @@ def tune_trial(config: dict, setup: dict) -> None:
 
 
 def sweep_decoding(cfg, out: Path, adapter_dir: Path, grid: list[dict], run: TrialRun, trial_dir: Path) -> dict:
-    """Dev BLEU of one adapter under every decoding setting of ``grid`` (PLM loaded once); returns the best."""
+    """Dev BLEU of one adapter, decoded as the ``pema`` system (``decode.pema``), under every decoding setting of
+    ``grid`` (PLM loaded once); returns the best."""
     from pema.owner.plm import load_plm  # the PLM's context responses come from the owner's side
 
     model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.model.device,
@@ -142,8 +144,8 @@ def sweep_decoding(cfg, out: Path, adapter_dir: Path, grid: list[dict], run: Tri
     best, table = None, []
     for i, setting in enumerate(grid):
         scores = decode_and_score(with_overrides(cfg, setting), out, model=model, tokenizer=tokenizer,
-                                  progress=False, split="dev", systems=("pema_gu",), write_predictions=False,
-                                  adapter_dir=adapter_dir)["pema_gu"]
+                                  progress=False, split="dev", systems=("pema",), write_predictions=False,
+                                  adapter_dir=adapter_dir)["pema"]
         _event(trial_dir, "decode", index=i, setting=setting, bleu=scores["bleu"])
         run.metrics({"sweep/dev_bleu": scores["bleu"], "sweep/dev_chrf": scores["chrf"]}, step=i)
         table.append({"index": i, **setting, "dev_bleu": scores["bleu"], "dev_chrf": scores["chrf"],

@@ -3,7 +3,8 @@
 
 The model is "models from code" (:mod:`pema.integrations.pyfunc_model`) with plain-file artifacts: the adapter
 bundle, the head bundle and the run's config (which names the base model and holds the decoding settings and the
-lambda schedule, ``decode.gu``). Every version carries the tags ``dev_bleu``, ``schedule`` and ``base_model``.
+lambda schedule, ``decode.pema``: the recommended PEMA configuration, the ``pema`` row). Every version carries the
+tags ``dev_bleu``, ``schedule`` (:func:`schedule_tag`) and ``base_model``.
 """
 from __future__ import annotations
 
@@ -44,19 +45,22 @@ def champion(name: str) -> tuple[str | None, float | None]:
 
 
 def schedule_tag(cfg: PipelineConfig) -> str:
-    g = cfg.decode.gu
-    return f"{g.kind} lam={g.lam} lam_max={g.lam_max} floor={g.floor}"
+    """The registered schedule, ``decode.pema``, as ``"<kind> lam=.. lam_max=.. floor=.. stop_lam=.."``: every value a
+    YAML scalar (``stop_lam=null``: the stop decision uses the schedule's lambda, as for any token)."""
+    p = cfg.decode.pema
+    values = {"lam": p.lam, "lam_max": p.lam_max, "floor": p.floor, "stop_lam": p.stop_lam}
+    return " ".join([p.kind] + [f"{k}={'null' if v is None else v}" for k, v in values.items()])
 
 
 def dev_bleu_of(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> float:
-    """Dev BLEU of PEMA under the registered schedule (``decode.gu``), decoded in a Ray task."""
+    """Dev BLEU of the ``pema`` system (the registered schedule, ``decode.pema``), decoded in a Ray task."""
     from pema.integrations.ray_pipeline import run_evaluate_stage
     from pema.integrations.stages import log_scores
 
-    scores = run_evaluate_stage(cfg, output_dir, progress=progress, split="dev", systems=("pema_gu",),
+    scores = run_evaluate_stage(cfg, output_dir, progress=progress, split="dev", systems=("pema",),
                                 write_predictions=False)
     log_scores(scores, prefix="dev/")
-    return float(scores["pema_gu"]["bleu"])
+    return float(scores["pema"]["bleu"])
 
 
 def register(cfg: PipelineConfig, output_dir, name: str, *, dev_bleu: float | None = None,

@@ -41,7 +41,7 @@ def load_space(path: str | Path, base: str | Path | None = None) -> dict[str, tu
     for key, spec in data.items():
         if key not in fields:
             raise ConfigError(f"{path}: {key!r} is not a config field; fields look like 'adapter.rank', "
-                              "'train.kappa', 'decode.gu.lam_max'")
+                              "'train.kappa', 'decode.pema.lam_max'")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
             raise ConfigError(f"{path}: {key} must be one of {{kind: args}} with kind in {KINDS}, got {spec!r}")
         kind, args = next(iter(spec.items()))
@@ -65,7 +65,8 @@ def decode_grid(space: dict[str, tuple[str, object]], samples: int = 0, seed: in
 
     ``samples == 0``: every combination (each entry must be a ``choice``); otherwise ``samples`` draws from the
     space. Settings that a schedule kind ignores are dropped (a constant schedule has no ``lam_max`` / ``floor``,
-    Gradual Unrolling no ``lam``), so duplicates collapse; the order is fixed by ``seed``."""
+    Gradual Unrolling no ``lam``; ``stop_lam`` applies to every kind), so duplicates collapse; the order is fixed
+    by ``seed``. A ``choice`` may hold ``null`` (``None``) for an optional field such as ``stop_lam``."""
     import itertools
     import random
 
