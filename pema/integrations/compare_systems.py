@@ -149,6 +149,7 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
 
     def decode(system: str, decoder, cost: dict, **kw) -> None:
         start = time.perf_counter()
+        kw.setdefault("ratio", ratio)  # the horizons H: GU and decode.length_cap (every system alike)
         hyps, result = translate(decoder, tokenizer, sources, cfg, schedule=decode_schedule(system, cfg),
                                  progress=progress, desc=system, **kw)
         timings[f"decode_{system}"] = round(time.perf_counter() - start, 2)
@@ -160,7 +161,7 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
         save_predictions(out / "predictions" / f"{system}.jsonl", test_pairs, hyps, result.lam_traces)
         log(f"compare: {system}: BLEU {row['bleu']:.2f}, chrF {row['chrf']:.2f}")
 
-    translate(model, tokenizer, sources[:1], cfg)  # warm-up (first-call costs), so that no system's timing carries it
+    translate(model, tokenizer, sources[:1], cfg, ratio=ratio)  # warm-up (first-call costs), so that no system's timing carries it
     if "zero_shot" in systems:
         decode("zero_shot", model, {"train_s": 0.0, "peak_train_mem_mb": 0.0, "memory_kind": "none",
                                     "trainable_params": 0, "total_params": plm_params})
