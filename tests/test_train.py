@@ -216,7 +216,7 @@ class ScriptedValidate:
     def __init__(self, losses):
         self.losses, self.states = list(losses), []
 
-    def __call__(self, adapter, head, dev_batches, phase, kappa):
+    def __call__(self, adapter, head, dev_batches, phase, kappa, mixture_lam=None):
         self.states.append(snapshot(adapter))
         return {"loss": self.losses[len(self.states) - 1]}
 
