@@ -254,8 +254,7 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
     for system in systems:
         kw = {"ratio": ratio}  # the horizons H: GU and decode.length_cap (every system alike)
         if system != "zero_shot":
-            kw = dict(adapter=adapter, head=head, ratio=ratio,
-                      schedule=getattr(cfg.decode, SCHEDULES[system]))
+            kw.update(adapter=adapter, head=head, schedule=getattr(cfg.decode, SCHEDULES[system]))
         with timer.stage(f"decode_{system}"):
             hyps, result = translate(model, tokenizer, sources, cfg, progress=progress, desc=system, **kw)
         summary[system] = score(hyps, refs, result, cfg.eval.postprocess)

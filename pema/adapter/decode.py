@@ -80,8 +80,7 @@ class MixtureLogitsProcessor(LogitsProcessor):
         log_p_other = log_p_other[:, :vocab]
         mixed = interpolate(log_p_lm, log_p_other, lam.to(device))
         if stop_lam is not None:
-            mixed = own_stop(mixed, log_p_lm, log_p_other.masked_fill(torch.isneginf(log_p_lm), float("-inf")),
-                             self.stop_token_id, stop_lam)
+            mixed = own_stop(mixed, log_p_lm, log_p_other, self.stop_token_id, stop_lam)  # keeps a banned stop
         return mixed.to(scores.device, scores.dtype)
 
 

@@ -51,16 +51,26 @@ PD_ONLY = ScheduleConfig(kind="constant", lam=1.0)  # log P = log P_PEMA exactly
 MAIN_ADAPTER = ("pema_pd_only", "pema_const", "pema_gu", "pema")  # the systems that share the cfg.train adapter
 
 
+def _known_names(value: Iterable[str] | str, key: str, hint: str = "") -> list[str]:
+    """``"a,b"`` or a sequence of names -> the list, each one of :data:`SYSTEMS` (ConfigError naming ``key``)."""
+    names = [s.strip() for s in value.split(",")] if isinstance(value, str) else list(value)
+    unknown = [s for s in names if s not in SYSTEMS]
+    if unknown or not names:
+        raise ConfigError(f"{key}={names!r}: unknown {unknown or 'empty list'}; choose from {SYSTEMS} "
+                          f"(comma separated){hint}")
+    return names
+
+
+def _in_table_order(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(s for s in SYSTEMS if s in names)
+
+
 def check_systems(systems: Iterable[str] | str) -> tuple[str, ...]:
     """``"all"``, ``"a,b"`` or a sequence of names -> the names in :data:`SYSTEMS` order (ConfigError otherwise)."""
     names = [s.strip() for s in systems.split(",")] if isinstance(systems, str) else list(systems)
     if names == ["all"]:
         return SYSTEMS
-    unknown = [s for s in names if s not in SYSTEMS]
-    if unknown or not names:
-        raise ConfigError(f"systems={names!r}: unknown {unknown or 'empty list'}; choose from {SYSTEMS} "
-                          "(comma separated) or 'all'")
-    return tuple(s for s in SYSTEMS if s in names)
+    return _in_table_order(_known_names(names, "systems", " or 'all'"))
 
 
 def check_against(against: Iterable[str] | str | None, systems: Iterable[str]) -> tuple[str, ...]:
@@ -70,18 +80,14 @@ def check_against(against: Iterable[str] | str | None, systems: Iterable[str]) -
     systems = check_systems(systems)
     if against is None:
         return ("zero_shot",) if "zero_shot" in systems else ()
-    names = [s.strip() for s in against.split(",")] if isinstance(against, str) else list(against)
-    if not names and not isinstance(against, str):
+    if not isinstance(against, str) and not list(against):
         return ()  # no tests asked for (a checked default where zero_shot does not run)
-    unknown = [s for s in names if s not in SYSTEMS]
-    if unknown or not names:
-        raise ConfigError(f"against={names!r}: unknown {unknown or 'empty list'}; choose from {SYSTEMS} "
-                          "(comma separated)")
+    names = _known_names(against, "against")
     absent = [s for s in names if s not in systems]
     if absent:
         raise ConfigError(f"against={names!r}: {absent} not among the systems that run {systems}; add them to "
                           "--systems")
-    return tuple(s for s in SYSTEMS if s in names)
+    return _in_table_order(names)
 
 
 def no_rct_config(cfg: PipelineConfig) -> PipelineConfig:
