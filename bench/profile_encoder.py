@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.memory_build import build_opt, padded, random_examples  # noqa: E402
-from pema.keys import normalize  # noqa: E402
+from pema.formats.keys import normalize  # noqa: E402
 from pema.owner.encode import length_batches, teacher_forced_inputs  # noqa: E402
 from pema.owner.respond import ContextTap  # noqa: E402
 

@@ -174,7 +174,8 @@ def project_path(args, variant: str, keys: np.ndarray, tokens: np.ndarray, devic
 def parquet_memory(keys, tokens, args, path):
     """Write the random memory as the project's Parquet memory (float16 keys); returns a MemoryReader."""
     try:
-        from pema.memory import MemoryReader, MemoryWriter
+        from pema.formats.memory import MemoryReader
+        from pema.formats.memory_writer import MemoryWriter
     except ImportError as e:
         raise SystemExit(f"--via-parquet needs pyarrow ({e}); run with --no-via-parquet") from e
     rows = len(tokens)

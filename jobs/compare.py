@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pema.integrations.cli import job_parser, run_job  # noqa: E402
+from pema.jobs.cli import job_parser, run_job  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                              "paired bootstrap (default: zero_shot)")
     args = parser.parse_args(argv)
     from pema.errors import ConfigError
-    from pema.integrations.compare_systems import check_against, check_systems
+    from pema.stages.compare import check_against, check_systems
 
     try:
         systems = check_systems(args.systems)  # before Ray starts or anything is written
@@ -38,15 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def stage(cfg):
-        from pema.integrations.compare import compare
+        from pema.jobs.compare import compare
 
         summary = compare(cfg, args.output_dir, systems=systems, progress=not args.no_progress, against=against)
         return f"{summary['compare_table']}\nsummary: {Path(args.output_dir) / 'summary.json'}"
 
-    from pema.pipeline import missing_bundles
+    from pema.formats.layout import RunLayout
 
     # the dev pairs are read only to build a missing memory
-    splits = ("train", "dev", "test") if missing_bundles(args.output_dir) else ("train", "test")
+    splits = ("train", "dev", "test") if RunLayout(args.output_dir).missing() else ("train", "test")
     return run_job(args, stage, inputs=splits)
 
 

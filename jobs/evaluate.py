@@ -3,7 +3,7 @@
     python jobs/evaluate.py --config jobs/configs/smoke.yaml --output-dir outputs/smoke [decode.gu.lam_max=0.8 ...]
 
 Reads <output-dir>/head, adapter and memory/train/manifest.json; writes predictions/<system>.jsonl and
-scores.json. Runs as a Ray task (on a GPU when model.device is not cpu and the cluster has one).
+scores.json. Runs as a Ray task (on a GPU when resources.device is not cpu and the cluster has one).
 """
 from __future__ import annotations
 
@@ -13,22 +13,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pema.integrations.cli import job_parser, run_job  # noqa: E402
+from pema.jobs.cli import job_parser, run_job  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     args = job_parser(__doc__, splits=("test",)).parse_args(argv)
 
     def stage(cfg):
-        from pema.integrations import stages
-        from pema.pipeline import format_table
+        from pema.jobs import stages
+        from pema.stages.pipeline import format_table
 
         scores = stages.evaluate(cfg, args.output_dir, progress=not args.no_progress)
         path = Path(args.output_dir) / "scores.json"
         path.write_text(json.dumps(scores, indent=2, ensure_ascii=False))
         return f"{format_table(scores)}\nscores: {path}"
 
-    from pema.integrations.stages import ADAPTER_BUNDLES
+    from pema.jobs.stages import ADAPTER_BUNDLES
 
     return run_job(args, stage, bundles=ADAPTER_BUNDLES)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pema.errors import PemaError  # noqa: E402
-from pema.tasks import parallel_to_jsonl  # noqa: E402
+from pema.formats.tasks import parallel_to_jsonl  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,15 +14,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pema.integrations.cli import job_parser, run_job  # noqa: E402
+from pema.jobs.cli import job_parser, run_job  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     args = job_parser(__doc__).parse_args(argv)
 
     def stage(cfg):
-        from pema.integrations import stages
-        from pema.pipeline import format_table
+        from pema.jobs import stages
+        from pema.stages.pipeline import format_table
 
         summary = stages.pipeline(cfg, args.output_dir, progress=not args.no_progress)
         return f"{format_table(summary)}\nsummary: {Path(args.output_dir) / 'summary.json'}"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pema.integrations.cli import job_parser, run_job  # noqa: E402
+from pema.jobs.cli import job_parser, run_job  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def stage(cfg):
-        from pema.integrations.registry import register
+        from pema.jobs.stages import register
 
         return register(cfg, args.output_dir, args.name, dev_bleu=args.dev_bleu, progress=not args.no_progress)
 

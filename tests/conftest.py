@@ -75,3 +75,15 @@ def mlflow_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
+
+
+def inline_build(pairs, out_dir, *overrides: str, model_id: str = "tiny://llama", **memory):
+    """The memory build stage on the inline executor (the same body the Ray executor distributes): ``memory``
+    sets ``memory.*`` (dtype, rows_per_part, batch_tokens), ``overrides`` any other key."""
+    from pema.config import load_config
+    from pema.executors.inline import InlineExecutor
+    from pema.stages.build import build_memory
+
+    cfg = load_config(None, [f"model.model_id={model_id}", *[f"memory.{k}={v}" for k, v in memory.items()],
+                             *overrides])
+    return build_memory(cfg, pairs, out_dir, InlineExecutor(), progress=False)

@@ -1,4 +1,4 @@
-"""The compare job (pema.integrations.compare): the systems' definitions, the table, and the job end to end on the
+"""The compare job (pema.jobs.compare): the systems' definitions, the table, and the job end to end on the
 smoke config against a real local Ray cluster, with its MLflow runs."""
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pema.adapter.model import PemaAdapter
 from pema.adapter.phases import phase_plan
 from pema.config import ScheduleConfig, load_config
 from pema.errors import ConfigError, MemoryFormatError
-from pema.integrations.compare import format_compare_table, system_params
-from pema.integrations.compare_systems import (SYSTEMS, check_against, check_inputs, check_systems, decode_schedule,
+from pema.jobs.compare import format_compare_table, system_params
+from pema.stages.compare import (SYSTEMS, check_against, check_inputs, check_systems, decode_schedule,
                                                no_rct_config, pema_trainable_params)
-from pema.pipeline import schedule_from
+from pema.stages.decode import schedule_from
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
@@ -76,7 +76,7 @@ def test_against_is_checked_against_the_systems_that_run():
 
 
 def test_significance_metrics_names():
-    from pema.integrations.stages import significance_metrics
+    from pema.jobs.stages import significance_metrics
 
     r = with_sig(row(1.0, 0, 0, 0, 0.01), zero_shot=0.04, knn_lm=0.5)
     got = significance_metrics(r, "pema_gu/")
@@ -129,7 +129,7 @@ def test_missing_memory_is_named(tmp_path):
 
 
 def test_compare_bars_has_bleu_and_chrf_per_system():
-    from pema.integrations import plots
+    from pema.stages import plots
 
     rows = {"zero_shot": row(1.0, 0, 0, 0, 0.01), "pema_gu": row(3.0, 5, 10, 3072, 0.02)}
     fig = plots.compare_bars(rows)

@@ -152,7 +152,7 @@ def test_number_fields_cover_every_section():
     keys = set(number_fields())
     assert {"adapter.rank", "adapter.alpha", "memory.rows_per_part", "memory.batch_tokens", "train.rct_epochs",
             "train.lr", "train.seed", "decode.num_beams", "decode.gu.lam_max", "decode.pema.stop_lam",
-            "knn.k", "lora.seed", "eval.num_cpus", "data.train_limit"} <= keys
+            "knn.k", "lora.seed", "resources.eval_cpus", "data.train_limit"} <= keys
     assert not {k for k in keys if k.endswith((".kind", ".device", ".method", ".resident", ".postprocess"))}
 
 
@@ -167,7 +167,7 @@ def test_bool_is_not_a_number(key):
 @pytest.mark.parametrize("override", [
     "decode.gu.lam_max=1.5", "decode.gu.floor=-1", "decode.gu.kind=cosine", "decode.const.lam=2",
     "decode.pema.stop_lam=1.5", "decode.pema.lam_max=-0.5", "train.kappa=1.5", "train.batch_size=0",
-    "adapter.rank=0", "memory.num_actors=-1", "knn.lam=2", "lora.rank=0", "eval.num_cpus=0", "decode.top_p=0",
+    "adapter.rank=0", "resources.memory_actors=-1", "knn.lam=2", "lora.rank=0", "resources.eval_cpus=0", "decode.top_p=0",
 ])
 def test_range_errors_name_the_full_dotted_key(override):
     key = override.split("=")[0]

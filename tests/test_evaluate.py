@@ -1,9 +1,9 @@
-"""Tests for pema.evaluate: sacrebleu scoring and the seed's post-processing."""
+"""Tests for pema.stages.scoring: sacrebleu scoring and the seed's post-processing."""
 
 import pytest
 import sacrebleu
 
-from pema.evaluate import evaluate, postprocess, score
+from pema.stages.scoring import evaluate, postprocess, score
 
 HYPS = ["Das Haus ist klein.", "Der Hund bellt laut.", "Ich mag Kaffee sehr."]
 REFS = ["Das Haus ist sehr klein.", "Der Hund bellt.", "Ich trinke gern Kaffee."]
@@ -97,7 +97,7 @@ def _direct(named, seed, monkeypatch):
 
 
 def test_significance_equals_sacrebleu_paired_test(monkeypatch):
-    from pema.evaluate import paired_significance
+    from pema.stages.scoring import paired_significance
 
     systems = {"zero_shot": SIG_A, "b": SIG_B, "ref": SIG_REFS}
     got = paired_significance(systems, SIG_REFS, seed=777)
@@ -124,7 +124,7 @@ def test_significance_equals_sacrebleu_paired_test(monkeypatch):
 def test_significance_is_deterministic_and_leaves_the_environment_alone(monkeypatch):
     import os
 
-    from pema.evaluate import paired_significance
+    from pema.stages.scoring import paired_significance
 
     systems = {"zero_shot": SIG_A, "b": SIG_B}
     monkeypatch.delenv("SACREBLEU_SEED", raising=False)
@@ -139,7 +139,7 @@ def test_significance_is_deterministic_and_leaves_the_environment_alone(monkeypa
 
 
 def test_identical_system_is_not_significant_and_references_are():
-    from pema.evaluate import paired_significance
+    from pema.stages.scoring import paired_significance
 
     got = paired_significance({"zero_shot": POOR, "same": list(POOR), "copy": SIG_A, "ref": SIG_REFS}, SIG_REFS,
                               baseline="zero_shot")
@@ -156,7 +156,7 @@ def test_identical_system_is_not_significant_and_references_are():
 
 
 def test_significance_bad_input_is_named():
-    from pema.evaluate import paired_significance
+    from pema.stages.scoring import paired_significance
 
     with pytest.raises(ValueError, match="baseline='nope'"):
         paired_significance({"zero_shot": SIG_A}, SIG_REFS, baseline="nope")
@@ -172,7 +172,7 @@ def test_significance_bad_input_is_named():
 
 
 def test_significance_against_several_baselines_and_formatting():
-    from pema.evaluate import format_interval, format_p, paired_significance, significance_against
+    from pema.stages.scoring import format_interval, format_p, paired_significance, significance_against
 
     systems = {"zero_shot": SIG_A, "b": SIG_B, "ref": SIG_REFS}
     got = significance_against(systems, SIG_REFS, ["b", "zero_shot"])

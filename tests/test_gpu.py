@@ -9,12 +9,13 @@ from pema.adapter.io import load_head
 from pema.adapter.model import PemaAdapter
 from pema.adapter.schedule import Schedule
 from pema.config import load_config
-from pema.memory import MemoryReader, MemoryWriter
+from pema.formats.memory_writer import MemoryWriter
 from pema.owner.encode import EncodeExample, MemoryEncoder
 from pema.owner.export import export_head
 from pema.owner.plm import tiny_model
 from pema.owner.respond import ContextTap
-from pema.pipeline import train_adapter
+from pema.executors.inline import InlineExecutor
+from pema.stages.train import run_train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 VOCAB = 120
@@ -54,16 +55,16 @@ def test_keys_on_gpu_reproduce_logits(model, tmp_path):
 
 
 def test_resident_training_on_gpu(model, tmp_path):
-    write_memory(model, tmp_path / "train", 40, 0)
-    write_memory(model, tmp_path / "dev", 10, 1)
+    write_memory(model, tmp_path / "memory" / "train", 40, 0)
+    write_memory(model, tmp_path / "memory" / "dev", 10, 1)
     export_head(model, tmp_path / "head", model_id="tiny")
-    head, _ = load_head(tmp_path / "head")
-    cfg = load_config(None, ["train.device=cuda", "train.resident=true", "adapter.rank=16", "adapter.alpha=16",
-                             "train.rct_epochs=5", "train.epochs=3", "train.batch_size=32"])
-    adapter, results = train_adapter(cfg, head, MemoryReader(tmp_path / "train"), MemoryReader(tmp_path / "dev"),
-                                     progress=False)
-    assert next(adapter.parameters()).is_cuda
-    rct = results[0].history
+    cfg = load_config(None, ["resources.device=cuda", "train.resident=true", "adapter.rank=16", "adapter.alpha=16",
+                             "train.rct_epochs=5", "train.epochs=3", "train.batch_size=32", "train.rct_solver=sgd"])
+    info = run_train(cfg, tmp_path, InlineExecutor(), progress=False)  # the training stage's body on the GPU
+    assert [p["phase"] for p in info["phases"]] == ["rct", "rct_pd"] and (tmp_path / "adapter").is_dir()
+    import json
+
+    rct = [h for h in json.loads((tmp_path / "train_history.json").read_text()) if h["phase"] == "rct"]
     assert rct[-1]["val_loss"] < rct[0]["val_loss"]
 
 

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from pema import tasks
+from pema.formats import tasks
 from pema.adapter.decode import GenerationSettings, generate
 from pema.adapter.schedule import Schedule, interpolate
 from pema.baselines.knn import ExactIndex, KnnScorer, exact_search, knn_log_probs
 from pema.baselines.knn_index import FaissIndex, ivfpq_settings, load_knn, nearest_divisor
 from pema.config import ConfigError, DecodeConfig, KnnConfig, PipelineConfig, ScheduleConfig
 from pema.errors import MemoryMismatchError
-from pema.memory import MemoryReader, MemoryWriter
-from pema.pipeline import translate
+from pema.formats.memory import MemoryReader
+from pema.formats.memory_writer import MemoryWriter
+from pema.stages.decode import translate
 
 PAIRS = [tasks.Pair(0, "Hello world.", "Hallo Welt."),
          tasks.Pair(1, "The cat sleeps on the mat.", "Die Katze schläft auf der Matte."),
@@ -204,13 +205,10 @@ def plm(smollm2_tokenizer):
 
 @pytest.fixture(scope="module")
 def memory(plm, tmp_path_factory):
-    from pema.owner.build import build_memory
+    from tests.conftest import inline_build
 
-    model, tok = plm
     out = tmp_path_factory.mktemp("knn") / "memory"
-    build_memory(model, tok, PAIRS, out, model_id="tiny://llama", model_revision=None,
-                 template=tasks.resolve_template("wmt22_en_de"), source_field="en", chat=True, dtype="float16",
-                 progress=False)
+    inline_build(PAIRS, out, dtype="float16")  # tiny://llama: the same model as the plm fixture
     return out
 
 

@@ -10,11 +10,11 @@ import time
 import pytest
 import torch
 
-from pema import tasks
+from pema.formats import tasks
 from pema.config import config_from_dict
 from pema.owner.lora import IGNORE, batch_loss, collate, load_lora, lora_examples, save_lora, train_lora
 from pema.owner.plm import tiny_model
-from pema.pipeline import translate
+from pema.stages.decode import translate
 from pema.profiling import PeakMemory
 from test_owner import PAIRS  # the same five pairs
 

@@ -2,7 +2,7 @@
 
 The references are written with explicit Python loops and textbook formulas (MSE = sum of squares / count,
 CE = -log(exp(z_y) / sum_j exp(z_j))) so they share no code path with the library (no F.mse_loss,
-F.cross_entropy, log_softmax or pema.keys.normalize).
+F.cross_entropy, log_softmax or pema.formats.keys.normalize).
 """
 
 import math

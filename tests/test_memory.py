@@ -1,4 +1,4 @@
-"""Tests of pema.memory: on-disk external memory (Parquet parts + manifest.json)."""
+"""Tests of pema.formats.memory: on-disk external memory (Parquet parts + manifest.json)."""
 
 import json
 import os
@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pema import memory as mem
+from pema.formats import memory as mem
 from pema.errors import MemoryFormatError, MemoryMismatchError
-from pema.memory import MemoryManifest, MemoryReader, MemoryWriter, read_manifest, verify_memory, write_part
+from pema.formats.memory import MemoryManifest, MemoryReader, read_manifest, verify_memory, write_part
+from pema.formats.memory_writer import MemoryWriter
 
 D, V = 6, 50
 META = dict(model_id="org/model", model_revision="abc123", tokenizer_hash="tok#1", template="chat-v1",
@@ -244,7 +245,8 @@ def test_empty_memory(tmp_path):
 
 def test_row_slices_tile_the_memory_in_order(tmp_path):
     """MemoryReader.rows(a, b) yields exactly rows a..b-1 of read_all(), across part boundaries."""
-    from pema.memory import MemoryReader, MemoryWriter
+    from pema.formats.memory import MemoryReader
+    from pema.formats.memory_writer import MemoryWriter
 
     rng = np.random.default_rng(0)
     n, d = 23, 4
@@ -266,3 +268,24 @@ def test_row_slices_tile_the_memory_in_order(tmp_path):
         reader.rows(5, 24)
     with pytest.raises(ValueError, match="stored order"):
         next(reader.rows(0, 5).iter_batches(2, shuffle=True))
+
+
+def test_verification_hashes_each_part_once_until_it_changes(tmp_path, monkeypatch):
+    rows, m = build(tmp_path / "m")
+    hashed = []
+    real = mem.file_sha256
+    monkeypatch.setattr(mem, "file_sha256", lambda path: hashed.append(os.path.basename(path)) or real(path))
+    assert verify_memory(tmp_path / "m") == m and len(hashed) == len(m.parts)  # first open: every part hashed
+    hashed.clear()
+    MemoryReader(tmp_path / "m")
+    assert verify_memory(tmp_path / "m") == m and hashed == []  # later opens: the stamp says they are unchanged
+    part = tmp_path / "m" / m.parts[2].file
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, new bytes (and a new modification time)
+    part.write_bytes(bytes(data))
+    with pytest.raises(MemoryFormatError, match=f"{m.parts[2].file}.*sha256"):
+        verify_memory(tmp_path / "m")
+    assert hashed == [m.parts[2].file]  # only the changed part is hashed again
+    part.write_bytes(bytes(data[: len(data) // 2]))  # truncated: the size differs too
+    with pytest.raises(MemoryFormatError):
+        MemoryReader(tmp_path / "m")

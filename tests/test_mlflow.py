@@ -56,7 +56,7 @@ def test_mlflow_folder_does_not_shadow_the_package():
 def test_stage_run_nests_under_an_active_run(tmp_path, monkeypatch):
     import mlflow
 
-    from pema.integrations.tracking import connect, stage_run
+    from pema.tracking.runs import connect, stage_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config(SMOKE)
@@ -78,7 +78,7 @@ KILLED_STORE = """
 import os, signal, sys
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from pema.integrations.tracking import connect, experiment_id
+from pema.tracking.runs import connect, experiment_id
 count = [0]
 @event.listens_for(Engine, "after_cursor_execute")
 def kill(conn, cursor, statement, *args):  # SIGKILL right after the chosen SQL statement of MLflow's migration
@@ -96,7 +96,7 @@ def test_store_creation_killed_at_any_instant_leaves_a_usable_folder(tmp_path, m
     (the first statement, the issue's one, late in the migration), then open the folder's store and log a run."""
     import mlflow
 
-    from pema.integrations.tracking import stage_run
+    from pema.tracking.runs import stage_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # the experiment's artifacts go to ./mlruns
@@ -119,7 +119,7 @@ def test_a_half_migrated_store_is_named_with_the_fix(tmp_path, monkeypatch):
     import sqlite3
 
     from pema.errors import TrackingError
-    from pema.integrations.tracking import connect
+    from pema.tracking.runs import connect
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with sqlite3.connect(tmp_path / "mlflow.db") as con:  # what a kill left before stores were made atomically
@@ -132,9 +132,10 @@ def test_a_half_migrated_store_is_named_with_the_fix(tmp_path, monkeypatch):
 def test_log_scores_logs_intervals_and_p_values_of_every_system_present(tmp_path, monkeypatch):
     import mlflow
 
-    from pema.evaluate import significance_against
-    from pema.integrations.stages import log_scores
-    from pema.integrations.tracking import connect, experiment_id
+    from pema.stages.scoring import significance_against
+    from pema.stages.decode import log_scores
+    from pema.tracking.logger import MLflowLogger
+    from pema.tracking.runs import connect, experiment_id
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     refs = ["Das Haus ist klein.", "Der Hund bellt.", "Ich trinke gern Kaffee.", "Es regnet heute."]
@@ -146,9 +147,9 @@ def test_log_scores_logs_intervals_and_p_values_of_every_system_present(tmp_path
     scores["timings_s"] = {"decode_zero_shot": 1.0}
     connect(tmp_path)
     with mlflow.start_run(experiment_id=experiment_id()) as run:
-        log_scores(scores)
+        log_scores(MLflowLogger(None, tmp_path), scores)
     metrics = mlflow.tracking.MlflowClient().get_run(run.info.run_id).data.metrics
-    for system in hyps:  # not only pema.pipeline.SYSTEMS: whatever the scores hold
+    for system in hyps:  # not only pema.stages.decode.SYSTEMS: whatever the scores hold
         assert metrics[f"{system}/bleu"] == pytest.approx(scores[system]["bleu"])
         for m in ("bleu", "chrf", "ter"):
             entry = sig[system]["zero_shot"][m]
@@ -212,7 +213,7 @@ def schedule_cfg():
 
 
 def test_schedule_tag_describes_decode_pema_with_stop_lam():
-    from pema.integrations.registry import schedule_tag
+    from pema.tracking.registry import schedule_tag
 
     cfg = schedule_cfg()
     assert cfg.decode.pema != cfg.decode.gu
@@ -221,26 +222,28 @@ def test_schedule_tag_describes_decode_pema_with_stop_lam():
 
 
 def test_dev_bleu_of_decodes_the_pema_system_on_dev(monkeypatch):
-    import pema.integrations.ray_pipeline as ray_pipeline
-    import pema.integrations.stages as stages
-    from pema.integrations.registry import dev_bleu_of
+    from pema.executors.ray_executor import RayExecutor
+    from pema.jobs.stages import dev_bleu_of
+    from pema.stages.decode import decode_and_score
+    from pema.stages.logger import RecordingLogger
 
-    calls, logged = [], []
+    calls = []
 
-    def fake_stage(cfg, output_dir, **kwargs):
+    def fake_call(self, fn, cfg, output_dir, **kwargs):  # the Ray task, not run: what it is asked to do
+        assert fn is decode_and_score
         calls.append(kwargs)
         return {system: {"bleu": 1.25 if system == "pema" else 9.0} for system in kwargs["systems"]}
 
-    monkeypatch.setattr(ray_pipeline, "run_evaluate_stage", fake_stage)
-    monkeypatch.setattr(stages, "log_scores", lambda scores, prefix="": logged.append((prefix, set(scores))))
-    assert dev_bleu_of(schedule_cfg(), "unused", progress=False) == 1.25
+    monkeypatch.setattr(RayExecutor, "call", fake_call)
+    logger = RecordingLogger()
+    assert dev_bleu_of(schedule_cfg(), "unused", progress=False, logger=logger) == 1.25
     assert [(c["split"], c["systems"]) for c in calls] == [("dev", ("pema",))]
-    assert logged == [("dev/", {"pema"})]
+    assert [call[1] for call in logger.calls if call[0] == "metrics"] == [{"dev/pema/bleu": 1.25}]
 
 
 def test_registered_translator_decodes_with_decode_pema(monkeypatch):
-    import pema.pipeline
-    from pema.integrations.pyfunc_model import PemaTranslator
+    import pema.stages.decode
+    from pema.tracking.pyfunc_model import PemaTranslator
 
     got = {}
 
@@ -248,7 +251,7 @@ def test_registered_translator_decodes_with_decode_pema(monkeypatch):
         got.update(sources=sources, **kw)
         return [s.upper() for s in sources], None
 
-    monkeypatch.setattr(pema.pipeline, "translate", fake_translate)
+    monkeypatch.setattr(pema.stages.decode, "translate", fake_translate)
     translator = PemaTranslator()
     translator.cfg = schedule_cfg()
     translator.model = translator.tokenizer = translator.adapter = translator.head = object()
@@ -263,7 +266,7 @@ def test_registered_translator_decodes_with_decode_pema(monkeypatch):
 def test_register_moves_champion_only_when_better(tracked):
     import mlflow
 
-    from pema.integrations.registry import schedule_tag
+    from pema.tracking.registry import schedule_tag
 
     out, env, uri = tracked
     schedule = [f"{k}={v}" for k, v in PEMA_SCHEDULE.items()]
@@ -317,3 +320,33 @@ def test_server_down_fails_fast_naming_the_uri_and_keeps_outputs(tracked):
     for kept in ("memory/train/manifest.json", "adapter/adapter.json", "predictions/pema_gu.jsonl", "summary.json"):
         assert (out / kept).is_file()
     assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and "mlflow" not in p.name) == before
+
+
+def test_embedded_store_keeps_artifacts_and_datasets_in_the_output_folder(tmp_path, monkeypatch):
+    """With no MLFLOW_TRACKING_URI: artifacts under <out>/mlartifacts (not ./mlruns of the working directory), the
+    experiment tagged for the UI's runs table, and the pairs a stage reads logged as dataset inputs."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pema.tracking.runs import STAGE_SPLITS, stage_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # a ./mlruns would appear here
+    out = tmp_path / "out"
+    cfg = load_config(SMOKE, [f"data.{s}={ROOT / 'data' / 'wmt22' / (s + '.jsonl')}" for s in ("train", "dev", "test")])
+    with stage_run("pipeline", cfg, out) as run:
+        mlflow.log_text("x", "probe.txt")
+    client = MlflowClient()
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.artifact_location == (out / "mlartifacts").resolve().as_uri()
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert list((out / "mlartifacts").rglob("probe.txt")) and not (tmp_path / "mlruns").exists()
+    inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert [i.dataset.name for i in inputs] == list(STAGE_SPLITS["pipeline"]) == ["train", "dev", "test"]
+    assert all(i.dataset.digest and i.tags[0].value in ("train", "dev", "test") for i in inputs)
+    assert json.loads(inputs[2].dataset.source)["uri"] == str(ROOT / "data" / "wmt22" / "test.jsonl")
+    limited = with_overrides(cfg, {"data.train_limit": 3})
+    with stage_run("build_memory", limited, out) as other:
+        pass
+    train_digest = client.get_run(other.info.run_id).inputs.dataset_inputs[0].dataset.digest
+    assert train_digest != inputs[0].dataset.digest  # the digest follows the rows used (train_limit)

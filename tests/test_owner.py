@@ -12,13 +12,15 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pema import tasks
+from pema.formats import tasks
 from pema.adapter.io import load_head
 from pema.errors import ConfigError, DataError, MemoryFormatError, MemoryMismatchError, UnsupportedArchitectureError
-from pema.keys import KEY_DEFINITION
-from pema.memory import MemoryReader, MemoryWriter, verify_memory
-from pema.owner import build as build_mod
-from pema.owner.build import build_memory, prepare_examples
+from pema.formats.keys import KEY_DEFINITION
+from pema.formats.memory import MemoryReader, verify_memory
+from pema.formats.memory_writer import MemoryWriter
+from pema.owner import encode as build_mod
+from tests.conftest import inline_build
+from pema.owner.build import prepare_examples
 from pema.owner.encode import EncodeExample, MemoryEncoder, length_batches
 from pema.owner.export import export_head
 from pema.owner.plm import SMOLLM2_GGUF, head_modules, load_plm, load_tokenizer, resolve_model, tiny_model
@@ -105,15 +107,17 @@ def memory_files(path) -> list[str]:
 
 
 def build(model, tokenizer, pairs, out_dir, **kw):
-    kw = {"dtype": "float32", "rows_per_part": 7, "progress": False, **kw}
-    return build_memory(model, tokenizer, pairs, out_dir, model_id="tiny://llama", model_revision=None,
-                        template=TEMPLATE, source_field="en", chat=True, **kw)
+    """The build stage, inline; it loads ``tiny://llama`` itself, the same model as ``chat_llama``."""
+    return inline_build(pairs, out_dir, **{"dtype": "float32", "rows_per_part": 7, **kw})
 
 
 @pytest.fixture(scope="module")
 def chat_llama(smollm2_tokenizer):
-    """Tiny llama over SmolLM2's full vocabulary, for the real-tokenizer tests."""
-    return make_model("llama", len(smollm2_tokenizer))
+    """Tiny llama over SmolLM2's full vocabulary, for the real-tokenizer tests: the model ``tiny://llama`` loads, which
+    the build stage encodes with."""
+    from pema.owner.plm import tiny_model
+
+    return tiny_model("llama", len(smollm2_tokenizer))
 
 
 # 1. exported head reproduces the PLM's logits from stored keys
@@ -227,7 +231,7 @@ def test_build_memory_batching_invariant(smollm2_tokenizer, chat_llama, tmp_path
 
 
 def _reference_key(x: torch.Tensor, norm_type: str, eps: float) -> torch.Tensor:
-    """Parameter-free norm in float64, written out independently of pema.keys."""
+    """Parameter-free norm in float64, written out independently of pema.formats.keys."""
     x = x.double()
     if norm_type == "rms":
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
@@ -385,7 +389,12 @@ def test_failure_mid_build_removes_parts(smollm2_tokenizer, chat_llama, tmp_path
     with pytest.raises(RuntimeError, match="boom"):
         build(chat_llama, smollm2_tokenizer, PAIRS, out, batch_tokens=1, rows_per_part=2)
     assert any(n.endswith(".parquet") for n in seen_before_failure)  # batch 1 did write parts...
-    assert memory_files(out) == [] and not staging.exists()  # ...and they are gone, with no manifest
+    assert memory_files(out) == []  # ...but no memory is in place
+    assert not (staging / "manifest.json").exists()  # the staged parts wait, with their sidecars, for the rerun
+    calls.clear()
+    monkeypatch.setattr(build_mod.MemoryEncoder, "__call__", original)
+    manifest = build(chat_llama, smollm2_tokenizer, PAIRS, out, batch_tokens=1, rows_per_part=2)
+    assert verify_memory(out) == manifest and not staging.exists()
 
 
 def test_failed_rebuild_keeps_old_memory(smollm2_tokenizer, chat_llama, tmp_path, monkeypatch):
@@ -399,8 +408,7 @@ def test_failed_rebuild_keeps_old_memory(smollm2_tokenizer, chat_llama, tmp_path
     monkeypatch.setattr(build_mod.MemoryEncoder, "__call__", broken)
     with pytest.raises(RuntimeError, match="owner crashed"):
         build(chat_llama, smollm2_tokenizer, PAIRS, out)
-    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
-    assert not (tmp_path / "mem.partial").exists()
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before  # the old memory is untouched
     verify_memory(out)
 
 

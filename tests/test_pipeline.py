@@ -1,4 +1,5 @@
-"""The main job end to end: the smoke config on a tiny model, bad input at the job's boundary, and (slow) SmolLM2."""
+"""The pipeline end to end: the smoke config on a tiny model through the inline executor (the same stage bodies
+the Ray jobs run), what it logs, bad input at the job's boundary, and (slow) SmolLM2 through the real job."""
 from __future__ import annotations
 
 import json
@@ -11,8 +12,11 @@ import pytest
 
 from pema.config import load_config
 from pema.errors import ConfigError, DataError, MemoryMismatchError
-from pema.memory import MemoryReader
-from pema.pipeline import SYSTEMS, run_pipeline
+from pema.formats.memory import MemoryReader
+from pema.executors.inline import InlineExecutor
+from pema.stages.decode import SYSTEMS
+from pema.stages.logger import RecordingLogger
+from pema.stages.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
@@ -27,17 +31,20 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
     cfg = load_config(SMOKE, [f"data.{s}={ROOT / 'data' / 'wmt22' / (s + '.jsonl')}" for s in ("train", "dev", "test")])
-    return out, run_pipeline(cfg, out, progress=False, log=lambda *_: None)
+    logger, lines = RecordingLogger(), []
+    summary = run_pipeline(cfg, out, InlineExecutor(), logger, progress=False, log=lines.append)
+    return out, summary, logger, lines
 
 
 def test_smoke_summary_contract(smoke_run):
-    out, summary = smoke_run
+    out, summary, *_ = smoke_run
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     for system in SYSTEMS:
         for metric in ("bleu", "chrf", "ter"):
             assert isinstance(on_disk[system][metric], float)
-    for stage in ("load_model", "build_memory", "export_head", "train", "decode_zero_shot", "decode_pema_gu"):
+    assert summary["executor"] == {"name": "inline", "train_workers": 1} and "mlflow" not in summary
+    for stage in ("load_model", "build_memory", "train", "decode_zero_shot", "decode_pema_gu"):
         assert on_disk["timings_s"][stage] >= 0
     predictions = (out / "predictions" / "pema_gu.jsonl").read_text().splitlines()
     assert len(predictions) == 6  # smoke.yaml: test_limit 6
@@ -53,7 +60,7 @@ def test_smoke_summary_contract(smoke_run):
 
 
 def test_smoke_outputs_are_consistent(smoke_run):
-    out, summary = smoke_run
+    out, summary, *_ = smoke_run
     train = MemoryReader(out / "memory" / "train")
     head = json.loads((out / "head" / "head.json").read_text())
     train.check_compatible(d=head["d"], vocab_size=head["vocab_size"], model_id=head["model_id"])
@@ -70,8 +77,8 @@ def test_bad_jsonl_fails_before_anything_is_written(tmp_path):
     cfg = load_config(SMOKE, [f"data.train={bad}"])
     out = tmp_path / "out"
     with pytest.raises(DataError, match=":2:"):
-        run_pipeline(cfg, out, progress=False)
-    assert not (out / "memory").exists()
+        run_pipeline(cfg, out, InlineExecutor(), progress=False)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("row, message", [({"en": "x"}, "missing field 'du'"), ({"en": "x", "du": " "}, "empty")])
@@ -79,12 +86,12 @@ def test_missing_field_or_empty_target(tmp_path, row, message):
     path = _write_jsonl(tmp_path / "test.jsonl", [{"en": "a", "du": "b"}, row])
     cfg = load_config(SMOKE, [f"data.test={path}"])
     with pytest.raises(DataError, match=message):
-        run_pipeline(cfg, tmp_path / "out", progress=False)
-    assert not (tmp_path / "out" / "memory").exists()
+        run_pipeline(cfg, tmp_path / "out", InlineExecutor(), progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_memory_from_another_model_is_refused(smoke_run, tmp_path):
-    out, _ = smoke_run
+    out, *_ = smoke_run
     reader = MemoryReader(out / "memory" / "train")
     with pytest.raises(MemoryMismatchError, match="d=64.*d=576|576.*64"):
         reader.check_compatible(d=576, vocab_size=reader.manifest.vocab_size)
@@ -132,26 +139,52 @@ def test_main_job_on_smollm2(tmp_path):
     assert len(hyps) == 1 and hyps[0].strip()
 
 
-@pytest.mark.parametrize("resident", [False, True])
-def test_train_adapter_streaming_and_resident(smoke_run, resident):
-    from pema.adapter.io import load_head
-    from pema.pipeline import train_adapter
+def test_stages_log_through_the_logger_and_the_console(smoke_run):
+    out, summary, logger, lines = smoke_run
+    stages = [c[1] for c in logger.calls if c[0] == "stage"]
+    assert stages == ["pipeline", "build_memory", "train", "evaluate"]
+    metrics = logger.metrics()
+    assert metrics["train_rows"] == summary["memory_rows"] and metrics["build_rows_per_s"] > 0
+    assert metrics["rct_pd/best_val"] == pytest.approx(summary["train"][1]["best_val"])
+    assert metrics["pema_gu/chrf"] == pytest.approx(summary["pema_gu"]["chrf"])
+    assert "pema_gu/chrf_p" in metrics and "zero_shot/chrf_p" not in metrics
+    artifacts = {Path(c[1]).name for c in logger.calls if c[0] == "artifact"}
+    assert {"manifest.json", "train_history.json", "predictions", "summary.json"} <= artifacts
+    assert {c[1] for c in logger.calls if c[0] == "figure"} == {"loss_curves.png", "lambda_schedule.png"}
+    # the console: one line as each stage starts and one as it ends, with its key figure
+    assert [line.split("]")[0] for line in lines] == ["[build_memory", "[build_memory", "[train", "[train",
+                                                      "[evaluate", "[evaluate"]
+    assert f"{summary['memory_rows']:,} train rows" in lines[1] and "best val loss" in lines[3]
+    assert "pema chrF" in lines[5]
+    assert not (out / "train_checkpoints").exists() or (out / "train_checkpoints" / "latest" / "final.json").is_file()
 
-    out, _ = smoke_run
-    head, _ = load_head(out / "head")
-    cfg = load_config(SMOKE, [f"train.resident={str(resident).lower()}", "train.rct_epochs=3", "train.epochs=2"])
-    reader, dev = MemoryReader(out / "memory" / "train"), MemoryReader(out / "memory" / "dev")
-    adapter, results = train_adapter(cfg, head, reader, dev, progress=False)
-    assert [r.phase for r in results] == ["rct", "rct_pd"]
-    rct = results[0].history
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_inline_training_matches_resident_or_not(smoke_run, resident, tmp_path):
+    """The training stage on the inline executor: each row once per epoch, the loss improves, the adapter lands."""
+    import shutil
+
+    from pema.stages.train import run_train
+
+    out, *_ = smoke_run
+    run = tmp_path / "run"
+    for part in ("memory", "head"):
+        shutil.copytree(out / part, run / part)
+    cfg = load_config(SMOKE, [f"train.resident={str(resident).lower()}", "train.rct_epochs=3", "train.epochs=2",
+                              "train.rct_solver=sgd"])
+    logger = RecordingLogger()
+    info = run_train(cfg, run, InlineExecutor(), logger, progress=False)
+    assert [p["phase"] for p in info["phases"]] == ["rct", "rct_pd"] and info["workers"] == 1
+    history = json.loads((run / "train_history.json").read_text())
+    rct = [h for h in history if h["phase"] == "rct"]
     assert rct[-1]["val_loss"] < rct[0]["val_loss"]  # reconstruction improves from the random start
-    assert results[0].rows_seen == 3 * len(reader)  # every row once per epoch, streamed or resident
-    assert next(adapter.parameters()).device.type == "cpu"
+    assert info["steps_run"] == info["steps_total"] > 0
+    assert (run / "adapter" / "adapter.json").is_file() and not (run / "adapter.partial").exists()
 
 
 def test_train_device_is_validated():
-    with pytest.raises(ConfigError, match="train.device"):
-        load_config(SMOKE, ["train.device=tpu"])
+    with pytest.raises(ConfigError, match="resources.device"):
+        load_config(SMOKE, ["resources.device=tpu"])
     with pytest.raises(ConfigError, match="train.resident"):
         load_config(SMOKE, ["train.resident=maybe"])
 
@@ -162,7 +195,7 @@ def _sig(score, low, high, p):
 
 
 def test_format_table_shows_intervals_and_p_values():
-    from pema.pipeline import format_table
+    from pema.stages.pipeline import format_table
 
     def row(bleu, chrf, p):
         return {"bleu": bleu, "chrf": chrf, "ter": 150.0,

@@ -1,4 +1,4 @@
-"""The PLM owner's memory build on Ray Data (pema.integrations.ray_build, jobs/build_memory.py), on a real local
+"""The PLM owner's memory build on Ray Data (pema.executors.ray_build, jobs/build_memory.py), on a real local
 cluster with the smoke config's tiny random Llama. Small parts (memory.rows_per_part=64, batch_tokens=256) give
 several parts from a few pairs."""
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 
 from pema.config import load_config
 from pema.errors import ConfigError, DataError, MemoryFormatError
-from pema.memory import MANIFEST_NAME, MemoryReader, read_manifest, verify_memory
-from pema.tasks import load_pairs, resolve_template, use_chat_template
+from pema.formats.memory import MANIFEST_NAME, MemoryReader, read_manifest, verify_memory
+from pema.formats.tasks import load_pairs, resolve_template, use_chat_template
 
 pytestmark = pytest.mark.ray
 
@@ -57,36 +57,38 @@ def pairs():
     return load_pairs(ROOT / "data" / "wmt22" / "train.jsonl", limit=24)
 
 
+
+def build_memory_ray(cfg, pairs, out_dir, *, progress=False):
+    """The build stage on the Ray executor."""
+    from pema.executors.ray_executor import RayExecutor
+    from pema.stages.build import build_memory
+
+    return build_memory(cfg, pairs, out_dir, RayExecutor(), progress=progress)
+
+
 @pytest.fixture(scope="module")
 def two_actor_build(ray_client, pairs, tmp_path_factory):
     """One build sharded over 2 CPU actors, shared by the tests that compare against it."""
-    from pema.integrations.ray_build import build_memory_ray
-
     out = tmp_path_factory.mktemp("two_actors") / "train"
-    cfg = config("memory.num_actors=2", "memory.cpus_per_actor=1")
+    cfg = config("resources.memory_actors=2", "resources.cpus_per_actor=1")
     return cfg, build_memory_ray(cfg, pairs, out, progress=False), out
 
 
 @pytest.mark.timeout(240)
 def test_two_actors_equal_the_single_process_build(two_actor_build, pairs, smollm2_tokenizer, tmp_path):
-    from pema.owner.build import build_memory
-    from pema.owner.plm import tiny_model
+    from pema.executors.inline import InlineExecutor
+    from pema.stages.build import build_memory
 
     cfg, manifest, out = two_actor_build
     tok = smollm2_tokenizer
-    model = tiny_model("llama", len(tok))  # what load_plm("tiny://llama") builds
-    ref_manifest = build_memory(model, tok, pairs, tmp_path / "ref", model_id=cfg.model.model_id, model_revision=None,
-                                template=resolve_template(cfg.data.template), source_field=cfg.data.source_field,
-                                chat=use_chat_template(tok, cfg.model.prompt_format), dtype=cfg.memory.dtype,
-                                rows_per_part=cfg.memory.rows_per_part, batch_tokens=cfg.memory.batch_tokens,
-                                progress=False)
+    ref_manifest = build_memory(cfg, pairs, tmp_path / "ref", InlineExecutor(), progress=False)
     total = expected_rows(tok, cfg, pairs)
     assert manifest.total_rows == ref_manifest.total_rows == total
     assert len(manifest.parts) > 2 and verify_memory(out) == manifest
     assert all(p.rows >= cfg.memory.rows_per_part for p in manifest.parts[:-1])
     for field in ("d", "vocab_size", "dtype", "tokenizer_hash", "template", "num_examples", "source_tokens"):
         assert getattr(manifest, field) == getattr(ref_manifest, field), field
-    assert {k: v for k, v in manifest.extra.items() if k != "fingerprint"} == ref_manifest.extra
+    assert manifest.extra == ref_manifest.extra  # the same plan: the same fingerprint
     assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME] + [p.file for p in manifest.parts])
 
     ray_rows, ref_rows = MemoryReader(out).read_all(), MemoryReader(tmp_path / "ref").read_all()
@@ -103,8 +105,6 @@ def test_two_actors_equal_the_single_process_build(two_actor_build, pairs, smoll
 @pytest.mark.timeout(180)
 def test_deterministic_whatever_the_actor_count(two_actor_build, pairs, tmp_path):
     """1 actor vs 2: the same parts bit for bit; a stale staging folder of other inputs is wiped first."""
-    from pema.integrations.ray_build import build_memory_ray
-
     cfg, first, first_dir = two_actor_build
     # a staging folder left by a build of other inputs: its (self-consistent) part must not be kept
     stale = tmp_path / "train.partial"
@@ -114,7 +114,7 @@ def test_deterministic_whatever_the_actor_count(two_actor_build, pairs, tmp_path
     (stale / "part-00000.parquet.json").write_text(json.dumps(
         {"file": "part-00000.parquet", "rows": first.parts[0].rows, "sha256": sha256(stale / "part-00000.parquet"),
          "d": first.d, "vocab_size": first.vocab_size}))
-    second = build_memory_ray(config("memory.num_actors=1"), pairs, tmp_path / "train", progress=False)
+    second = build_memory_ray(config("resources.memory_actors=1"), pairs, tmp_path / "train", progress=False)
     assert second == first  # same parts, sha256 sums, fingerprint
     a, b = MemoryReader(first_dir).read_all(), MemoryReader(tmp_path / "train").read_all()
     for column in a:
@@ -129,8 +129,6 @@ def test_deterministic_whatever_the_actor_count(two_actor_build, pairs, tmp_path
 def test_corrupt_missing_and_unfinished_parts_are_rebuilt(two_actor_build, pairs, tmp_path):
     """An interrupted build in ``<out>.partial``: parts with sidecars (the documented staging layout), one part
     corrupted, one without its sidecar, one left as a .tmp. Only those three are rebuilt."""
-    from pema.integrations.ray_build import build_memory_ray
-
     cfg, manifest, done = two_actor_build
     out = tmp_path / "train"
     staging = tmp_path / "train.partial"
@@ -159,7 +157,7 @@ def test_corrupt_missing_and_unfinished_parts_are_rebuilt(two_actor_build, pairs
 @pytest.mark.timeout(300)
 def test_sigkill_then_rerun_resumes(ray_client, smollm2_tokenizer, tmp_path):
     out = tmp_path / "run"
-    overrides = [*SMALL_PARTS, "memory.num_actors=1", "data.train_limit=200", "data.dev_limit=8"]
+    overrides = [*SMALL_PARTS, "resources.memory_actors=1", "data.train_limit=200", "data.dev_limit=8"]
     cmd = [sys.executable, str(ROOT / "jobs" / "build_memory.py"), "--config", str(SMOKE), "--output-dir", str(out),
            "--no-progress", *overrides]
     staging = out / "memory" / "train.partial"
@@ -203,14 +201,12 @@ def test_sigkill_then_rerun_resumes(ray_client, smollm2_tokenizer, tmp_path):
 
 @pytest.mark.timeout(120)
 def test_bad_input_raises_named_errors_and_leaves_nothing(ray_client, pairs, tmp_path, capsys):
-    from pema.integrations.ray_build import build_memory_ray
-
     out = tmp_path / "train"
     with pytest.raises(DataError, match="no pairs"):
         build_memory_ray(config(), [], out, progress=False)
-    with pytest.raises(ConfigError, match=r"memory\.num_actors=64"):
-        build_memory_ray(config("memory.num_actors=64"), pairs, out, progress=False)
-    for bad in ("memory.num_actors=-1", "memory.gpus_per_actor=0", "memory.cpus_per_actor=0"):
+    with pytest.raises(ConfigError, match=r"resources\.memory_actors=64"):
+        build_memory_ray(config("resources.memory_actors=64"), pairs, out, progress=False)
+    for bad in ("resources.memory_actors=-1", "resources.gpus_per_actor=0", "resources.cpus_per_actor=0"):
         with pytest.raises(ConfigError, match=bad.replace(".", r"\.")):
             config(bad)
     assert not out.exists() and not (tmp_path / "train.partial").exists()
@@ -223,7 +219,7 @@ def test_bad_input_raises_named_errors_and_leaves_nothing(ray_client, pairs, tmp
     spec = importlib.util.spec_from_file_location("build_memory_job", ROOT / "jobs" / "build_memory.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    assert job.main(["--config", str(SMOKE), "--output-dir", str(out), "memory.num_actors=-1"]) == 2
-    assert "error: memory.num_actors=-1" in capsys.readouterr().err
+    assert job.main(["--config", str(SMOKE), "--output-dir", str(out), "resources.memory_actors=-1"]) == 2
+    assert "error: resources.memory_actors=-1" in capsys.readouterr().err
     assert job.main(["--config", str(SMOKE), "--output-dir", str(out), "--train", str(tmp_path / "none.jsonl")]) == 2
     assert "error:" in capsys.readouterr().err and not out.exists()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pema.memory import MemoryReader, verify_memory
-from pema.pipeline import SYSTEMS
+from pema.formats.memory import MemoryReader, verify_memory
+from pema.stages.decode import SYSTEMS
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ("pipeline", "build_memory", "train", "evaluate", "register", "tune", "compare")
@@ -26,7 +26,7 @@ def test_ray_job_submit_runs_the_smoke_pipeline(ray_cluster, tmp_path):
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster.dashboard,
            "--submission-id", job_id, "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "jobs/runtime_env.yaml"),
            "--", sys.executable, "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml", "--output-dir", str(out),
-           "--no-progress", "train.num_workers=2", "memory.num_actors=2"]
+           "--no-progress", "resources.train_workers=2", "resources.memory_actors=2"]
     deadline = time.monotonic() + 120
     while True:  # right after `ray start` the dashboard answers before the node's job agent has registered
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=840, env=ray_cluster.env(), cwd=tmp_path)
@@ -43,7 +43,7 @@ def test_ray_job_submit_runs_the_smoke_pipeline(ray_cluster, tmp_path):
     for system in SYSTEMS:
         assert {"bleu", "chrf", "ter"} <= set(summary[system])
         assert len((out / "predictions" / f"{system}.jsonl").read_text().splitlines()) == 6  # smoke: test_limit 6
-    assert summary["ray"]["train_workers"] == 2 and [t["phase"] for t in summary["train"]] == ["rct", "rct_pd"]
+    assert summary["executor"] == {"name": "ray", "train_workers": 2} and [t["phase"] for t in summary["train"]] == ["rct", "rct_pd"]
     manifest = verify_memory(out / "memory" / "train")
     rows = MemoryReader(out / "memory" / "train").read_all()
     assert summary["memory_rows"] == manifest.total_rows == len(rows["token"])
@@ -117,7 +117,7 @@ def test_jobs_refuse_bad_input_before_ray_and_leave_the_folder_as_it_was(job, tm
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for a job whose input is wrong")
 
-    monkeypatch.setattr("pema.integrations.ray_runtime.init_ray", no_ray)
+    monkeypatch.setattr("pema.executors.ray_runtime.init_ray", no_ray)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(ROOT)  # the smoke config's data paths are relative to the repository
     out = tmp_path / "o"
@@ -155,8 +155,8 @@ def test_pipeline_job_exits_2_on_the_issues_bad_inputs_and_writes_nothing(extra,
 def test_stages_check_their_inputs_before_writing_anything(tmp_path, monkeypatch):
     from pema.config import load_config
     from pema.errors import ConfigError, DataError
-    from pema.integrations import stages
-    from pema.integrations.registry import register
+    from pema.jobs import stages
+    from pema.jobs.stages import register
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(ROOT)

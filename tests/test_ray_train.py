@@ -10,33 +10,23 @@ import torch
 
 from pema.adapter.io import load_adapter
 from pema.config import load_config
-from pema.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
-OVERRIDES = ["train.num_workers=2", "train.cpus_per_worker=1", "train.rct_epochs=2", "train.epochs=2",
+OVERRIDES = ["resources.train_workers=2", "resources.cpus_per_worker=1", "train.rct_epochs=2", "train.epochs=2",
              "train.evals_per_epoch=2", "train.batch_size=32", "train.max_failures=1", "train.resident=true"]
 
 
 @pytest.fixture(scope="module")
 def stage_inputs(tmp_path_factory):
-    """memory/train, memory/dev and head/ of the smoke config, built in-process by the owner code (no Ray)."""
-    from pema.owner.build import build_memory
-    from pema.owner.export import export_head
-    from pema.owner.plm import load_plm
-    from pema.tasks import load_pairs, resolve_template, use_chat_template
+    """memory/train, memory/dev and head/ of the smoke config, built by the build stage inline (no Ray)."""
+    from pema.config import with_absolute_data
+    from pema.executors.inline import InlineExecutor
+    from pema.stages.build import run_build
 
-    cfg = load_config(ROOT / "jobs/configs/smoke.yaml", OVERRIDES)
+    cfg = with_absolute_data(load_config(ROOT / "jobs/configs/smoke.yaml", OVERRIDES))
     out = tmp_path_factory.mktemp("ray_train")
-    model, tok = load_plm(cfg.model.model_id)
-    d = cfg.data
-    kw = dict(model_id=cfg.model.model_id, model_revision=None, template=resolve_template(d.template),
-              source_field=d.source_field, chat=use_chat_template(tok, cfg.model.prompt_format), progress=False,
-              rows_per_part=cfg.memory.rows_per_part)
-    fields = dict(source_field=d.source_field, target_field=d.target_field)
-    m = build_memory(model, tok, load_pairs(ROOT / d.train, limit=d.train_limit, **fields), out / "memory/train", **kw)
-    build_memory(model, tok, load_pairs(ROOT / d.dev, limit=d.dev_limit, **fields), out / "memory/dev", **kw)
-    export_head(model, out / "head", model_id=cfg.model.model_id, model_revision=None, tokenizer_hash=m.tokenizer_hash)
+    run_build(cfg, out, InlineExecutor(), progress=False)
     return cfg, out
 
 
@@ -48,23 +38,55 @@ def _copy_inputs(src: Path, dst: Path) -> Path:
     return dst
 
 
+def spied_executor(spy):
+    """The Ray executor, its training body wrapped so that ``spy(rank, metrics, checkpoint_writer)`` sees every
+    log of every worker first (nested, so that Ray pickles it by value into the workers)."""
+    from pema.executors.ray_executor import RayExecutor
+    from pema.executors.ray_train import train_on_ray
+
+    def body(config, ctx):
+        from pema.stages.train import train_worker
+
+        inner = ctx.logger
+
+        class Spy:
+            def log_metrics(self, metrics, step=None, *, checkpoint=None):
+                spy(ctx.rank, metrics, checkpoint)
+                inner.log_metrics(metrics, step, checkpoint=checkpoint)
+
+        ctx.logger = Spy()
+        train_worker(config, ctx)
+
+    class Spied(RayExecutor):
+        def train(self, _body, config, *, cfg, layout):
+            return train_on_ray(body, config, cfg=cfg, layout=layout)
+
+    return Spied()
+
+
+def run_spied(cfg, out, spy):
+    from pema.stages.train import run_train
+
+    return run_train(cfg, out, spied_executor(spy), progress=False)
+
+
 @pytest.fixture(scope="module")
 def fresh_run(ray_client, stage_inputs, tmp_path_factory):
-    from pema.integrations.ray_train import run_train_stage
-
     cfg, src = stage_inputs
     out = _copy_inputs(src, tmp_path_factory.mktemp("fresh"))
     seen = str(out / "seen")
     os.makedirs(seen)
 
-    def record(rank, ckpt):  # every worker's adapter at every validation (pickled by value into the workers)
-        torch.save({k: v.cpu() for k, v in ckpt.state.adapter.items()},
-                   os.path.join(seen, f"{ckpt.phase_index}-{ckpt.state.step}-rank{rank}.pt"))
+    def record(rank, metrics, writer):  # every worker's adapter at every validation
+        if not metrics.get("done"):
+            writer(os.path.join(seen, f"{metrics['phase_index']}-{metrics['step']}-rank{rank}"))
 
-    return out, run_train_stage(cfg, out, progress=False, fault=record)
+    return out, run_spied(cfg, out, record)
 
 
 def test_two_ddp_workers_lower_the_loss(fresh_run):
+    from pema.adapter.checkpoint import load_checkpoint
+
     out, info = fresh_run
     assert info["workers"] == 2 and [p["phase"] for p in info["phases"]] == ["rct", "rct_pd"]
     assert info["steps_run"] == info["steps_total"] == sum(p["steps"] for p in info["phases"]) > 0
@@ -76,29 +98,28 @@ def test_two_ddp_workers_lower_the_loss(fresh_run):
     assert meta["config"]["rank"] == 16 and not list(out.glob("adapter.partial"))
     # DDP averages the gradients: both workers hold the same adapter at every validation, though each trains on
     # its own half of the memory
-    checks = sorted({p.name.rsplit("-rank", 1)[0] for p in (out / "seen").glob("*.pt")})
+    checks = sorted({p.name.rsplit("-rank", 1)[0] for p in (out / "seen").iterdir()})
     assert len(checks) >= 4
     for check in checks:
-        a, b = (torch.load(out / "seen" / f"{check}-rank{r}.pt") for r in (0, 1))
+        a, b = (load_checkpoint(out / "seen" / f"{check}-rank{r}").state.adapter for r in (0, 1))
         assert a.keys() == b.keys()
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=f"{check} {name}")
 
 
 def test_killed_worker_resumes_from_checkpoint(fresh_run, stage_inputs, tmp_path):
-    from pema.integrations.ray_train import run_train_stage
-
     fresh_out, fresh = fresh_run
     cfg, src = stage_inputs
     out = _copy_inputs(src, tmp_path / "run")
     marker = str(tmp_path / "crashed")
 
-    def fault(rank, ckpt):  # pickled by value into the workers: kill rank 1 once, inside phase 2
-        if rank == 1 and ckpt.phase_index == 1 and ckpt.state.step >= 2 and not os.path.exists(marker):
+    def fault(rank, metrics, writer):  # kill rank 1 once, inside phase 2
+        if (rank == 1 and metrics.get("phase_index") == 1 and metrics.get("step", 0) >= 2
+                and not os.path.exists(marker)):
             open(marker, "w").close()
             os._exit(1)
 
-    info = run_train_stage(cfg, out, progress=False, fault=fault, run_name="crash")
+    info = run_spied(cfg, out, fault)
     assert os.path.exists(marker), "the fault never fired: the test proves nothing"
     assert info["steps_total"] == fresh["steps_total"]
     assert 0 < info["steps_run"] < fresh["steps_total"]  # the restarted attempt skipped the steps before the crash
@@ -109,11 +130,12 @@ def test_killed_worker_resumes_from_checkpoint(fresh_run, stage_inputs, tmp_path
 
 
 def test_too_many_workers_is_a_named_error(ray_client, stage_inputs, tmp_path):
-    from pema.integrations.ray_train import run_train_stage
+    from pema.executors.ray_executor import RayExecutor
+    from pema.stages.train import run_train
 
     cfg, src = stage_inputs
     out = _copy_inputs(src, tmp_path / "run")
     bad = load_config(ROOT / "jobs/configs/smoke.yaml", OVERRIDES + ["train.batch_size=1", "train.max_failures=0"])
-    with pytest.raises(Exception, match="train.num_workers=2 is too many"):
-        run_train_stage(bad, out, progress=False, run_name="bad")
+    with pytest.raises(Exception, match="resources.train_workers=2 is too many"):
+        run_train(bad, out, RayExecutor(), progress=False)
     assert not (out / "adapter").exists()

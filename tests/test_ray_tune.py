@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pema.config import load_config, to_dict
-from pema.integrations.ray_tune import read_events
+from pema.executors.ray_tune import read_events
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ from pema.adapter.head import OutputHead
 from pema.adapter.model import PemaAdapter
 from pema.adapter.resident import ResidentMemory
 from pema.adapter.train import train_phase, validate
-from pema.memory import MemoryReader, MemoryWriter
+from pema.formats.memory import MemoryReader
+from pema.formats.memory_writer import MemoryWriter
 
 D, V, RANK, N = 16, 24, 8, 300
 

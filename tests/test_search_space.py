@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from pema.errors import ConfigError
-from pema.integrations.search_space import decode_grid, load_space, to_tune
+from pema.executors.search_space import decode_grid, load_space, to_tune
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "tune_spaces").glob("*.yaml"))
@@ -101,7 +101,7 @@ def test_the_shipped_decoding_grid_gives_valid_configs_of_the_pema_schedule(samp
 
 def test_max_epochs_is_the_largest_the_space_allows():
     from pema.config import PipelineConfig
-    from pema.integrations.ray_tune import max_epochs
+    from pema.executors.ray_tune import max_epochs
 
     cfg = PipelineConfig()
     assert max_epochs(cfg, {"train.epochs": ("choice", [2, 5, 3])}) == 5.0

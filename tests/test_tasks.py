@@ -1,4 +1,4 @@
-"""Tests for pema.tasks: templates, JSONL loading, parallel-text conversion and the tokenization contract."""
+"""Tests for pema.formats.tasks: templates, JSONL loading, parallel-text conversion and the tokenization contract."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 
 from pema.errors import ConfigError, DataError
-from pema.tasks import (
+from pema.formats.tasks import (
     TEMPLATES,
     Pair,
     load_pairs,

@@ -1,6 +1,6 @@
 """The frozen output head: the PLM's final norm + optional projection + LM head, from the owner's bundle.
 
-``from_key(k)`` applies the norm's gain/bias to a stored key (already normalized, see :mod:`pema.keys`) and the LM
+``from_key(k)`` applies the norm's gain/bias to a stored key (already normalized, see :mod:`pema.formats.keys`) and the LM
 head: it reproduces the PLM's own logits. ``forward(h)`` is the full head ``lm_head(proj(norm(h)))`` applied to an
 adapter output ``h = B_pd u``; it uses the PLM's REAL final norm (the seed code used the last layer's pre-FFN norm).
 Pure torch.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pema.keys import NORM_TYPES, normalize
+from pema.formats.keys import NORM_TYPES, normalize
 
 
 class OutputHead(nn.Module):

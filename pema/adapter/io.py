@@ -7,7 +7,7 @@ import torch
 
 from pema.adapter.head import OutputHead
 from pema.adapter.model import PemaAdapter
-from pema.bundle import ADAPTER_FORMAT, HEAD_FORMAT, read_bundle, write_bundle
+from pema.formats.bundle import ADAPTER_FORMAT, HEAD_FORMAT, read_bundle, write_bundle
 from pema.errors import MemoryFormatError, MemoryMismatchError
 
 

@@ -49,7 +49,7 @@ class ResidentMemory:
     @classmethod
     def from_reader(cls, reader, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16, *,
                     read_batch_size: int = 65536) -> "ResidentMemory":
-        """Load a whole memory (a :class:`pema.memory.MemoryReader` or anything with ``len()``,
+        """Load a whole memory (a :class:`pema.formats.memory.MemoryReader` or anything with ``len()``,
         ``manifest.d`` and ``iter_batches(batch_size, shuffle=False)`` yielding ``{"key": (m, d), "token": (m,)}``)
         into preallocated device tensors, in the reader's order. Host memory holds one read batch at a time."""
         if dtype not in KEY_DTYPES:

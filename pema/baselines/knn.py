@@ -1,7 +1,7 @@
 """kNN-LM (Khandelwal et al., ICLR 2020) over PEMA's external memory. Pure torch: tensors in, tensors out.
 
 The memory holds (key_i, y_i): key_i = f(c_i), the PLM's final-norm input normalized without the norm's gain
-(``pema.keys``), and y_i the token that followed c_i. For a query key q (the current context's f(c)):
+(``pema.formats.keys``), and y_i the token that followed c_i. For a query key q (the current context's f(c)):
 
     d_j          = ||q - key_j||^2 for the k nearest keys j (squared L2)
     p_kNN(y)     = sum_{j: y_j = y} exp(-d_j / temperature) / sum_j exp(-d_j / temperature)

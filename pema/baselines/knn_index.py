@@ -14,7 +14,7 @@ import torch
 from pema.baselines.knn import ExactIndex, KnnScorer, _check_k, _check_query
 from pema.config import KnnConfig
 from pema.errors import MemoryMismatchError
-from pema.memory import MemoryReader
+from pema.formats.memory import MemoryReader
 
 PQ_BITS = 8  # bits per PQ code: 256 centroids per sub-quantizer
 MIN_IVFPQ_ROWS = 2**PQ_BITS  # PQ k-means needs at least one training point per centroid

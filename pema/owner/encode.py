@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pema.keys import normalize
+from pema.formats.keys import normalize
 from pema.owner.respond import ContextTap
 
 

@@ -8,7 +8,7 @@ import os
 
 from torch import nn
 
-from pema.bundle import HEAD_FORMAT, write_bundle
+from pema.formats.bundle import HEAD_FORMAT, write_bundle
 from pema.owner.plm import architecture_of, head_modules
 
 HEAD_VERSION = 1

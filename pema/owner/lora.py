@@ -8,7 +8,7 @@ memory key does. Optimisation follows the Hugging Face Trainer's defaults where 
 adapter parameters only, weight decay 0, gradient-norm clip 1.0, constant learning rate, no warmup.
 
 :func:`train_lora` modifies ``model`` in place (PEFT injects the LoRA layers and freezes the base weights); the
-returned PeftModel decodes through ``pema.pipeline.translate`` as it is (no merge needed).
+returned PeftModel decodes through ``pema.stages.decode.translate`` as it is (no merge needed).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from pema.config import PipelineConfig
 from pema.owner.build import prepare_examples
 from pema.profiling import PeakMemory
-from pema.tasks import Pair, resolve_template, stop_token_id, use_chat_template
+from pema.formats.tasks import Pair, resolve_template, stop_token_id, use_chat_template
 
 IGNORE = -100  # label of positions that carry no loss (the prompt, the padding)
 _LORA_LAYERS = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv1D")  # layer types PEFT's LoRA can wrap
@@ -104,7 +104,7 @@ def train_lora(model: nn.Module, tokenizer, pairs: Sequence[Pair], cfg: Pipeline
     data = lora_examples(tokenizer, pairs, cfg)
     check_target_modules(model, lc.target_modules)
     if getattr(model, "hf_device_map", None) is None:
-        model.to(lc.device)
+        model.to(cfg.resources.device)
     device = next(model.parameters()).device
     chat = use_chat_template(tokenizer, cfg.model.prompt_format)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_id(tokenizer, chat=chat)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pema.keys import normalize
+from pema.formats.keys import normalize
 from pema.owner.plm import head_modules
 
 

@@ -1,8 +1,8 @@
 """Every system of the comparison, trained and decoded in one process on the same memory and test pairs.
 
-:func:`run_systems` is the body of the ``compare`` job's Ray task (:mod:`pema.integrations.compare`); it has no Ray
+:func:`run_systems` is the body of the ``compare`` job's Ray task (:mod:`pema.jobs.compare`); it has no Ray
 and no MLflow in it and runs as well in a plain process. The definitions of the systems are in :data:`DEFINITIONS`
-and in the docstring of :mod:`pema.integrations.compare`.
+and in the docstring of :mod:`pema.jobs.compare`.
 
 Costs per system: ``train_s`` is the wall time of what the system needs before it can decode (PEMA: both training
 phases, kNN-LM: reading the memory and building its index, LoRA: PEFT fine-tuning, zero-shot: nothing);
@@ -11,7 +11,7 @@ on the work's device (``memory_kind``: ``cuda_allocated`` or ``cpu_rss``, which 
 ``trainable_params`` counts the parameters that training updates.
 
 Significance: each row's ``significance`` is ``{baseline: entry}`` for every baseline of ``against``
-(:func:`check_against`; default ``zero_shot`` when it runs), ``entry`` as :func:`pema.evaluate.paired_significance`
+(:func:`check_against`; default ``zero_shot`` when it runs), ``entry`` as :func:`pema.stages.scoring.paired_significance`
 returns it (sacreBLEU's paired bootstrap: 95% intervals of BLEU, chrF and TER, p-values against that baseline).
 """
 from __future__ import annotations
@@ -28,12 +28,13 @@ from pema.adapter.phases import phase_plan
 from pema.adapter.train import PHASES
 from pema.config import PipelineConfig, ScheduleConfig, TrainConfig, to_dict, with_overrides
 from pema.errors import ConfigError, MemoryFormatError
-from pema.evaluate import significance_against
-from pema.memory import MemoryReader
-from pema.pipeline import (adapter_meta, missing_bundles, open_bundles, save_predictions, score, train_adapter,
-                           translate)
+from pema.stages.scoring import significance_against
+from pema.formats.memory import MemoryReader
+from pema.formats.layout import RunLayout
+from pema.stages.decode import save_predictions, score, translate
+from pema.stages.inputs import adapter_meta, open_bundles, split_pairs
+from pema.stages.train import train_local
 from pema.profiling import PeakMemory
-from pema.tasks import load_pairs
 
 SYSTEMS = ("zero_shot", "knn_lm", "lora", "pema_pd_only", "pema_no_rct", "pema_const", "pema_gu", "pema")
 DEFINITIONS = {
@@ -115,12 +116,12 @@ def n_params(model: torch.nn.Module) -> int:
 def check_inputs(cfg: PipelineConfig, output_dir) -> None:
     """MemoryFormatError unless memory/train, memory/dev and head/ exist and the memory holds ``data.train``."""
     out = Path(output_dir)
-    if missing := missing_bundles(out):
+    if missing := RunLayout(out).missing():
         raise MemoryFormatError(f"{out} lacks {missing}: build the memory and head first (jobs/build_memory.py; "
                                 "the compare job does it when they are missing)")
     d = cfg.data
-    pairs = len(load_pairs(d.train, limit=d.train_limit, source_field=d.source_field, target_field=d.target_field))
-    built = MemoryReader(out / "memory" / "train", verify=False).manifest.num_examples
+    pairs = len(split_pairs(cfg, "train"))
+    built = MemoryReader(RunLayout(out).memory("train"), verify=False).manifest.num_examples
     if built != pairs:
         raise ConfigError(f"{out / 'memory' / 'train'} holds {built} examples but data.train (train_limit="
                           f"{d.train_limit}) gives {pairs} pairs: LoRA and PEMA would not train on the same data; "
@@ -141,14 +142,13 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
     baselines = check_against(against, systems)
     out = Path(output_dir)
     check_inputs(cfg, out)
-    d, timings, rows, hyps_by_system = cfg.data, {}, {}, {}
-    fields = dict(source_field=d.source_field, target_field=d.target_field)
-    test_pairs = load_pairs(d.test, limit=d.test_limit, **fields)
+    timings, rows, hyps_by_system = {}, {}, {}
+    test_pairs = split_pairs(cfg, "test")
     sources, refs = [p.source for p in test_pairs], [p.target for p in test_pairs]
     head, head_meta, train_reader, dev_reader = open_bundles(out)
     ratio = train_reader.manifest.target_source_ratio
     start = time.perf_counter()
-    model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.model.device,
+    model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.resources.device,
                                 revision=cfg.model.revision)
     timings["load_model"] = round(time.perf_counter() - start, 2)
     model_device, plm_params = next(model.parameters()).device, n_params(model)
@@ -164,7 +164,7 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
         rows[system] = {**row, **cost, "decode_s_per_token": per_token,
                         "generated_tokens": result.generated_tokens, "definition": DEFINITIONS[system]}
         hyps_by_system[system] = hyps
-        save_predictions(out / "predictions" / f"{system}.jsonl", test_pairs, hyps, result.lam_traces)
+        save_predictions(RunLayout(out).prediction(system), test_pairs, hyps, result.lam_traces)
         log(f"compare: {system}: BLEU {row['bleu']:.2f}, chrF {row['chrf']:.2f}")
 
     translate(model, tokenizer, sources[:1], cfg, ratio=ratio)  # warm-up (first-call costs), so that no system's timing carries it
@@ -176,19 +176,19 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
     if "pema_no_rct" in systems:
         plans["pema_no_rct"] = no_rct_config(cfg)
     for name, pcfg in plans.items():
-        with PeakMemory(pcfg.train.device) as meter:
+        with PeakMemory(pcfg.resources.device) as meter:
             start = time.perf_counter()
-            adapter, results = train_adapter(pcfg, head, train_reader, dev_reader, progress=progress)
+            adapter, results = train_local(pcfg, out, progress=progress)
             seconds = time.perf_counter() - start
         timings[f"train_{name}"] = round(seconds, 2)
-        save_adapter(adapter, out / "compare" / f"{name}_adapter",
+        save_adapter(adapter, RunLayout(out).compare / f"{name}_adapter",
                      adapter_meta(pcfg, head_meta, train_reader, train=to_dict(pcfg.train)))
         adapter, head = adapter.eval().to(model_device), head.to(model_device)
         cost = {"train_s": seconds, "peak_train_mem_mb": meter.peak_bytes / 2**20, "memory_kind": meter.kind,
                 "trainable_params": pema_trainable_params(adapter, pcfg.train),
                 "total_params": plm_params + n_params(adapter),
-                "train_phases": [{"phase": r.phase, "best_val": r.best_val, "steps": r.steps} for r in results]}
-        log(f"compare: {name} adapter trained in {seconds:.1f} s ({[r.phase for r in results]})")
+                "train_phases": [{k: r[k] for k in ("phase", "best_val", "steps")} for r in results]}
+        log(f"compare: {name} adapter trained in {seconds:.1f} s ({[r['phase'] for r in results]})")
         for system in (MAIN_ADAPTER if name == "pema" else ("pema_no_rct",)):
             if system in systems:
                 decode(system, model, cost, adapter=adapter, head=head, ratio=ratio)
@@ -197,7 +197,7 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
     if "knn_lm" in systems:
         with PeakMemory(model_device) as meter:
             start = time.perf_counter()
-            scorer = load_knn(out / "memory" / "train", cfg.knn, head_meta["vocab_size"], model_device,
+            scorer = load_knn(RunLayout(out).memory("train"), cfg.knn, head_meta["vocab_size"], model_device,
                               d=head_meta["d"])
             seconds = time.perf_counter() - start
         timings["index_knn_lm"] = round(seconds, 2)
@@ -209,12 +209,12 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
     if "lora" in systems:
         del model  # LoRA changes the PLM in place: it trains a fresh copy, and one copy at a time is enough
         gc.collect()
-        train_pairs = load_pairs(d.train, limit=d.train_limit, **fields)
-        base, _ = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.model.device,
+        train_pairs = split_pairs(cfg, "train")
+        base, _ = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.resources.device,
                            revision=cfg.model.revision)
         result = train_lora(base, tokenizer, train_pairs, cfg, progress=progress)
         timings["train_lora"] = round(result.train_seconds, 2)
-        save_lora(result, out / "compare" / "lora")
+        save_lora(result, RunLayout(out).compare / "lora")
         log(f"compare: lora trained in {result.train_seconds:.1f} s, loss per epoch {result.epoch_losses}")
         decode("lora", result.model, {"train_s": result.train_seconds, "peak_train_mem_mb": result.peak_bytes / 2**20,
                                       "memory_kind": result.memory_kind, "trainable_params": result.trainable_params,

@@ -36,7 +36,7 @@ class PemaTranslator(PythonModel):
         with open(paths["config"], encoding="utf-8") as f:
             self.cfg = config_from_dict(yaml.safe_load(f))
         m = self.cfg.model
-        self.model, self.tokenizer = load_plm(m.model_id, dtype=m.dtype, device=m.device, revision=m.revision)
+        self.model, self.tokenizer = load_plm(m.model_id, dtype=m.dtype, device=self.cfg.resources.device, revision=m.revision)
         device = next(self.model.parameters()).device
         head, head_meta = load_head(paths["head"])
         adapter, adapter_meta = load_adapter(paths["adapter"], head_meta)
@@ -44,7 +44,7 @@ class PemaTranslator(PythonModel):
         self.ratio = adapter_meta["target_source_ratio"]
 
     def predict(self, context, model_input, params=None):
-        from pema.pipeline import translate
+        from pema.stages.decode import translate
 
         hyps, _ = translate(self.model, self.tokenizer, _sources(model_input), self.cfg, adapter=self.adapter,
                             head=self.head, schedule=self.cfg.decode.pema, ratio=self.ratio)

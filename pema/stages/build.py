@@ -1,21 +1,27 @@
-"""The PLM owner's memory build on Ray Data: encoder actors (one per GPU), the driver the only writer, resumable.
+"""The PLM owner's memory build, written once: a plan, shards encoded on an executor, parts written by the driver,
+resumable. The inline executor encodes the shards here, one after another; the Ray executor
+(:mod:`pema.executors.ray_build`) streams them through Ray Data actors, one per GPU.
 
 Plan. The driver loads only the tokenizer, tokenizes the pairs as at inference (``prepare_examples``), groups them
 with ``length_batches`` and cuts the run of batches into shards of at least ``rows_per_part`` rows (whole batches;
 the last shard may be shorter). Shard i becomes ``part-{i:05d}.parquet``. The plan depends on the data, tokenizer
 and config only, never on the number of actors, so parts, row order and keys do not change with the cluster.
 
-Encode. Ray Data streams the pending shards (their token ids as JSON) through a fixed pool of actors, each loading
-the PLM once and running :class:`MemoryEncoder` per length batch. Rows come back tagged with their shard; Ray may
-split or merge blocks (and rerun a failed task), so the driver puts a shard's rows back in plan order (example,
-then position), drops duplicates, checks the rows are exactly the shard's target tokens and writes the part with
-:func:`write_part` as soon as the shard is complete.
+Encode. Each pending shard (its token ids as JSON) goes to a :class:`ShardEncoder`, which loads the PLM once per
+worker and runs :class:`~pema.owner.encode.MemoryEncoder` per length batch. Rows come back tagged with their
+shard; an executor may split or merge them (and rerun a failed task), so the driver puts a shard's rows back in
+plan order (example, then position), drops duplicates, checks the rows are exactly the shard's target tokens and
+writes the part with :func:`~pema.formats.memory.write_part` as soon as the shard is complete.
 
 Resume. Everything is staged in ``<out_dir>.partial/``: ``plan.json`` holds a fingerprint of the inputs and each
 finished part gets a sidecar ``part-NNNNN.parquet.json`` (rows, sha256, d, vocab size) written after the part.
 A rerun with the same fingerprint keeps the parts whose sha256 matches their sidecar and rebuilds the rest; another
-fingerprint starts over. The manifest is written last, the staging folder is checked with :func:`verify_memory` and
-moved into place. A memory already in ``out_dir`` with the same fingerprint is returned without rebuilding.
+fingerprint starts over. The manifest is written last, the staging folder is checked with
+:func:`~pema.formats.memory.verify_memory` and moved into place. A memory already in ``out_dir`` with the same
+fingerprint is returned without rebuilding.
+
+The head bundle is exported by :func:`export_head_files` (a Ray task on a GPU when the cluster has one); the driver
+writes the files (stage, verify, replace).
 """
 from __future__ import annotations
 
@@ -30,20 +36,21 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import ray
 from tqdm.auto import tqdm
 
-from pema.config import MemoryConfig, PipelineConfig
-from pema.errors import ConfigError, DataError, MemoryFormatError
-from pema.integrations.ray_runtime import init_ray
-from pema.keys import KEY_DEFINITION
-from pema.memory import (MANIFEST_NAME, SCHEMA_VERSION, MemoryManifest, PartInfo, file_sha256, verify_memory,
-                         write_part)
+from pema.config import PipelineConfig
+from pema.errors import DataError, MemoryFormatError
+from pema.formats.keys import KEY_DEFINITION
+from pema.formats.layout import RunLayout, replace_dir, staging_dir
+from pema.formats.memory import (MANIFEST_NAME, SCHEMA_VERSION, MemoryManifest, PartInfo, file_sha256, verify_memory,
+                                 write_part)
+from pema.formats.tasks import Pair, resolve_template, stop_token_id, tokenizer_hash, use_chat_template
 from pema.owner.build import prepare_examples
 from pema.owner.encode import EncodeExample, MemoryEncoder, length_batches
 from pema.owner.export import export_head
 from pema.owner.plm import head_modules, load_plm, load_tokenizer
-from pema.tasks import Pair, load_pairs, resolve_template, stop_token_id, tokenizer_hash, use_chat_template
+from pema.stages.inputs import split_pairs
+from pema.stages.logger import MetricLogger, NullLogger
 
 PLAN_NAME = "plan.json"
 SIDECAR_SUFFIX = ".json"  # part-00003.parquet -> part-00003.parquet.json
@@ -89,7 +96,7 @@ class _MemoryBuild:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise MemoryFormatError(f"memory folder {self.out_dir} exists and is not a directory")
-        self.staging = self.out_dir.with_name(self.out_dir.name + ".partial")
+        self.staging = staging_dir(self.out_dir)
         self.mem = cfg.memory
         template, chat = resolve_template(cfg.data.template), use_chat_template(tokenizer, cfg.model.prompt_format)
         examples, self.source_tokens = prepare_examples(tokenizer, pairs, template=template,
@@ -206,55 +213,39 @@ class _MemoryBuild:
                                   rows_per_part=self.mem.rows_per_part, total_rows=sum(p.rows for p in parts),
                                   num_examples=self.num_examples, source_tokens=self.source_tokens, parts=parts,
                                   **self.meta)
-        _write_json(self.staging / MANIFEST_NAME, manifest.to_dict())
-        verify_memory(self.staging)
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        os.replace(self.staging, self.out_dir)
+        replace_dir(self.out_dir, lambda staging: _write_json(staging / MANIFEST_NAME, manifest.to_dict()),
+                    verify_memory, fresh=False)  # a staging folder that fails verification stays for the rerun
         for name in [PLAN_NAME] + [s["file"] + SIDECAR_SUFFIX for s in sides]:
             (self.out_dir / name).unlink(missing_ok=True)
         return manifest
 
 
-class _EncodeActor:
-    """Ray Data actor: loads the PLM once; turns one shard into its memory rows, one length batch at a time."""
+class ShardEncoder:
+    """Loads the PLM once; turns one shard (``{"memory", "shard", "batches"}``) into its memory rows, one length
+    batch at a time, each row tagged with its memory, shard, d and vocabulary size."""
 
-    def __init__(self, model_id: str, revision: str | None, dtype: str, key_dtype: str):
-        gpus = len(ray.get_gpu_ids())
-        device = "cpu" if gpus == 0 else ("cuda" if gpus == 1 else "auto")
+    def __init__(self, model_id: str, revision: str | None, dtype: str, key_dtype: str, device: str):
         model, tokenizer = load_plm(model_id, dtype=dtype, device=device, revision=revision)
         heads = head_modules(model)
         self.d, self.vocab_size = int(heads.norm.weight.shape[0]), int(heads.lm_head.weight.shape[0])
         self.encoder = MemoryEncoder(model, pad_id=tokenizer.pad_token_id or 0, key_dtype=key_dtype)
 
-    def __call__(self, batch: dict[str, np.ndarray]):
-        for memory, shard, payload in zip(batch["memory"], batch["shard"], batch["batches"]):
-            for length_batch in json.loads(payload):
-                rows = self.encoder([EncodeExample(*e) for e in length_batch])
-                n = len(rows["token"])
-                tags = {"memory": memory, "shard": shard, "d": self.d, "vocab_size": self.vocab_size}
-                yield {**rows, **{k: np.full(n, v, np.int64) for k, v in tags.items()}}
+    def __call__(self, item: dict):
+        for length_batch in json.loads(item["batches"]):
+            rows = self.encoder([EncodeExample(*e) for e in length_batch])
+            n = len(rows["token"])
+            tags = {"memory": item["memory"], "shard": item["shard"], "d": self.d, "vocab_size": self.vocab_size}
+            yield {**rows, **{k: np.full(n, v, np.int64) for k, v in tags.items()}}
 
 
-def actor_resources(mem: MemoryConfig, resources: dict) -> tuple[int, int]:
-    """``(actors, gpus per actor)`` for a cluster with ``resources``; ConfigError when they cannot all start."""
-    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
-    per_gpu = mem.gpus_per_actor if gpus else 0
-    n = mem.num_actors or (max(1, gpus // mem.gpus_per_actor) if gpus else 1)
-    if n * per_gpu > gpus:
-        raise ConfigError(f"memory.num_actors={n} x memory.gpus_per_actor={per_gpu} needs {n * per_gpu} GPUs "
-                          f"but the cluster has {gpus}; lower them")
-    if n * mem.cpus_per_actor > cpus:
-        raise ConfigError(f"memory.num_actors={n} x memory.cpus_per_actor={mem.cpus_per_actor} needs "
-                          f"{n * mem.cpus_per_actor:g} CPUs but the cluster has {cpus:g}; lower them")
-    return n, per_gpu
+def shard_encoder(cfg: PipelineConfig):
+    """``factory(device) -> ShardEncoder`` for this config (picklable, so a Ray actor can call it)."""
+    return functools.partial(ShardEncoder, cfg.model.model_id, cfg.model.revision, cfg.model.dtype, cfg.memory.dtype)
 
 
-def build_memories_ray(cfg: PipelineConfig, jobs: dict, *, progress: bool = True) -> list[MemoryManifest]:
-    """Build several memories (``{out_dir: pairs}``) with one actor pool; returns their manifests in order.
-
-    Connects to Ray with :func:`init_ray` unless this process already is connected."""
-    n_actors, gpus = actor_resources(cfg.memory, init_ray())
+def build_memories(cfg: PipelineConfig, jobs: dict, executor, *, progress: bool = True) -> list[MemoryManifest]:
+    """Build several memories (``{out_dir: pairs}``) in one pass of ``executor.encode``; returns their manifests in
+    order (see the module docstring)."""
     tokenizer = _tokenizer(cfg.model.model_id, cfg.model.revision)
     builds = [_MemoryBuild(cfg, tokenizer, pairs, out_dir) for out_dir, pairs in jobs.items()]
     results: list[MemoryManifest | None] = [b.existing() for b in builds]
@@ -263,16 +254,11 @@ def build_memories_ray(cfg: PipelineConfig, jobs: dict, *, progress: bool = True
         b.resume()
     items = [{"memory": m, "shard": i, "batches": b.payload(i)} for m, b in enumerate(todo) for i in b.pending()]
     if items:
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _EncodeActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(n_actors, len(items))),
-            num_gpus=gpus, num_cpus=cfg.memory.cpus_per_actor,
-            fn_constructor_kwargs=dict(model_id=cfg.model.model_id, revision=cfg.model.revision,
-                                       dtype=cfg.model.dtype, key_dtype=cfg.memory.dtype))
-        ds.context.enable_progress_bars = False  # the row bar below replaces Ray Data's
         total = sum(sum(b.shard_rows) for b in todo)
         initial = sum(s["rows"] for b in todo for s in b.done.values())
-        with tqdm(total=total, initial=initial, desc="build memory", unit="row", disable=not progress) as bar:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        with tqdm(total=total, initial=initial, desc="build memory", unit="row", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for batch in executor.encode(shard_encoder(cfg), items, cfg=cfg):
                 for m, i in sorted(set(zip(batch["memory"].tolist(), batch["shard"].tolist()))):
                     sel = (batch["memory"] == m) & (batch["shard"] == i)
                     todo[m].add(i, {c: v[sel] for c, v in batch.items() if c not in ("memory", "shard")})
@@ -284,59 +270,57 @@ def build_memories_ray(cfg: PipelineConfig, jobs: dict, *, progress: bool = True
     return [r if r is not None else finished.pop(0) for r in results]
 
 
-def build_memory_ray(cfg: PipelineConfig, pairs: Sequence[Pair], out_dir, *, progress: bool = True) -> MemoryManifest:
-    """Teacher-forced memory of ``pairs`` in ``out_dir``, encoded by Ray Data actors (see the module docstring)."""
-    return build_memories_ray(cfg, {Path(out_dir): pairs}, progress=progress)[0]
+def build_memory(cfg: PipelineConfig, pairs: Sequence[Pair], out_dir, executor, *,
+                 progress: bool = True) -> MemoryManifest:
+    """Teacher-forced memory of ``pairs`` in ``out_dir`` (see the module docstring)."""
+    return build_memories(cfg, {Path(out_dir): pairs}, executor, progress=progress)[0]
 
 
-@ray.remote
-def _export_head_files(model_id: str, revision: str | None, dtype: str, tok_hash: str) -> dict[str, bytes]:
-    model, _ = load_plm(model_id, dtype=dtype, device="cuda" if ray.get_gpu_ids() else "cpu", revision=revision)
+def export_head_files(model_id: str, revision: str | None, dtype: str, tok_hash: str, device: str) -> dict[str, bytes]:
+    """The head bundle's files (name -> bytes), exported from the PLM on ``device``."""
+    model, _ = load_plm(model_id, dtype=dtype, device=device, revision=revision)
     with tempfile.TemporaryDirectory() as tmp:
         export_head(model, tmp, model_id=model_id, model_revision=revision, tokenizer_hash=tok_hash)
         return {name: (Path(tmp) / name).read_bytes() for name in os.listdir(tmp)}
 
 
-def export_head_ray(cfg: PipelineConfig, out_dir, *, tokenizer_hash: str) -> dict:
-    """Export the head bundle in a Ray task (on a GPU when the cluster has one); the driver writes the files."""
+def export_head_bundle(cfg: PipelineConfig, out_dir, executor, *, tokenizer_hash: str) -> dict:
+    """The head bundle at ``out_dir``, exported by ``executor.call`` (a GPU task on Ray when the cluster has one)
+    unless it is there for this PLM and tokenizer; the driver writes the files, metadata last."""
     out_dir = Path(out_dir)
     meta = _read_json(out_dir / "head.json")
     if isinstance(meta, dict) and (out_dir / "head.safetensors").is_file() and \
             (meta.get("model_id"), meta.get("model_revision"), meta.get("tokenizer_hash")) == \
             (cfg.model.model_id, cfg.model.revision, tokenizer_hash):
-        return meta  # already exported for this PLM and tokenizer
-    gpus = init_ray().get("GPU", 0)
-    task = _export_head_files.options(num_gpus=1 if gpus else 0, num_cpus=cfg.memory.cpus_per_actor)
-    files = ray.get(task.remote(cfg.model.model_id, cfg.model.revision, cfg.model.dtype, tokenizer_hash))
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name in sorted(files, key=lambda n: n.endswith(".json")):  # metadata last
-        (staging / name).write_bytes(files[name])
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
+        return meta
+    files = executor.call(export_head_files, cfg.model.model_id, cfg.model.revision, cfg.model.dtype, tokenizer_hash,
+                          num_cpus=cfg.resources.cpus_per_actor, gpu=cfg.resources.device.startswith("cuda"),
+                          device=cfg.resources.device)
+
+    def fill(staging: Path) -> None:
+        for name in sorted(files, key=lambda n: n.endswith(".json")):  # metadata last
+            (staging / name).write_bytes(files[name])
+
+    replace_dir(out_dir, fill)
     return json.loads(files["head.json"])
 
 
-def stage_pairs(cfg: PipelineConfig) -> tuple[list[Pair], list[Pair]]:
-    """The train and dev pairs of ``cfg.data`` (a missing or malformed file raises before anything is written)."""
-    d = cfg.data
-    fields = dict(source_field=d.source_field, target_field=d.target_field)
-    return load_pairs(d.train, limit=d.train_limit, **fields), load_pairs(d.dev, limit=d.dev_limit, **fields)
-
-
-def run_build_stage(cfg: PipelineConfig, output_dir, *, progress: bool = True,
-                    pairs: tuple[list[Pair], list[Pair]] | None = None) -> dict:
-    """PLM owner's stage: ``output_dir/memory/{train,dev}`` and ``output_dir/head``; returns counts and seconds.
-    ``pairs``: the (train, dev) pairs when the caller has loaded them already (:func:`stage_pairs`)."""
-    out = Path(output_dir)
-    train_pairs, dev_pairs = pairs if pairs is not None else stage_pairs(cfg)
+def run_build(cfg: PipelineConfig, output_dir, executor, logger: MetricLogger | None = None, *,
+              progress: bool = True) -> dict:
+    """The PLM owner's stage: ``memory/{train,dev}`` and ``head/`` under ``output_dir``; logs row and part counts,
+    seconds and rows/s and the manifests; returns the counts and seconds."""
+    layout, logger = RunLayout(output_dir), logger or NullLogger()
+    train_pairs, dev_pairs = split_pairs(cfg, "train"), split_pairs(cfg, "dev")
     start = time.perf_counter()
-    train, dev = build_memories_ray(cfg, {out / "memory" / "train": train_pairs, out / "memory" / "dev": dev_pairs},
-                                    progress=progress)
+    train, dev = build_memories(cfg, {layout.memory("train"): train_pairs, layout.memory("dev"): dev_pairs},
+                                executor, progress=progress)
     built = time.perf_counter()
-    export_head_ray(cfg, out / "head", tokenizer_hash=train.tokenizer_hash)
-    return {"train_rows": train.total_rows, "dev_rows": dev.total_rows, "train_parts": len(train.parts),
+    export_head_bundle(cfg, layout.head, executor, tokenizer_hash=train.tokenizer_hash)
+    info = {"train_rows": train.total_rows, "dev_rows": dev.total_rows, "train_parts": len(train.parts),
             "dev_parts": len(dev.parts), "build_s": round(built - start, 2),
             "head_s": round(time.perf_counter() - built, 2)}
+    logger.log_metrics({**{k: float(v) for k, v in info.items()},
+                        "build_rows_per_s": (info["train_rows"] + info["dev_rows"]) / max(info["build_s"], 1e-9)})
+    for split in ("train", "dev"):
+        logger.log_artifact(layout.memory(split) / MANIFEST_NAME, f"memory/{split}")
+    return info

@@ -32,14 +32,19 @@ from mlflow.tracking import MlflowClient
 
 from pema.config import PipelineConfig, flatten, to_dict
 from pema.errors import TrackingError
+from pema.formats.layout import RunLayout
+from pema.stages.inputs import split_pairs
 
 EXPERIMENT = "pema"
 ROOT = Path(__file__).resolve().parents[2]
 PARAM_MAX = 6000  # MLflow's limit on a param value
+EXPERIMENT_KIND, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"  # the UI's runs-table view
+STAGE_SPLITS = {"build_memory": ("train", "dev"), "evaluate": ("test",), "pipeline": ("train", "dev", "test"),
+                "compare": ("train", "test"), "tune": ("train", "dev"), "register": ("dev",)}
 
 
 def tracking_uri(output_dir: str | os.PathLike) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{RunLayout(output_dir).mlflow_db}"
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
@@ -117,12 +122,24 @@ def connect(output_dir: str | os.PathLike) -> str:
     return uri
 
 
-def experiment_id(name: str = EXPERIMENT) -> str:
+def experiment_id(name: str = EXPERIMENT, output_dir: str | os.PathLike | None = None) -> str:
     """The experiment's id, created if missing (not ``mlflow.set_experiment``: it exports an environment variable
-    that Ray's MLflow callback would prefer over its own setting)."""
+    that Ray's MLflow callback would prefer over its own setting). With the embedded store (no
+    ``MLFLOW_TRACKING_URI``) its artifacts live in ``<output_dir>/mlartifacts``, beside ``mlflow.db``, not in a
+    ``./mlruns`` of whatever folder the job was started from. It is tagged as a model-development experiment, so the
+    MLflow UI opens it on its runs table."""
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else client.create_experiment(name)
+    if exp is None:
+        location = None
+        if output_dir is not None and mlflow.get_tracking_uri() == f"sqlite:///{RunLayout(output_dir).mlflow_db}":
+            location = RunLayout(output_dir).mlflow_artifacts.as_uri()
+        exp_id = client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
+    else:
+        exp_id = exp.experiment_id
+        if exp.tags.get(EXPERIMENT_KIND) is None:
+            client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
+    return exp_id
 
 
 def git_commit() -> str:
@@ -139,7 +156,7 @@ def memory_sha256(output_dir: str | os.PathLike) -> str | None:
     """sha256 over the train and dev manifests (each lists its parts' checksums): one id for the memory used."""
     h, found = hashlib.sha256(), False
     for split in ("train", "dev"):
-        path = Path(output_dir) / "memory" / split / "manifest.json"
+        path = RunLayout(output_dir).memory(split) / "manifest.json"
         if path.is_file():
             h.update(split.encode() + path.read_bytes())
             found = True
@@ -170,11 +187,12 @@ def stage_run(stage: str, cfg: PipelineConfig, output_dir: str | os.PathLike, *,
         elif parent is not None:
             run = mlflow.start_run(run_name=stage, nested=True, experiment_id=parent.info.experiment_id)
         else:
-            run = mlflow.start_run(run_name=stage, experiment_id=experiment_id())
+            run = mlflow.start_run(run_name=stage, experiment_id=experiment_id(output_dir=output_dir))
         mlflow.set_tags({"pema.stage": stage, **lineage_tags(cfg, output_dir)})
         if run_id is None:
             mlflow.log_params(_params(cfg))
             mlflow.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
+            log_datasets(cfg, STAGE_SPLITS.get(stage, ()))
     except TrackingError:
         raise
     except Exception as exc:  # requests / MlflowException: the store went away or refused the run
@@ -193,6 +211,24 @@ def stage_run(stage: str, cfg: PipelineConfig, output_dir: str | os.PathLike, *,
     finally:
         with contextlib.suppress(Exception):  # ending a run on a dead server must not hide the real error
             mlflow.end_run(status=status)
+
+
+def log_datasets(cfg: PipelineConfig, splits) -> None:
+    """The pairs of each split as an MLflow dataset input of the active run: name ``<split>``, source the JSONL
+    file, context the split, and MLflow's digest of the rows (the limit applied)."""
+    import warnings
+
+    import mlflow.data
+    import pandas as pd
+
+    for split in splits:
+        pairs = split_pairs(cfg, split)
+        frame = pd.DataFrame({"index": [p.index for p in pairs], "source": [p.source for p in pairs],
+                              "target": [p.target for p in pairs]})
+        path = Path(getattr(cfg.data, split)).resolve()
+        with warnings.catch_warnings():  # MLflow's hints about schema inference and source types: not ours to act on
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.log_input(mlflow.data.from_pandas(frame, source=str(path), name=split), context=split)
 
 
 def _is_tracking_failure(exc: BaseException) -> bool:

@@ -24,6 +24,8 @@ def job_parser(doc: str, *, splits: tuple[str, ...] = ("train", "dev", "test")) 
     parser.set_defaults(input_splits=splits)  # the JSONL files run_job checks (unless the job names others)
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines (off: stage lines, bars, "
+                        "the table)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.kappa=0.3")
     return parser
 
@@ -39,20 +41,20 @@ def run_job(args: argparse.Namespace, stage: Callable[[PipelineConfig], object],
             show: Callable[[object], str] = str, *, inputs: tuple[str, ...] | None = None, model: bool = True,
             bundles: tuple[str, ...] = ()) -> int:
     """Load the config, check the inputs, connect to Ray, run ``stage(cfg)`` and print ``show(result)``; returns the
-    exit code. Checked first (:func:`~pema.integrations.stages.check_inputs`): the pairs of ``inputs`` (default: the
+    exit code. Checked first (:func:`~pema.jobs.stages.check_inputs`): the pairs of ``inputs`` (default: the
     job's ``--train/--dev/--test`` splits), ``model.model_id`` when ``model`` and ``bundles`` under ``--output-dir``."""
     try:
         cfg = job_config(args)
-        from pema.integrations.stages import check_inputs
+        from pema.jobs.stages import check_inputs
 
         check_inputs(cfg, args.output_dir, splits=getattr(args, "input_splits", ()) if inputs is None else inputs,
                      model=model, bundles=bundles)
-        from pema.integrations.ray_runtime import init_ray
-        from pema.integrations.tracking import check_server, tracking_uri
+        from pema.executors.ray_runtime import init_ray
+        from pema.tracking.runs import check_server, tracking_uri
 
         check_server(tracking_uri(args.output_dir))  # a dead tracking server stops the job before any work
 
-        init_ray(args.address)
+        init_ray(args.address, quiet=not getattr(args, "verbose", False))
         result = stage(cfg)
     except (PemaError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

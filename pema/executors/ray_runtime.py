@@ -10,11 +10,13 @@ auth on and write ``~/.ray/auth_token``, after which ``ray job submit`` to a ``r
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
 
 AUTH_MODE_DEFAULT = "disabled"
+QUIET_LOGGERS = ("ray.data", "ray.train", "ray.tune", "mlflow")  # their INFO/WARNING lines are off without --verbose
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = False) -> dict:
@@ -24,6 +26,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         kwargs = {"log_to_driver": not quiet}
+        if quiet:  # Ray's own driver-side lines too (the workers' bars reach the console through ray_progress)
+            kwargs.update(logging_level=logging.WARNING, configure_logging=True)
+            for name in QUIET_LOGGERS:
+                logging.getLogger(name).setLevel(logging.ERROR)
         if address is None:  # a new local cluster ("local": never attach to whatever cluster happens to run here),
             address = "local"  # with at least 4 logical CPUs, so 2-CPU stages fit beside Ray's own tasks
             kwargs["num_cpus"] = num_cpus or max(4, os.cpu_count() or 1)

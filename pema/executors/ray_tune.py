@@ -20,6 +20,7 @@ that decoding reused the adapter) can be checked afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,14 +29,13 @@ import time
 from pathlib import Path
 
 import torch
-from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
 from ray import tune
 
-from pema.adapter.checkpoint import load_checkpoint, save_checkpoint
-from pema.adapter.io import save_adapter
-from pema.config import config_from_dict, flatten, to_dict, with_overrides
-from pema.pipeline import adapter_meta, decode_and_score, open_bundles, train_adapter
+from pema.config import config_from_dict, to_dict, with_overrides
+from pema.formats.layout import RunLayout, replace_dir
+from pema.stages.decode import decode_and_score
+from pema.stages.logger import NullLogger
+from pema.stages.train import FINAL, train_worker, worker_config
 
 TRIAL_META = "trial.json"
 BUNDLE = "adapter"
@@ -52,94 +52,95 @@ def read_events(trial_dir: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-class TrialRun:
-    """The trial's MLflow run, written through a client (no process-global active run inside a Ray actor)."""
+class TuneLogger(NullLogger):
+    """The training body's logger inside a trial: every PD-phase validation becomes a ``tune.report`` of ``dev_ce``
+    at ``pd_epoch`` (RCT's loss is a reconstruction MSE, so ASHA compares trials on the PD phase only), with the
+    checkpoint and the trial's run id; the values go to the trial's MLflow run too. The final log (``done``)
+    puts the adapter bundle at ``<trial dir>/adapter`` (and ``final.json`` beside it) for the decoding sweep
+    instead of reporting it."""
 
-    def __init__(self, setup: dict, trial_id: str, overrides: dict, cfg, run_id: str | None = None):
-        self.client = MlflowClient(tracking_uri=setup["tracking_uri"])
-        if run_id is None:
-            run = self.client.create_run(setup["experiment_id"], run_name=f"trial_{trial_id}", tags={
-                "mlflow.parentRunId": setup["parent_run_id"], "pema.stage": "tune_trial", "pema.trial_id": trial_id,
-                **setup["lineage"]})
-            run_id = run.info.run_id
-            params = {k: str(v)[:6000] for k, v in flatten(cfg).items()}
-            self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
-            self.client.set_tag(run_id, "pema.search", json.dumps(overrides))
-        else:  # a trial resumed after an interruption goes on in its own run
-            self.client.update_run(run_id, status="RUNNING")
-        self.run_id = run_id
+    def __init__(self, run, base: dict, trial_dir: Path):
+        self.run, self.base, self.trial_dir = run, base, trial_dir
 
-    def metrics(self, values: dict, step: int = 0) -> None:
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+    def log_metrics(self, metrics, step=None, *, checkpoint=None) -> None:
+        if metrics.get("done"):
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint(tmp)
+                replace_dir(self.trial_dir / BUNDLE,
+                            lambda staging: shutil.copytree(Path(tmp) / BUNDLE, staging, dirs_exist_ok=True))
+                shutil.copy(Path(tmp) / FINAL, self.trial_dir / FINAL)
+            return
+        if metrics.get("phase") == "rct" or not metrics.get("step"):
+            return
+        values = {"dev_ce": metrics["val_ce"], "dev_loss": metrics["val_loss"], "pd_epoch": metrics["epoch"]}
+        self.run.log_metrics(values, step=metrics["step"])
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint(tmp)
+            (Path(tmp) / TRIAL_META).write_text(json.dumps({"mlflow_run_id": self.run.run_id}))
+            tune.report({**self.base, **values}, checkpoint=tune.Checkpoint.from_directory(tmp))
 
-    def end(self, status: str = "FINISHED", **tags) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
-        self.client.set_terminated(self.run_id, status)
 
+class TuneTrainContext:
+    rank, world = 0, 1
+
+    def __init__(self, logger: TuneLogger, device: str, latest):
+        self.logger, self.device, self._latest = logger, torch.device(device), latest
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        if self._latest is None:
+            yield None
+            return
+        with self._latest.as_directory() as d:
+            yield d
 
 
 def tune_trial(config: dict, setup: dict) -> None:
-    """The function trainable: train (resuming from Tune's checkpoint if any), then sweep the decoding space."""
+    """The function trainable: the training body (resuming from Tune's checkpoint if any), then the decoding sweep."""
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     trial_dir = Path(setup["trials_dir"]) / trial_id
     overrides = {k: (v.item() if hasattr(v, "item") else v) for k, v in config.items()}
     cfg = with_overrides(config_from_dict(setup["cfg"]), overrides)
     out = Path(setup["output_dir"])
-    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
 
-    resume, run_id = None, None
-    latest = tune.get_checkpoint()
+    run_id, latest = None, tune.get_checkpoint()
     if latest is not None:
         with latest.as_directory() as d:
             run_id = json.loads((Path(d) / TRIAL_META).read_text())["mlflow_run_id"]
-            resume = load_checkpoint(d)
-    run = TrialRun(setup, trial_id, overrides, cfg, run_id)
-
-    head, head_meta, train_reader, dev_reader = open_bundles(out)
+    run = setup["trial_runs"].open(trial_id, overrides, cfg, run_id)
     base = {"mlflow_run_id": run.run_id, "trial_dir": str(trial_dir)}
 
-    def on_check(ckpt, metrics):
-        if metrics["phase"] == "rct" or metrics["step"] == 0:
-            return  # ASHA compares trials on the PD phase only (RCT's loss is a reconstruction MSE)
-        values = {"dev_ce": metrics["val_ce"], "dev_loss": metrics["val_loss"], "pd_epoch": metrics["epoch"]}
-        run.metrics(values, step=metrics["step"])
-        result = {**base, **values}
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(ckpt, tmp)
-            (Path(tmp) / TRIAL_META).write_text(json.dumps({"mlflow_run_id": run.run_id}))
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
-
-    _event(trial_dir, "train_start", resumed=resume is not None)
+    _event(trial_dir, "train_start", resumed=latest is not None)
     start = time.perf_counter()
-    adapter, results = train_adapter(cfg, head, train_reader, dev_reader, progress=False, checkpoint=on_check,
-                                     resume=resume)
-    pd = results[-1]
+    logger = TuneLogger(run, base, trial_dir)
+    train_worker(worker_config(cfg, out, progress=False), TuneTrainContext(logger, cfg.resources.device, latest))
+    final = json.loads((trial_dir / FINAL).read_text())
     adapter_dir = trial_dir / BUNDLE
-    save_adapter(adapter.cpu(), adapter_dir, adapter_meta(cfg, head_meta, train_reader))
+    pd = final["results"][-1]
     _event(trial_dir, "train_end", seconds=round(time.perf_counter() - start, 2))
-    run.metrics({"train_s": time.perf_counter() - start, "best_dev_loss": pd.best_val})
+    run.log_metrics({"train_s": time.perf_counter() - start, "best_dev_loss": pd["best_val"]})
 
     best = sweep_decoding(cfg, out, adapter_dir, setup["decode_grid"], run, trial_dir)
-    final = {**base, "dev_ce": pd.history[-1].get("val_ce", float("nan")) if pd.history else float("nan"),
-             "pd_epoch": pd.history[-1]["epoch"] if pd.history else 0.0, "dev_bleu": best["bleu"],
-             "dev_chrf": best["chrf"], "decode": json.dumps(best["setting"]), "final": True}
-    run.metrics({"dev_bleu": best["bleu"], "dev_chrf": best["chrf"]})
+    history = pd["history"]
+    result = {**base, "dev_ce": history[-1].get("val_ce", float("nan")) if history else float("nan"),
+              "pd_epoch": history[-1]["epoch"] if history else 0.0, "dev_bleu": best["bleu"],
+              "dev_chrf": best["chrf"], "decode": json.dumps(best["setting"]), "final": True}
+    run.log_metrics({"dev_bleu": best["bleu"], "dev_chrf": best["chrf"]})
     run.end("FINISHED", **{"pema.trial_status": "completed", "pema.best_decode": json.dumps(best["setting"])})
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(adapter_dir, Path(tmp) / BUNDLE)
         (Path(tmp) / TRIAL_META).write_text(json.dumps({"mlflow_run_id": run.run_id, "final": True}))
-        tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def sweep_decoding(cfg, out: Path, adapter_dir: Path, grid: list[dict], run: TrialRun, trial_dir: Path) -> dict:
+def sweep_decoding(cfg, out: Path, adapter_dir: Path, grid: list[dict], run, trial_dir: Path) -> dict:
     """Dev BLEU of one adapter, decoded as the ``pema`` system (``decode.pema``), under every decoding setting of
     ``grid`` (PLM loaded once); returns the best."""
     from pema.owner.plm import load_plm  # the PLM's context responses come from the owner's side
 
-    model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.model.device,
+    model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.resources.device,
                                 revision=cfg.model.revision)
     best, table = None, []
     for i, setting in enumerate(grid):
@@ -147,12 +148,12 @@ def sweep_decoding(cfg, out: Path, adapter_dir: Path, grid: list[dict], run: Tri
                                   progress=False, split="dev", systems=("pema",), write_predictions=False,
                                   adapter_dir=adapter_dir)["pema"]
         _event(trial_dir, "decode", index=i, setting=setting, bleu=scores["bleu"])
-        run.metrics({"sweep/dev_bleu": scores["bleu"], "sweep/dev_chrf": scores["chrf"]}, step=i)
+        run.log_metrics({"sweep/dev_bleu": scores["bleu"], "sweep/dev_chrf": scores["chrf"]}, step=i)
         table.append({"index": i, **setting, "dev_bleu": scores["bleu"], "dev_chrf": scores["chrf"],
                       "dev_ter": scores["ter"]})
         if best is None or scores["bleu"] > best["bleu"]:
             best = {"bleu": scores["bleu"], "chrf": scores["chrf"], "setting": setting}
-    run.client.log_dict(run.run_id, table, "decode_sweep.json")
+    run.log_dict(table, "decode_sweep.json")
     return best
 
 
@@ -171,13 +172,13 @@ def run_tune(cfg, output_dir, *, train_space: dict, decode_grid: list[dict], set
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from pema.integrations.search_space import to_tune
+    from pema.executors.search_space import to_tune
 
     out = Path(output_dir).resolve()
-    storage, name = out / "ray_tune", "tune"
-    setup = {**setup, "cfg": to_dict(cfg), "output_dir": str(out), "trials_dir": str(out / "trials"),
+    storage, name = RunLayout(out).ray_tune, "tune"
+    setup = {**setup, "cfg": to_dict(cfg), "output_dir": str(out), "trials_dir": str(RunLayout(out).trials),
              "decode_grid": decode_grid}
-    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.device.startswith("cuda") else {})}
+    resources = {"CPU": cfg.resources.cpus_per_worker, **({"GPU": 1} if cfg.resources.device.startswith("cuda") else {})}
     trainable = tune.with_resources(tune.with_parameters(tune_trial, setup=setup), resources)
     if Tuner.can_restore(str(storage / name)):
         tuner = Tuner.restore(str(storage / name), trainable, resume_unfinished=True, resume_errored=True)
@@ -196,7 +197,7 @@ def run_tune(cfg, output_dir, *, train_space: dict, decode_grid: list[dict], set
     grid = tuner.fit()
     saved = saved_statuses(storage / name)
     unfinished = num_samples - sum(s in ("TERMINATED", "ERROR") for s in saved.values())
-    trials, client = [], MlflowClient(tracking_uri=setup["tracking_uri"])
+    trials = []
     for result in grid:
         m = result.metrics or {}
         trial_id = m.get("trial_id") or _trial_id(result.path)
@@ -208,10 +209,8 @@ def run_tune(cfg, output_dir, *, train_space: dict, decode_grid: list[dict], set
                "decode": json.loads(m["decode"]) if m.get("decode") else None, "mlflow_run_id": m.get("mlflow_run_id"),
                "checkpoint": result.checkpoint}
         if row["mlflow_run_id"] and status != "completed" and not unfinished:
-            run = client.get_run(row["mlflow_run_id"])
-            if run.info.status == "RUNNING":
-                client.set_tag(row["mlflow_run_id"], "pema.trial_status", status)
-                client.set_terminated(row["mlflow_run_id"], "KILLED" if status == "pruned" else "FAILED")
+            setup["trial_runs"].close_if_running(row["mlflow_run_id"], "KILLED" if status == "pruned" else "FAILED",
+                                                 status)
         trials.append(row)
     done = [t for t in trials if t["status"] == "completed"]
     best = max(done, key=lambda t: t["dev_bleu"]) if done and not unfinished else None
@@ -233,11 +232,6 @@ def saved_statuses(path: Path) -> dict[str, str]:
 
 
 def copy_adapter(checkpoint, dest: str | os.PathLike) -> None:
-    """Put the adapter bundle of a trial's final checkpoint at ``dest`` (replacing what is there)."""
-    dest = Path(dest)
+    """Put the adapter bundle of a trial's final checkpoint at ``dest`` (stage, replace)."""
     with checkpoint.as_directory() as d:
-        staging = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(Path(d) / BUNDLE, staging)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(staging, dest)
+        replace_dir(dest, lambda staging: shutil.copytree(Path(d) / BUNDLE, staging, dirs_exist_ok=True))

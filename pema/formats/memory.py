@@ -24,6 +24,7 @@ from pema.errors import MemoryFormatError, MemoryMismatchError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+VERIFIED_NAME = ".verified.json"  # what verify_memory has hashed already (see there)
 DTYPES = ("float16", "float32")
 COLUMNS = ("key", "token", "example", "position")
 _INT32 = np.iinfo(np.int32)
@@ -155,128 +156,6 @@ def write_part(path: str | os.PathLike, *, key: np.ndarray, token, example, posi
     return PartInfo(file=os.path.basename(path), rows=n, sha256=file_sha256(path))
 
 
-def _part_name(i: int) -> str:
-    return f"part-{i:05d}.parquet"
-
-
-def _is_memory_file(name: str) -> bool:
-    return name in (MANIFEST_NAME, MANIFEST_NAME + ".tmp") or (
-        name.startswith("part-") and (name.endswith(".parquet") or name.endswith(".parquet.tmp")))
-
-
-class MemoryWriter:
-    """Buffers rows and writes parts of exactly ``rows_per_part`` rows (the last may be shorter).
-
-    Use as a context manager: an exception inside the block (or a missing ``close()``) removes
-    every file this writer wrote, so no half-written memory remains.
-    """
-
-    def __init__(self, out_dir, *, d: int, vocab_size: int, dtype: str = "float16", rows_per_part: int = 65536,
-                 model_id: str, model_revision: str | None, tokenizer_hash: str, template: str,
-                 key_definition: str, extra: dict | None = None, overwrite: bool = False):
-        _check_dtype(dtype)
-        for name, v in (("d", d), ("vocab_size", vocab_size), ("rows_per_part", rows_per_part)):
-            if not _is_int(v, 1):
-                raise ValueError(f"{name}={v!r} must be a positive integer")
-        self.out_dir = os.fspath(out_dir)
-        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
-            raise MemoryFormatError(f"memory folder {self.out_dir} exists and is not a directory")
-        os.makedirs(self.out_dir, exist_ok=True)
-        existing = sorted(n for n in os.listdir(self.out_dir) if _is_memory_file(n))
-        if existing and not overwrite:
-            raise MemoryFormatError(f"{self.out_dir} already holds a memory ({existing[0]}, ...); "
-                                    "pass overwrite=True or choose an empty folder")
-        for name in existing:
-            os.remove(os.path.join(self.out_dir, name))
-        self._meta = dict(model_id=model_id, model_revision=model_revision, tokenizer_hash=tokenizer_hash,
-                          template=template, key_definition=key_definition, extra=dict(extra or {}))
-        self.d, self.vocab_size, self.dtype, self.rows_per_part = int(d), int(vocab_size), dtype, int(rows_per_part)
-        self._buf: list[tuple[np.ndarray, ...]] = []
-        self._buffered = 0
-        self._parts: list[PartInfo] = []
-        self._attempted: list[str] = []
-        self._closed = self._aborted = False
-
-    def add(self, *, key: np.ndarray, token, example, position) -> None:
-        """Buffer n rows: key (n, d); token, example, position (n,)."""
-        if self._closed or self._aborted:
-            raise MemoryFormatError(f"writer for {self.out_dir} is already closed/aborted")
-        key, token, example, position = _columns(key, token, example, position)
-        if key.shape[1] != self.d:
-            raise ValueError(f"key width {key.shape[1]} != d={self.d}; keys must have shape (n, {self.d})")
-        if token.size and (token.min() < 0 or token.max() >= self.vocab_size):
-            raise ValueError(f"token ids span [{token.min()}, {token.max()}] but must lie in "
-                             f"[0, vocab_size={self.vocab_size})")
-        with np.errstate(over="ignore"):
-            key = key.astype(self.dtype)  # copy: the caller may reuse its buffer
-        if not np.isfinite(key).all():
-            raise ValueError(f"key has non-finite values after casting to {self.dtype}; "
-                             "check the hidden states or build the memory with dtype='float32'")
-        self._buf.append((key, token.astype(np.int64), example.astype(np.int64), position.astype(np.int64)))
-        self._buffered += key.shape[0]
-        if self._buffered >= self.rows_per_part:
-            self._flush(final=False)
-
-    def _flush(self, *, final: bool) -> None:
-        if not self._buffered:
-            return
-        cols = [np.concatenate([b[i] for b in self._buf]) for i in range(4)]
-        start, n = 0, cols[0].shape[0]
-        while n - start >= self.rows_per_part or (final and start < n):
-            stop = min(start + self.rows_per_part, n)
-            name = _part_name(len(self._parts))
-            self._attempted.append(name)
-            self._parts.append(write_part(os.path.join(self.out_dir, name), key=cols[0][start:stop],
-                                          token=cols[1][start:stop], example=cols[2][start:stop],
-                                          position=cols[3][start:stop], dtype=self.dtype))
-            start = stop
-        self._buf = [tuple(c[start:].copy() for c in cols)] if start < n else []
-        self._buffered = n - start
-
-    def close(self, *, num_examples: int, source_tokens: int) -> MemoryManifest:
-        """Flush the remainder, then write manifest.json atomically; returns the manifest."""
-        if self._closed or self._aborted:
-            raise MemoryFormatError(f"writer for {self.out_dir} is already closed/aborted")
-        for name, v in (("num_examples", num_examples), ("source_tokens", source_tokens)):
-            if not _is_int(v, 0):
-                raise ValueError(f"{name}={v!r} must be a non-negative integer")
-        self._flush(final=True)
-        manifest = MemoryManifest(
-            schema_version=SCHEMA_VERSION, d=self.d, vocab_size=self.vocab_size, dtype=self.dtype,
-            rows_per_part=self.rows_per_part, total_rows=sum(p.rows for p in self._parts),
-            num_examples=int(num_examples), source_tokens=int(source_tokens), parts=tuple(self._parts),
-            **self._meta)
-        path = os.path.join(self.out_dir, MANIFEST_NAME)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(manifest.to_dict(), f, indent=2, sort_keys=True)
-        os.replace(path + ".tmp", path)
-        self._closed = True
-        return manifest
-
-    def abort(self) -> None:
-        """Remove every part and .tmp file this writer wrote (and its manifest, if any)."""
-        names = [MANIFEST_NAME, MANIFEST_NAME + ".tmp"] if self._closed else [MANIFEST_NAME + ".tmp"]
-        for name in names + [n + s for n in self._attempted for s in (".tmp", "")]:
-            path = os.path.join(self.out_dir, name)
-            if os.path.exists(path):
-                os.remove(path)
-        self._buf, self._buffered, self._parts, self._attempted = [], 0, [], []
-        self._aborted, self._closed = True, False
-
-    def __enter__(self) -> MemoryWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            self.abort()
-            return False
-        if not self._closed and not self._aborted:
-            self.abort()
-            raise MemoryFormatError(f"close() was not called on the memory writer for {self.out_dir}; "
-                                    "call close(num_examples=..., source_tokens=...) inside the with-block")
-        return False
-
-
 def read_manifest(mem_dir) -> MemoryManifest:
     path = os.path.join(os.fspath(mem_dir), MANIFEST_NAME)
     if not os.path.isfile(path):
@@ -298,16 +177,50 @@ def _check_key_type(t: pa.DataType, m: MemoryManifest, where: str) -> None:
                                 f"fixed_size_list<{m.dtype}>[{m.d}]; rebuild the memory")
 
 
+def _stat_key(path: str) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _verified(mem_dir: str) -> dict:
+    try:
+        with open(os.path.join(mem_dir, VERIFIED_NAME), encoding="utf-8") as f:
+            stamp = json.load(f)
+        return stamp if isinstance(stamp, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_verified(mem_dir: str, stamp: dict) -> None:
+    path = os.path.join(mem_dir, VERIFIED_NAME)
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(stamp, f)
+        os.replace(path + ".tmp", path)
+    except OSError:  # a read-only memory is verified every time, as before
+        pass
+
+
 def verify_memory(mem_dir, *, checksums: bool = True) -> MemoryManifest:
-    """Check every listed part exists, has the listed rows (and sha256), and rows sum to total_rows."""
+    """Check every listed part exists, has the listed rows (and sha256), and rows sum to total_rows.
+
+    A part's sha256 is computed once: ``.verified.json`` records, per part, the sha256 it matched with the file's
+    size, modification time and inode, and a later check with the same three skips the hashing (each Ray worker,
+    each Tune trial and each stage opens the memory). Any change to a part file changes them, and the part is
+    hashed again."""
     mem_dir = os.fspath(mem_dir)
     m = read_manifest(mem_dir)
+    stamp, fresh = _verified(mem_dir) if checksums else {}, {}
     for p in m.parts:
         path = os.path.join(mem_dir, p.file)
         if not os.path.isfile(path):
             raise MemoryFormatError(f"part {p.file} listed in the manifest is missing from {mem_dir}; rebuild")
-        if checksums and file_sha256(path) != p.sha256:
-            raise MemoryFormatError(f"part {p.file} in {mem_dir} fails its sha256 check (corrupt); rebuild")
+        if checksums:
+            key = [p.sha256, *_stat_key(path)]
+            if stamp.get(p.file) != key:
+                if file_sha256(path) != p.sha256:
+                    raise MemoryFormatError(f"part {p.file} in {mem_dir} fails its sha256 check (corrupt); rebuild")
+            fresh[p.file] = key
         try:
             pf = pq.ParquetFile(path)
             rows, schema = pf.metadata.num_rows, pf.schema_arrow
@@ -320,6 +233,8 @@ def verify_memory(mem_dir, *, checksums: bool = True) -> MemoryManifest:
         _check_key_type(schema.field("key").type, m, f"part {p.file}")
     if (s := sum(p.rows for p in m.parts)) != m.total_rows:
         raise MemoryFormatError(f"parts in {mem_dir} hold {s} rows but total_rows={m.total_rows}; rebuild")
+    if checksums and fresh != stamp:
+        _write_verified(mem_dir, fresh)
     return m
 
 

@@ -1,7 +1,7 @@
 """The ``compare`` job: every system on the same test pairs, one table, one MLflow parent run with a child per system.
 
 Systems (all read the same ``memory/train`` or the pairs it was built from, decode the same ``data.test`` pairs with
-the same ``decode.*`` settings through :func:`pema.pipeline.translate`, and are scored by the same sacreBLEU call):
+the same ``decode.*`` settings through :func:`pema.stages.decode.translate`, and are scored by the same sacreBLEU call):
 
 - ``zero_shot``: the PLM alone.
 - ``knn_lm``: kNN-LM over the same train memory: p_kNN from the ``knn.k`` nearest keys at temperature
@@ -16,12 +16,12 @@ the same ``decode.*`` settings through :func:`pema.pipeline.translate`, and are 
 - ``pema_no_rct``: an adapter trained WITHOUT reconstruction (``train.method = pd``, ``b_pd_init = random``: there
   is no B_rct to copy), decoded with ``decode.gu``.
 
-Everything runs in ONE Ray task (:func:`run_compare_stage`; GPUs: one when ``model.device`` is CUDA and the cluster
-has one) that loads the PLM once; the work itself is :func:`pema.integrations.compare_systems.run_systems`.
+Everything runs in ONE Ray task (:func:`run_compare_stage`; GPUs: one when ``resources.device`` is CUDA and the cluster
+has one) that loads the PLM once; the work itself is :func:`pema.stages.compare.run_systems`.
 Per system it reports BLEU, chrF, TER, training time, peak training memory, trainable parameters and decoding time
 per token, and writes ``predictions/<system>.jsonl``. :func:`compare` adds the MLflow runs and ``summary.json``.
 
-Significance (sacreBLEU's paired bootstrap, 1,000 resamples, fixed seed: :func:`pema.evaluate.paired_significance`):
+Significance (sacreBLEU's paired bootstrap, 1,000 resamples, fixed seed: :func:`pema.stages.scoring.paired_significance`):
 the table shows BLEU and chrF with their 95% interval and, for every baseline of ``against`` (default
 ``zero_shot``), a p-value column for each; each row's ``significance`` holds the numbers (``{baseline: entry}``),
 and the child runs log them as ``bleu_ci_low``, ``bleu_ci_high``, ``bleu_p`` (against ``zero_shot``),
@@ -34,43 +34,34 @@ import time
 from pathlib import Path
 
 import mlflow
-import ray
 
-from pema.config import PipelineConfig, flatten, to_dict, with_absolute_data
-from pema.integrations import plots
-from pema.evaluate import format_interval, format_p
-from pema.integrations.compare_systems import (DEFINITIONS, SYSTEMS, check_against, check_systems, decode_schedule,
-                                               no_rct_config)
-from pema.integrations.ray_runtime import cluster_gpus
-from pema.integrations.stages import significance_metrics
-from pema.integrations.tracking import lineage_tags, stage_run
-from pema.tasks import load_pairs
+from pema.config import PipelineConfig, flatten, with_absolute_data
+from pema.stages import plots
+from pema.stages.scoring import format_interval, format_p
+from pema.executors.ray_executor import RayExecutor
+from pema.stages.compare import (DEFINITIONS, SYSTEMS, check_against, check_systems, decode_schedule, no_rct_config,
+                                 run_systems)
+from pema.stages.decode import significance_metrics
+from pema.stages.inputs import split_pairs
+from pema.tracking.logger import MLflowLogger
+from pema.tracking.runs import lineage_tags, stage_run
 
 METRICS = ("bleu", "chrf", "ter", "train_s", "peak_train_mem_mb", "trainable_params", "decode_s_per_token")
 MEMORY_NOTE = ("peak train MB: the training's peak above its start; cpu_rss = sampled process RSS, cuda_allocated "
                "= torch's allocator (not comparable with each other); kNN-LM: building its index")
 
 
-def _compare_task(cfg_dict: dict, output_dir: str, systems: tuple[str, ...], progress: bool,
-                  against: tuple[str, ...]) -> dict:
-    from pema.config import config_from_dict
-    from pema.integrations.compare_systems import run_systems
-
-    return run_systems(config_from_dict(cfg_dict), output_dir, systems=systems, progress=progress, against=against)
-
-
 def run_compare_stage(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool = True,
                       against=None) -> dict:
     """Train, decode and score ``systems`` in one Ray task; ``memory/``, ``head/`` must exist under ``output_dir``.
-    ``against``: the baselines of the paired tests (:func:`~pema.integrations.compare_systems.check_against`).
+    ``against``: the baselines of the paired tests (:func:`~pema.stages.compare.check_against`).
     Returns ``{"rows": {system: row}, "timings_s": {...}}`` (row keys: :data:`METRICS`, ``memory_kind``,
     ``total_params``, ``definition``, ``significance``, ...)."""
     systems = check_systems(systems)
     against = check_against(against, systems)
-    gpus = 1 if cfg.model.device.startswith("cuda") and cluster_gpus() > 0 else 0
-    task = ray.remote(_compare_task).options(num_cpus=cfg.eval.num_cpus, num_gpus=gpus, max_retries=0)
-    return ray.get(task.remote(to_dict(with_absolute_data(cfg)), str(Path(output_dir).resolve()), systems, progress,
-                               against))
+    return RayExecutor(progress).call(run_systems, with_absolute_data(cfg), str(Path(output_dir).resolve()),
+                                      systems=systems, progress=progress, against=against,
+                                      num_cpus=cfg.resources.eval_cpus, gpu=cfg.resources.device.startswith("cuda"))
 
 
 def table_baselines(rows: dict[str, dict]) -> list[str]:
@@ -127,14 +118,12 @@ def compare(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool 
     the parent ``compare.png``, ``compare.md`` and ``summary.json``. Merges the rows into ``<output_dir>/summary.json``
     (one key per system, ``compare_table``, ``compare_timings_s``) and returns that summary. ``against``: the
     baselines of the paired tests (default ``zero_shot`` when it runs; ConfigError for names that do not run)."""
-    from pema.integrations import stages
+    from pema.jobs import stages
 
     systems = check_systems(systems)
     against = check_against(against, systems)
-    d = cfg.data
     for split in ("train", "test"):  # a missing or malformed file fails here, before the run exists
-        load_pairs(getattr(d, split), limit=getattr(d, f"{split}_limit"), source_field=d.source_field,
-                   target_field=d.target_field)
+        split_pairs(cfg, split)
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with stage_run("compare", cfg, out) as parent:
@@ -154,9 +143,7 @@ def compare(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool 
             if sig := significance_metrics(r, f"{s}/"):
                 mlflow.log_metrics(sig)
         mlflow.log_text(f"{table}\n\n{MEMORY_NOTE}\n", "compare.md")
-        fig = plots.compare_bars(rows)
-        mlflow.log_figure(fig, "compare.png")
-        plots.plt.close(fig)
+        MLflowLogger(cfg, out).log_figure(plots.compare_bars(rows), "compare.png")
         path = out / "summary.json"
         summary = json.loads(path.read_text()) if path.is_file() else {}
         summary.update(rows)

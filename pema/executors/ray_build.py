@@ -1,0 +1,51 @@
+"""The memory build's encoding on Ray Data: a fixed pool of actors (one per GPU group, or ``resources.memory_actors``),
+each loading the PLM once and running the stage's :class:`~pema.stages.build.ShardEncoder` on the shards it is
+given. The plan, the resume and the writing of parts are the stage's (:mod:`pema.stages.build`); this module only
+moves shards to actors and rows back to the driver, in small blocks so that the driver's row bar moves as the
+actors encode.
+"""
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from pema.config import ResourcesConfig
+from pema.errors import ConfigError
+
+BLOCK_BYTES = 4 << 20  # rows come back in ~4 MiB blocks: the progress bar moves every few thousand rows
+
+
+class _EncodeActor:
+    def __init__(self, factory):
+        gpus = len(ray.get_gpu_ids())
+        self.encode = factory("cpu" if gpus == 0 else ("cuda" if gpus == 1 else "auto"))
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        for memory, shard, payload in zip(batch["memory"], batch["shard"], batch["batches"]):
+            yield from self.encode({"memory": int(memory), "shard": int(shard), "batches": payload})
+
+
+def actor_resources(r: ResourcesConfig, resources: dict) -> tuple[int, int]:
+    """``(actors, gpus per actor)`` for a cluster with ``resources``; ConfigError when they cannot all start."""
+    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+    per_gpu = r.gpus_per_actor if gpus else 0
+    n = r.memory_actors or (max(1, gpus // r.gpus_per_actor) if gpus else 1)
+    if n * per_gpu > gpus:
+        raise ConfigError(f"resources.memory_actors={n} x resources.gpus_per_actor={per_gpu} needs {n * per_gpu} "
+                          f"GPUs but the cluster has {gpus}; lower them")
+    if n * r.cpus_per_actor > cpus:
+        raise ConfigError(f"resources.memory_actors={n} x resources.cpus_per_actor={r.cpus_per_actor:g} needs "
+                          f"{n * r.cpus_per_actor:g} CPUs but the cluster has {cpus:g}; lower them")
+    return n, per_gpu
+
+
+def encode_on_ray(factory, items: list[dict], *, cfg):
+    """Rows of every item (a shard), encoded by a pool of Ray Data actors, as they arrive (any order)."""
+    n_actors, gpus = actor_resources(cfg.resources, ray.cluster_resources())
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds.context.target_max_block_size = BLOCK_BYTES
+    ds.context.enable_progress_bars = False  # the stage's row bar replaces Ray Data's operator bars
+    ds.context.enable_operator_progress_bars = False
+    ds = ds.map_batches(_EncodeActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(n_actors, len(items))),
+                        num_gpus=gpus, num_cpus=cfg.resources.cpus_per_actor, fn_constructor_kwargs={"factory": factory})
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")

@@ -1,0 +1,82 @@
+"""Training on Ray Train: a TorchTrainer runs :func:`pema.stages.train.train_worker` on ``resources.train_workers``
+data-parallel workers (DDP over gloo on CPUs, NCCL on GPUs). The body is the stage's; this module only gives it a
+context: the worker's rank, world size and device, Ray Train's last checkpoint after a restart
+(``train.max_failures``), and a logger whose ``log_metrics(..., checkpoint=...)`` is ``ray.train.report``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import tempfile
+
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pema.executors.ray_progress import bars_on_driver, relayed_bars
+from pema.stages.logger import NullLogger
+
+
+class RayTrainLogger(NullLogger):
+    """``log_metrics`` is ``ray.train.report`` (a barrier: every rank calls it); on rank 0 the checkpoint writer
+    fills the reported checkpoint's folder, the other ranks report none."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def log_metrics(self, metrics, step=None, *, checkpoint=None) -> None:
+        if checkpoint is None or self.rank != 0:
+            ray.train.report(dict(metrics), checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint(tmp)
+            ray.train.report(dict(metrics), checkpoint=Checkpoint.from_directory(tmp))
+
+
+class RayTrainContext:
+    def __init__(self, device: str):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device() if device.startswith("cuda") else torch.device("cpu")
+        self.logger = RayTrainLogger(self.rank)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            yield None
+            return
+        with latest.as_directory() as d:
+            yield d
+
+
+def _loop(body, config: dict) -> None:
+    ctx = RayTrainContext(config["device"])
+    with relayed_bars(config.get("relay"), f"rank {ctx.rank}"):
+        body({k: v for k, v in config.items() if k != "relay"}, ctx)
+
+
+@contextlib.contextmanager
+def train_on_ray(body, config: dict, *, cfg, layout, run_name: str = "train", progress: bool = True):
+    """Run ``body(config, ctx)`` on Ray Train; yields the folder of the final checkpoint. With ``progress`` the
+    workers' bars are redrawn on this console."""
+    t, r = cfg.train, cfg.resources
+    use_gpu = r.device.startswith("cuda")
+    with bars_on_driver(progress and config.get("progress", False)) as relay:
+        yield from _fit(body, {**config, "device": r.device, "relay": relay}, t, r, use_gpu, layout, run_name)
+
+
+def _fit(body, config, t, r, use_gpu, layout, run_name):
+    trainer = TorchTrainer(
+        functools.partial(_loop, body), train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=r.train_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=run_name, storage_path=str(layout.ray_train),
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        yield d

@@ -1,0 +1,143 @@
+"""Each job is a stage run on the Ray executor and logged to MLflow: nothing here but the wiring.
+
+- ``build``, ``train``, ``evaluate``: one MLflow run each (:func:`~pema.tracking.runs.stage_run`), the stage body
+  from :mod:`pema.stages` on :class:`~pema.executors.ray_executor.RayExecutor`, logged by
+  :class:`~pema.tracking.logger.MLflowLogger`.
+- ``pipeline``: :func:`pema.stages.pipeline.run_pipeline` as a parent run holding the three as child runs.
+- ``register``: the dev BLEU of the ``pema`` system (a Ray task), then the Model Registry.
+- ``tune``: the search as one parent run (:mod:`pema.executors.ray_tune`), each trial a child run.
+
+Every job checks its inputs (:func:`~pema.stages.inputs.check_inputs`) before it writes anything: a bad JSONL file,
+a model path that does not exist or a missing bundle leaves the output folder as it was (no ``mlflow.db``, no
+``config.json``).
+"""
+from __future__ import annotations
+
+import json
+
+import mlflow
+
+from pema.config import PipelineConfig, to_dict
+from pema.executors.ray_executor import RayExecutor
+from pema.formats.layout import ADAPTER_BUNDLES, OWNER_BUNDLES, RunLayout
+from pema.stages.build import run_build
+from pema.stages.decode import decode_and_score, log_scores, run_evaluate, significance_metrics  # noqa: F401
+from pema.stages.inputs import check_inputs
+from pema.stages.pipeline import run_pipeline
+from pema.stages.train import run_train
+from pema.tracking.logger import MLflowLogger, TrialRuns
+from pema.tracking.registry import register_adapter
+from pema.tracking.runs import lineage_tags, stage_run
+
+__all__ = ["ADAPTER_BUNDLES", "OWNER_BUNDLES", "build", "train", "evaluate", "pipeline", "register", "tune",
+           "ensure_built", "check_inputs", "log_scores", "significance_metrics", "dev_bleu_of"]
+
+
+def build(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
+    check_inputs(cfg, splits=("train", "dev"), model=True)  # before the run (and its store in output_dir) exists
+    with MLflowLogger(cfg, output_dir).stage("build_memory") as logger:
+        return run_build(cfg, output_dir, RayExecutor(progress), logger, progress=progress)
+
+
+def train(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
+    check_inputs(cfg, output_dir, bundles=OWNER_BUNDLES)  # the data owner's inputs; it never loads the PLM
+    with MLflowLogger(cfg, output_dir).stage("train") as logger:
+        return run_train(cfg, output_dir, RayExecutor(progress), logger, progress=progress)
+
+
+def evaluate(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
+    check_inputs(cfg, output_dir, splits=("test",), model=True, bundles=ADAPTER_BUNDLES)
+    with MLflowLogger(cfg, output_dir).stage("evaluate") as logger:
+        return run_evaluate(cfg, output_dir, RayExecutor(progress), logger, progress=progress)
+
+
+def pipeline(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> dict:
+    """All stages as child runs of one ``pipeline`` run; writes and logs ``summary.json``."""
+    check_inputs(cfg, splits=("train", "dev", "test"), model=True)  # before config.json and the run exist
+    out = RunLayout(output_dir).root
+    return run_pipeline(cfg, out, RayExecutor(progress), MLflowLogger(cfg, out), progress=progress, log=log)
+
+
+def ensure_built(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> float | None:
+    """Build the memories and the head (the ``build_memory`` child run) unless ``output_dir`` has them; returns the
+    seconds it took, or None when nothing was missing."""
+    if not RunLayout(output_dir).missing(OWNER_BUNDLES):
+        return None
+    built = build(cfg, output_dir, progress=progress)
+    log(f"[build_memory] {built['train_rows']:,} train rows, {built['dev_rows']:,} dev rows")
+    return built["build_s"] + built["head_s"]
+
+
+def tune(cfg: PipelineConfig, output_dir, *, train_space: dict, decode_grid: list[dict], num_samples: int,
+         name: str | None = None, max_concurrent: int = 1, seed: int = 0, progress: bool = True, log=print) -> dict:
+    """The search as one parent run: builds the memory if missing (child run), one child run per trial, then the
+    winning (adapter, decoding setting) at ``<output_dir>/adapter`` and, with ``name``, registered (child run).
+
+    ``train_space``: a loaded space (``search_space.load_space``); ``decode_grid``: the decoding settings every
+    surviving adapter is decoded with (``search_space.decode_grid``). Rerunning the same command after an
+    interruption resumes the search in the same parent run; finished trials are not run again. Writes
+    ``tune_summary.json``."""
+    from pema.config import with_absolute_data, with_overrides
+    from pema.executors.ray_tune import copy_adapter, run_tune
+
+    layout = RunLayout(output_dir)
+    out = layout.root
+    check_inputs(cfg, splits=("train", "dev"), model=True)  # before the folder and the run exist
+    cfg = with_absolute_data(cfg)  # trials run in their own folders
+    state_path = layout.tune_state
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    out.mkdir(parents=True, exist_ok=True)
+    with stage_run("tune", cfg, out, run_id=state.get("parent_run_id")) as parent:
+        state_path.write_text(json.dumps({"parent_run_id": parent.info.run_id}))
+        ensure_built(cfg, out, progress=progress, log=log)
+        setup = {"trial_runs": TrialRuns(mlflow.get_tracking_uri(), parent.info.experiment_id, parent.info.run_id,
+                                         lineage_tags(cfg, out))}
+        mlflow.log_dict({"train": {k: list(v) for k, v in train_space.items()}, "decode_grid": decode_grid},
+                        "search_space.json")
+        found = run_tune(cfg, out, train_space=train_space, decode_grid=decode_grid, setup=setup,
+                         num_samples=num_samples,
+                         max_concurrent=max_concurrent, seed=seed, progress=progress)
+        table = [{k: v for k, v in t.items() if k != "checkpoint"} for t in found["trials"]]
+        summary = {"trials": table, "unfinished": found["unfinished"], "experiment_path": found["path"],
+                   "parent_run_id": parent.info.run_id, "decode_grid": decode_grid}
+        if found["unfinished"]:
+            log(f"interrupted: {found['unfinished']} trial(s) unfinished; rerun the same command to resume")
+        elif found["best"] is None:
+            raise RuntimeError("no trial finished training: see the trials' errors in " + found["path"])
+        else:
+            best = found["best"]
+            best_cfg = with_overrides(cfg, {**best["config"], **best["decode"]})
+            copy_adapter(best["checkpoint"], layout.adapter)
+            layout.config.write_text(json.dumps(to_dict(best_cfg), indent=2))
+            summary["best"] = {k: best[k] for k in ("trial_id", "config", "decode", "dev_bleu", "dev_chrf",
+                                                    "mlflow_run_id")}
+            mlflow.log_metrics({"best_dev_bleu": best["dev_bleu"], "trials_completed":
+                                sum(t["status"] == "completed" for t in table), "trials_pruned":
+                                sum(t["status"] == "pruned" for t in table)})
+            mlflow.set_tags({"pema.best_trial": best["trial_id"], "pema.best_decode": json.dumps(best["decode"])})
+            if name:
+                summary["registered"] = register(best_cfg, out, name, dev_bleu=best["dev_bleu"], progress=progress)
+        layout.tune_summary.write_text(json.dumps(summary, indent=2, default=str))
+        mlflow.log_artifact(str(layout.tune_summary))
+    return summary
+
+
+def dev_bleu_of(cfg: PipelineConfig, output_dir, *, progress: bool = True, logger=None) -> float:
+    """Dev BLEU of the ``pema`` system (the registered schedule, ``decode.pema``), decoded in a Ray task."""
+    scores = RayExecutor(progress).call(decode_and_score, cfg, str(RunLayout(output_dir).root), progress=progress,
+                                split="dev", systems=("pema",), write_predictions=False,
+                                num_cpus=cfg.resources.eval_cpus, gpu=cfg.resources.device.startswith("cuda"))
+    log_scores(logger or MLflowLogger(cfg, output_dir), scores, prefix="dev/")
+    return float(scores["pema"]["bleu"])
+
+
+def register(cfg: PipelineConfig, output_dir, name: str, *, dev_bleu: float | None = None,
+             progress: bool = True) -> dict:
+    """Register ``output_dir/adapter`` as a new version of ``name`` (the ``register`` run); returns the version, its
+    dev BLEU and whether it became the champion. ``dev_bleu`` is measured on the dev pairs unless given (a Tune
+    trial has it)."""
+    check_inputs(cfg, output_dir, splits=("dev",) if dev_bleu is None else (), model=True, bundles=ADAPTER_BUNDLES)
+    with stage_run("register", cfg, output_dir):
+        if dev_bleu is None:
+            dev_bleu = dev_bleu_of(cfg, output_dir, progress=progress)
+        return register_adapter(cfg, output_dir, name, dev_bleu=dev_bleu)

@@ -1,0 +1,53 @@
+"""What the stages read, checked before they write anything: the JSONL pairs, the model path, the bundles of an
+output folder, and the data owner's view of them (the head and both memories, checked against each other)."""
+from __future__ import annotations
+
+import os
+
+from pema.adapter.io import load_head
+from pema.config import PipelineConfig, to_dict
+from pema.formats.layout import RunLayout
+from pema.formats.memory import MemoryReader
+from pema.formats.tasks import Pair, load_pairs
+
+
+def split_pairs(cfg: PipelineConfig, split: str) -> list[Pair]:
+    """The pairs of ``data.<split>`` (``train``, ``dev`` or ``test``), limited by ``data.<split>_limit``; a bad file
+    raises a DataError naming ``<path>:<line>``."""
+    d = cfg.data
+    return load_pairs(getattr(d, split), limit=getattr(d, f"{split}_limit"), source_field=d.source_field,
+                      target_field=d.target_field)
+
+
+def check_inputs(cfg: PipelineConfig, output_dir: str | os.PathLike | None = None, *,
+                 splits: tuple[str, ...] = (), model: bool = False, bundles: tuple[str, ...] = ()) -> None:
+    """Check what a stage reads before it writes anything: the JSONL pairs of ``splits`` (DataError naming
+    ``<path>:<line>``, FileNotFoundError), ``model.model_id`` when ``model`` (ConfigError when it names a path
+    that does not exist) and the ``bundles`` files under ``output_dir`` (FileNotFoundError naming the jobs that
+    make them)."""
+    for split in splits:
+        split_pairs(cfg, split)
+    if model:
+        from pema.owner.plm import resolve_model  # the id only: nothing is loaded (transformers stays unimported)
+
+        resolve_model(cfg.model.model_id)
+    if bundles and (missing := RunLayout(output_dir).missing(bundles)):
+        raise FileNotFoundError(f"{output_dir} lacks {missing}: run jobs/build_memory.py (memory/, head/) and "
+                                "jobs/train.py (adapter/) on this --output-dir first")
+
+
+def open_bundles(output_dir: str | os.PathLike):
+    """The data owner's inputs under ``output_dir``: ``(head, head_meta, train_reader, dev_reader)``, with both
+    memories checked against the head (d, vocabulary, model id)."""
+    layout = RunLayout(output_dir)
+    head, head_meta = load_head(layout.head)
+    readers = MemoryReader(layout.memory("train")), MemoryReader(layout.memory("dev"))
+    for reader in readers:
+        reader.check_compatible(d=head_meta["d"], vocab_size=head_meta["vocab_size"], model_id=head_meta["model_id"])
+    return (head, head_meta, *readers)
+
+
+def adapter_meta(cfg: PipelineConfig, head_meta: dict, train_reader: MemoryReader, **extra) -> dict:
+    """The JSON that travels with a trained adapter bundle (the target/source ratio sets the GU horizons)."""
+    return {"model_id": head_meta["model_id"], "config": to_dict(cfg.adapter),
+            "target_source_ratio": train_reader.manifest.target_source_ratio, **extra}

@@ -1,0 +1,88 @@
+"""The end-to-end run, written once: build the memory (PLM owner), train the adapter (data owner), decode and score
+every system, on any executor (inline in tests, Ray in the jobs) and logged through any metric logger (MLflow in
+the jobs: a ``pipeline`` run with the three stages as child runs).
+
+Outputs under ``output_dir`` (:class:`~pema.formats.layout.RunLayout`): ``config.json``, ``memory/``, ``head/``,
+``adapter/``, ``train_history.json``, ``predictions/`` and ``summary.json``: the scores of every system with their
+significance against zero-shot (:mod:`pema.stages.decode`), the stage timings, the phases' best losses, the memory
+size and where the logs went. The console gets one line as each stage starts and ends, with its key figure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from pema.config import PipelineConfig, to_dict
+from pema.formats.layout import RunLayout
+from pema.stages.build import run_build
+from pema.stages.decode import SYSTEMS, log_scores, run_evaluate
+from pema.stages.inputs import check_inputs
+from pema.stages.logger import MetricLogger, NullLogger
+from pema.stages.scoring import format_interval, format_p
+from pema.stages.train import run_train
+
+
+def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, executor, logger: MetricLogger | None = None, *,
+                 progress: bool = True, log=print) -> dict:
+    """Every stage in turn; returns the summary (also written to ``summary.json`` and logged). The inputs are
+    checked first: a bad file or model path leaves ``output_dir`` as it was."""
+    check_inputs(cfg, splits=("train", "dev", "test"), model=True)
+    layout, logger = RunLayout(output_dir), logger or NullLogger()
+    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.config.write_text(json.dumps(to_dict(cfg), indent=2))
+    timings: dict[str, float] = {}
+
+    def stage(name: str, body, figure):
+        log(f"[{name}] started")
+        start = time.perf_counter()
+        with run.stage(name) as stage_logger:
+            result = body(stage_logger)
+        timings[name] = round(time.perf_counter() - start, 2)
+        log(f"[{name}] done in {timings[name]:.0f} s: {figure(result)}")
+        return result
+
+    with logger.stage("pipeline") as run:
+        built = stage("build_memory", lambda lg: run_build(cfg, layout.root, executor, lg, progress=progress),
+                      lambda b: f"{b['train_rows']:,} train rows, {b['dev_rows']:,} dev rows")
+        trained = stage("train", lambda lg: run_train(cfg, layout.root, executor, lg, progress=progress),
+                        lambda t: "; ".join(f"{p['phase']} best val loss {p['best_val']:.4f} at step "
+                                            f"{p['best_step']} of {p['steps']}" for p in t["phases"]))
+        summary = stage("evaluate", lambda lg: run_evaluate(cfg, layout.root, executor, lg, progress=progress),
+                        lambda s: ", ".join(f"{k} chrF {s[k]['chrf']:.2f}" for k in SYSTEMS if k in s))
+        summary["timings_s"] = {"build_memory": timings["build_memory"], "train": trained["seconds"],
+                                **summary["timings_s"]}
+        summary["train"] = [{"phase": p["phase"], "best_val": p["best_val"], "steps": p["steps"],
+                             "rows_per_s": p["rows_per_s"]} for p in trained["phases"]]
+        summary["memory_rows"] = built["train_rows"]
+        summary["executor"] = {"name": executor.name, "train_workers": trained["workers"]}
+        if info := run.info():
+            summary["mlflow"] = info
+        layout.summary.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        log_scores(run, summary)
+        run.log_metrics({f"{k}_s": float(v) for k, v in summary["timings_s"].items()})
+        run.log_artifact(layout.summary)
+    return summary
+
+
+def format_table(summary: dict, baseline: str = "zero_shot") -> str:
+    """The systems in ``summary`` (in :data:`SYSTEMS` order): BLEU and chrF with their 95% bootstrap interval and
+    p-value against ``baseline`` (when ``significance`` is there), TER; then the stage timings."""
+    systems = [s for s in SYSTEMS if isinstance(summary.get(s), dict)]
+    w = max([12, *map(len, systems)])
+    p_head = f"p vs {baseline}"
+    lines = [f"{'system':<{w}} {'BLEU [95% CI]':>24} {p_head:>{len(p_head)}} {'chrF [95% CI]':>24} "
+             f"{p_head:>{len(p_head)}} {'TER':>7}"]
+    for system in systems:
+        s = summary[system]
+        sig = s.get("significance", {}).get(baseline, {})
+        bleu, chrf = sig.get("bleu"), sig.get("chrf")
+        lines.append(f"{system:<{w}} {format_interval(bleu, s['bleu']):>24} {format_p(bleu):>{len(p_head)}} "
+                     f"{format_interval(chrf, s['chrf']):>24} {format_p(chrf):>{len(p_head)}} {s['ter']:>7.2f}")
+    if any("significance" in summary[s] for s in systems):
+        lines.append(f"(sacreBLEU paired bootstrap: 95% interval around the bootstrap mean, p against {baseline})")
+    lines.append("")
+    lines.append(f"{'stage':<20} {'seconds':>8}")
+    for stage, sec in summary["timings_s"].items():
+        lines.append(f"{stage:<20} {sec:>8.1f}")
+    return "\n".join(lines)

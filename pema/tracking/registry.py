@@ -1,0 +1,80 @@
+"""The register step: log the trained adapter as an MLflow pyfunc model, register a new version, and move the alias
+``champion`` to it only when it beats the current champion on dev BLEU.
+
+The model is "models from code" (:mod:`pema.tracking.pyfunc_model`) with plain-file artifacts: the adapter
+bundle, the head bundle and the run's config (which names the base model and holds the decoding settings and the
+lambda schedule, ``decode.pema``: the recommended PEMA configuration, the ``pema`` row). Every version carries the
+tags ``dev_bleu``, ``schedule`` (:func:`schedule_tag`) and ``base_model``.
+"""
+from __future__ import annotations
+
+import tempfile
+import tomllib
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow.models.signature import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import ColSpec, Schema
+
+from pema.config import PipelineConfig, to_dict
+from pema.formats.layout import RunLayout
+from pema.tracking.runs import ROOT
+
+ALIAS = "champion"
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
+
+
+def requirements() -> list[str]:
+    """The project's pinned runtime dependencies (pyproject.toml), for the model's environment."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    return [d for d in deps if not d.startswith("ray")]
+
+
+def champion(name: str) -> tuple[str | None, float | None]:
+    """(version, dev BLEU) of the current champion, or (None, None)."""
+    client = MlflowClient()
+    try:
+        mv = client.get_model_version_by_alias(name, ALIAS)
+    except mlflow.exceptions.MlflowException:
+        return None, None
+    return mv.version, float(mv.tags.get("dev_bleu", "-inf"))
+
+
+def schedule_tag(cfg: PipelineConfig) -> str:
+    """The registered schedule, ``decode.pema``, as ``"<kind> lam=.. lam_max=.. floor=.. stop_lam=.."``: every value a
+    YAML scalar (``stop_lam=null``: the stop decision uses the schedule's lambda, as for any token)."""
+    p = cfg.decode.pema
+    values = {"lam": p.lam, "lam_max": p.lam_max, "floor": p.floor, "stop_lam": p.stop_lam}
+    return " ".join([p.kind] + [f"{k}={'null' if v is None else v}" for k, v in values.items()])
+
+
+def register_adapter(cfg: PipelineConfig, output_dir, name: str, *, dev_bleu: float) -> dict:
+    """In the active run: log ``output_dir/adapter`` (with ``head/`` and the config) as a pyfunc model, register it
+    as a new version of ``name`` and move the champion alias to it when its dev BLEU beats the champion's. Returns
+    the version, its dev BLEU and whether it became the champion."""
+    layout = RunLayout(output_dir)
+    mlflow.log_metric("dev_bleu", dev_bleu)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.yaml"
+        config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(MODEL_CODE), signature=SIGNATURE, registered_model_name=name,
+            artifacts={"adapter": str(layout.adapter), "head": str(layout.head), "config": str(config)},
+            pip_requirements=requirements())
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    tags = {"dev_bleu": str(dev_bleu), "schedule": schedule_tag(cfg), "base_model": cfg.model.model_id}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    previous, previous_bleu = champion(name)
+    promoted = previous is None or dev_bleu > previous_bleu
+    if promoted:
+        client.set_registered_model_alias(name, ALIAS, version)
+    mlflow.set_tags({"pema.registered_model": name, "pema.model_version": version,
+                     "pema.champion": str(promoted).lower()})
+    return {"name": name, "version": version, "dev_bleu": dev_bleu, "champion": promoted,
+            "previous_champion": previous, "previous_dev_bleu": previous_bleu, "model_uri": f"models:/{name}/{version}"}
