@@ -65,8 +65,7 @@ class DataConfig:
 
     def __post_init__(self):
         for name in ("train_limit", "dev_limit", "test_limit"):
-            v = getattr(self, name)
-            _check(v is None or (_is_int(v) and v > 0), f"data.{name}", v, "null or an integer > 0")
+            _check((v := getattr(self, name)) is None or (_is_int(v) and v > 0), f"data.{name}", v, "null or an integer > 0")
 
 
 @dataclass(frozen=True)
@@ -131,11 +130,9 @@ class TrainConfig:
                "a number in (0, 1]")
         _check(_is_num(self.kappa) and 0.0 <= self.kappa <= 1.0, "train.kappa", self.kappa, "a number in [0, 1]")
         for name in ("rct_epochs", "epochs"):
-            v = getattr(self, name)
-            _check(_is_int(v) and v >= 0, f"train.{name}", v, "an integer >= 0")
+            _check(_is_int(v := getattr(self, name)) and v >= 0, f"train.{name}", v, "an integer >= 0")
         for name in ("lr", "rct_lr"):
-            v = getattr(self, name)
-            _check(_is_num(v) and v > 0, f"train.{name}", v, "a number > 0")
+            _check(_is_num(v := getattr(self, name)) and v > 0, f"train.{name}", v, "a number > 0")
         _check(_is_int(self.batch_size) and self.batch_size > 0, "train.batch_size", self.batch_size, "an integer > 0")
         _check(_is_int(self.evals_per_epoch) and self.evals_per_epoch >= 1, "train.evals_per_epoch",
                self.evals_per_epoch, "an integer >= 1")
@@ -157,8 +154,7 @@ class ScheduleConfig:
     def __post_init__(self):
         _choice("schedule.kind", self.kind, ("constant", "gu_quadratic", "gu_linear"))
         for name in ("lam", "lam_max", "floor"):
-            v = getattr(self, name)
-            _check(_is_num(v) and 0.0 <= v <= 1.0, name, v, "a number in [0, 1]")
+            _check(_is_num(v := getattr(self, name)) and 0.0 <= v <= 1.0, name, v, "a number in [0, 1]")
         _check(self.stop_lam is None or (_is_num(self.stop_lam) and 0.0 <= self.stop_lam <= 1.0), "stop_lam",
                self.stop_lam, "null or a number in [0, 1]")
 
@@ -182,8 +178,7 @@ class DecodeConfig:
     def __post_init__(self):
         _choice("decode.strategy", self.strategy, ("greedy", "beam", "sample"))
         for name in ("num_beams", "max_new_tokens", "batch_size"):
-            v = getattr(self, name)
-            _check(_is_int(v) and v >= 1, f"decode.{name}", v, "an integer >= 1")
+            _check(_is_int(v := getattr(self, name)) and v >= 1, f"decode.{name}", v, "an integer >= 1")
         _check(_is_num(self.temperature) and self.temperature > 0, "decode.temperature", self.temperature,
                "a number > 0")
         _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "decode.top_p", self.top_p, "a number in (0, 1]")
@@ -222,8 +217,7 @@ class KnnConfig:
         _check(_is_num(self.lam) and 0.0 <= self.lam <= 1.0, "knn.lam", self.lam, "a number in [0, 1]")
         _choice("knn.index", self.index, ("auto", "exact", "ivfpq"))
         for name in ("exact_max_rows", "nlist", "nprobe", "pq_m"):
-            v = getattr(self, name)
-            _check(_is_int(v) and v >= 1, f"knn.{name}", v, "an integer >= 1")
+            _check(_is_int(v := getattr(self, name)) and v >= 1, f"knn.{name}", v, "an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -260,8 +254,14 @@ class ResourcesConfig:
     train_workers: int = 1  # Ray Train data-parallel workers (DDP); each trains on its share of the memory
     cpus_per_worker: float = 1.0  # per training worker or Tune trial; fractional keeps Ray's tasks schedulable
     eval_cpus: float = 1.0  # logical CPUs of the Ray task that decodes and scores (its torch threads on a CPU)
+    owner_url: str | None = None  # the PLM owner's service (jobs/serve_owner.py); null: the owner's code in-process
+    owner_token_env: str = "PEMA_OWNER_TOKEN"  # the environment variable that holds this tenant's bearer token
 
     def __post_init__(self):
+        _check(self.owner_url is None or (isinstance(self.owner_url, str) and self.owner_url.startswith(
+            ("http://", "https://"))), "resources.owner_url", self.owner_url, "null or an http(s) URL")
+        _check(isinstance(self.owner_token_env, str) and bool(self.owner_token_env), "resources.owner_token_env",
+               self.owner_token_env, "the name of an environment variable")
         _check(isinstance(self.device, str) and (self.device == "cpu" or self.device.startswith("cuda")),
                "resources.device", self.device, "'cpu', 'cuda' or 'cuda:N'")
         _check(_is_int(self.memory_actors) and self.memory_actors >= 0, "resources.memory_actors",

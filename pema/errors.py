@@ -39,3 +39,15 @@ class CheckpointError(PemaError):
 
 class TrackingError(PemaError):
     """The MLflow tracking store or server is unreachable or refused a run."""
+
+
+class OwnerUnavailableError(PemaError, ConnectionError):
+    """The PLM owner's service does not answer (the message names its URL)."""
+
+
+class OwnerRequestError(PemaError):
+    """The PLM owner's service refused a request: ``status`` is its HTTP status (401, 404, 413, ...)."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status

@@ -99,7 +99,7 @@ def test_store_creation_killed_at_any_instant_leaves_a_usable_folder(tmp_path, m
     from pema.tracking.runs import stage_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)  # the experiment's artifacts go to ./mlruns
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "o"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     for kill_at in ("1", "CREATE TABLE _alembic_tmp_trace_info", "1500"):
@@ -112,7 +112,8 @@ def test_store_creation_killed_at_any_instant_leaves_a_usable_folder(tmp_path, m
         mlflow.log_metric("x", 1.0)
     got = mlflow.tracking.MlflowClient().get_run(run.info.run_id)
     assert got.info.status == "FINISHED" and got.data.metrics["x"] == 1.0
-    assert sorted(p.name for p in out.iterdir()) == ["mlflow.db"]  # the killed attempts' files are gone
+    # the killed attempts' files are gone; the run's artifacts sit beside the store, not in ./mlruns
+    assert sorted(p.name for p in out.iterdir()) == ["mlartifacts", "mlflow.db"] and not (tmp_path / "mlruns").exists()
 
 
 def test_a_half_migrated_store_is_named_with_the_fix(tmp_path, monkeypatch):

@@ -20,6 +20,9 @@ class InlineExecutor:
 
     name = "inline"
 
+    def check_encode(self, cfg) -> None:
+        pass  # one encoder, here
+
     def encode(self, encoder_factory, items, *, cfg):
         """Rows of every item, in order: ``encoder_factory(device)`` is called once (the PLM is loaded once)."""
         encoder = encoder_factory(cfg.resources.device)

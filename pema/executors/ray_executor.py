@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ray
 
-from pema.executors.ray_build import encode_on_ray
+from pema.executors.ray_build import actor_resources, encode_on_ray
 from pema.executors.ray_progress import bars_on_driver, relayed_bars
 from pema.executors.ray_runtime import cluster_gpus
 from pema.executors.ray_train import train_on_ray
@@ -27,6 +27,10 @@ class RayExecutor:
 
     def __init__(self, progress: bool = True):
         self.progress = progress
+
+    def check_encode(self, cfg) -> None:
+        """ConfigError when the cluster cannot start ``resources.memory_actors`` encoder actors."""
+        actor_resources(cfg.resources, ray.cluster_resources())
 
     def encode(self, factory, items, *, cfg):
         return encode_on_ray(factory, items, cfg=cfg)

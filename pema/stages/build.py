@@ -36,10 +36,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from safetensors.numpy import save as save_numpy
 from tqdm.auto import tqdm
 
 from pema.config import PipelineConfig
-from pema.errors import DataError, MemoryFormatError
+from pema.adapter.remote import OwnerClient
+from pema.errors import ConfigError, DataError, MemoryFormatError
 from pema.formats.keys import KEY_DEFINITION
 from pema.formats.layout import RunLayout, replace_dir, staging_dir
 from pema.formats.memory import (MANIFEST_NAME, SCHEMA_VERSION, MemoryManifest, PartInfo, file_sha256, verify_memory,
@@ -238,14 +240,42 @@ class ShardEncoder:
             yield {**rows, **{k: np.full(n, v, np.int64) for k, v in tags.items()}}
 
 
+class RemoteShardEncoder:
+    """The same rows from the PLM owner's service (``resources.owner_url``): each length batch is one ``/context``
+    request, and no PLM weights are loaded in this process."""
+
+    def __init__(self, url: str, token: str, key_dtype: str, device: str | None = None):
+        self.client, self.key_dtype = OwnerClient(url, token), key_dtype
+
+    def __call__(self, item: dict):
+        for length_batch in json.loads(item["batches"]):
+            rows = self.client.context([EncodeExample(*e) for e in length_batch], dtype=self.key_dtype)
+            n = len(rows["token"])
+            tags = {"memory": item["memory"], "shard": item["shard"], "d": rows.pop("d"),
+                    "vocab_size": rows.pop("vocab_size")}
+            yield {**rows, **{k: np.full(n, v, np.int64) for k, v in tags.items()}}
+
+
+def owner_token(cfg: PipelineConfig) -> str:
+    """This tenant's bearer token for the owner's service, from ``$<resources.owner_token_env>``."""
+    if not (token := os.environ.get(cfg.resources.owner_token_env)):
+        raise ConfigError(f"resources.owner_url={cfg.resources.owner_url} needs a bearer token in "
+                          f"${cfg.resources.owner_token_env} (resources.owner_token_env)")
+    return token
+
+
 def shard_encoder(cfg: PipelineConfig):
-    """``factory(device) -> ShardEncoder`` for this config (picklable, so a Ray actor can call it)."""
+    """``factory(device) -> encoder`` for this config (picklable, so a Ray actor can call it): the PLM in the
+    worker, or the owner's service when ``resources.owner_url`` is set."""
+    if cfg.resources.owner_url:
+        return functools.partial(RemoteShardEncoder, cfg.resources.owner_url, owner_token(cfg), cfg.memory.dtype)
     return functools.partial(ShardEncoder, cfg.model.model_id, cfg.model.revision, cfg.model.dtype, cfg.memory.dtype)
 
 
 def build_memories(cfg: PipelineConfig, jobs: dict, executor, *, progress: bool = True) -> list[MemoryManifest]:
     """Build several memories (``{out_dir: pairs}``) in one pass of ``executor.encode``; returns their manifests in
     order (see the module docstring)."""
+    executor.check_encode(cfg)  # resources the cluster cannot give fail here, before anything is staged
     tokenizer = _tokenizer(cfg.model.model_id, cfg.model.revision)
     builds = [_MemoryBuild(cfg, tokenizer, pairs, out_dir) for out_dir, pairs in jobs.items()]
     results: list[MemoryManifest | None] = [b.existing() for b in builds]
@@ -293,9 +323,13 @@ def export_head_bundle(cfg: PipelineConfig, out_dir, executor, *, tokenizer_hash
             (meta.get("model_id"), meta.get("model_revision"), meta.get("tokenizer_hash")) == \
             (cfg.model.model_id, cfg.model.revision, tokenizer_hash):
         return meta
-    files = executor.call(export_head_files, cfg.model.model_id, cfg.model.revision, cfg.model.dtype, tokenizer_hash,
-                          num_cpus=cfg.resources.cpus_per_actor, gpu=cfg.resources.device.startswith("cuda"),
-                          device=cfg.resources.device)
+    if cfg.resources.owner_url:  # the bundle the owner's service hands out
+        tensors, head_meta = OwnerClient(cfg.resources.owner_url, owner_token(cfg)).head()
+        files = {"head.safetensors": save_numpy(tensors), "head.json": json.dumps(head_meta, indent=2).encode()}
+    else:
+        files = executor.call(export_head_files, cfg.model.model_id, cfg.model.revision, cfg.model.dtype,
+                              tokenizer_hash, num_cpus=cfg.resources.cpus_per_actor,
+                              gpu=cfg.resources.device.startswith("cuda"), device=cfg.resources.device)
 
     def fill(staging: Path) -> None:
         for name in sorted(files, key=lambda n: n.endswith(".json")):  # metadata last

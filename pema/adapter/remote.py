@@ -1,0 +1,89 @@
+"""The data owner's client of the PLM owner's service (:mod:`pema.owner.service`, served on Ray Serve): the
+owner's answers over HTTP, so that no process of the data owner holds the PLM's weights.
+
+Only the standard library speaks HTTP here; answers are safetensors (keys, log-probabilities) or JSON. A service
+that does not answer fails in seconds with :class:`~pema.errors.OwnerUnavailableError` naming the URL; an answer
+other than 200 raises :class:`~pema.errors.OwnerRequestError` with the status and the service's message. Every
+answer carries the fingerprint of the owner's head bundle; a client made with ``expect_fingerprint`` refuses any
+other.
+"""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+from safetensors.numpy import load as load_numpy
+
+from pema.errors import OwnerRequestError, OwnerUnavailableError
+
+
+class OwnerClient:
+    def __init__(self, url: str, token: str, *, timeout_s: float = 60.0, expect_fingerprint: str | None = None):
+        self.url, self.token, self.timeout_s = url.rstrip("/"), token, timeout_s
+        self.fingerprint = expect_fingerprint
+        self.bytes_in = self.bytes_out = 0  # what crossed, for the benchmarks
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> bytes:
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode("utf-8", "replace")
+            try:
+                detail = json.loads(detail)["error"]
+            except (ValueError, KeyError, TypeError):
+                pass
+            raise OwnerRequestError(f"the PLM owner's service at {self.url} answered {exc.code} to {method} {path}: "
+                                    f"{detail}", status=exc.code) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise OwnerUnavailableError(f"the PLM owner's service at {self.url} is not reachable "
+                                        f"({getattr(exc, 'reason', exc)}); start it (jobs/serve_owner.py) or fix "
+                                        "owner.url") from None
+        self.bytes_out += len(data or b"")
+        self.bytes_in += len(raw)
+        return raw
+
+    def _tensors(self, raw: bytes) -> tuple[dict[str, np.ndarray], dict]:
+        n = int.from_bytes(raw[:8], "little")
+        meta = json.loads(raw[8:8 + n]).get("__metadata__", {})
+        got = meta.get("head_fingerprint")
+        if self.fingerprint is None:
+            self.fingerprint = got
+        elif got != self.fingerprint:
+            raise OwnerRequestError(f"the service at {self.url} answers for head {got}, not {self.fingerprint}: "
+                                    "the owner's model changed; rebuild against the new head", status=409)
+        return load_numpy(raw), meta
+
+    def health(self) -> dict:
+        return json.loads(self._request("GET", "/health"))
+
+    def head(self) -> tuple[dict[str, np.ndarray], dict]:
+        """The head bundle's tensors and its head.json."""
+        tensors, meta = self._tensors(self._request("GET", "/head"))
+        return tensors, json.loads(meta["head.json"])
+
+    def context(self, examples, dtype: str = "float32") -> dict[str, np.ndarray]:
+        """Keys at the target positions of ``examples`` (``EncodeExample``-like: example, prompt_ids, target_ids),
+        with token, example, position: the rows of the memory."""
+        body = {"dtype": dtype, "examples": [{"example": int(e.example), "prompt_ids": list(e.prompt_ids),
+                                              "target_ids": list(e.target_ids)} for e in examples]}
+        rows, meta = self._tensors(self._request("POST", "/context", body))
+        rows["d"], rows["vocab_size"] = int(meta["d"]), int(meta["vocab_size"])
+        return rows
+
+    def open_session(self, prompts: list[list[int]]) -> tuple[str, np.ndarray, np.ndarray]:
+        """``(session id, key (rows, d), log_probs (rows, vocab))`` of the prompts' last positions."""
+        out, meta = self._tensors(self._request("POST", "/sessions", {"prompts": prompts}))
+        return meta["session"], out["key"], out["log_probs"]
+
+    def step(self, session: str, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        out, _ = self._tensors(self._request("POST", f"/sessions/{session}/step", {"tokens": tokens}))
+        return out["key"], out["log_probs"]
+
+    def close(self, session: str) -> None:
+        self._request("DELETE", f"/sessions/{session}")

@@ -1,0 +1,271 @@
+"""The PLM owner's service, framework-free: requests in, responses out, the owner's weights never leave.
+
+What crosses (PEMA's boundary; every answer carries the fingerprint of the owner's head bundle, so a client can
+refuse a mismatch):
+
+- ``POST /context``: JSON ``{"examples": [{"example": i, "prompt_ids": [...], "target_ids": [...]}, ...]}`` ->
+  the keys at the target positions (the memory's key definition, :mod:`pema.formats.keys`) as safetensors:
+  ``key`` (n, d) float16 or float32 (``"dtype"``), ``token``, ``example``, ``position`` (n,).
+- ``POST /sessions``: ``{"prompts": [[ids], ...]}`` opens a decoding session (the owner keeps its KV cache) and
+  answers the first step; ``POST /sessions/<id>/step``: ``{"tokens": [t, ...]}`` (one per row) -> per row the key
+  of the new context and the PLM's next-token log-probabilities, safetensors ``key`` (rows, d) and ``log_probs``
+  (rows, vocab), float32; ``DELETE /sessions/<id>`` closes it. Sessions idle for ``session_ttl_s`` are dropped;
+  at most ``max_sessions`` are open (429 beyond).
+- ``GET /head``: the output-head bundle (head.safetensors, with head.json as its metadata); ``GET /health``.
+
+Access: ``Authorization: Bearer <token>``, tokens per tenant from a JSON file ``{"tenant": "token"}`` or the
+environment (``PEMA_OWNER_TOKENS="tenant:token,..."``); a missing or wrong token gets 401. Over the size limits:
+413; an unknown session: 404; a malformed body: 400 naming the field. One JSONL audit line per request: time,
+tenant, endpoint, status, rows, tokens in, what went out (keys, distributions, bytes), the sha256 of the token ids
+and the latency. Never the text, never the ids themselves.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save as save_numpy
+
+from pema.owner.encode import EncodeExample, MemoryEncoder
+from pema.owner.plm import head_modules
+
+
+class RequestError(Exception):
+    """An answer other than 200: ``status`` and a message naming what was wrong."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_rows: int = 256  # rows (examples or decoding rows) per request
+    max_tokens: int = 262_144  # token ids per request
+    max_body_bytes: int = 16 << 20
+    max_sessions: int = 64
+    session_ttl_s: float = 300.0
+
+
+def load_tokens(path: str | os.PathLike | None = None, env: str = "PEMA_OWNER_TOKENS") -> dict[str, str]:
+    """``{token: tenant}`` from a JSON file ``{"tenant": "token", ...}`` or ``$PEMA_OWNER_TOKENS`` (``tenant:token``
+    pairs, comma-separated); ValueError when neither gives a token (a service without tokens would answer anyone)."""
+    pairs: dict[str, str] = {}
+    if path is not None:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not all(isinstance(v, str) and v for v in data.values()):
+            raise ValueError(f"{path}: expected a JSON object {{\"tenant\": \"token\", ...}}")
+        pairs = dict(data)
+    elif os.environ.get(env):
+        for item in os.environ[env].split(","):
+            tenant, sep, token = item.strip().partition(":")
+            if not sep or not tenant or not token:
+                raise ValueError(f"${env}: {item!r} is not tenant:token")
+            pairs[tenant] = token
+    if not pairs:
+        raise ValueError(f"no access tokens: pass a tokens file or set ${env}=tenant:token")
+    return {token: tenant for tenant, token in pairs.items()}
+
+
+def _ids(body: dict, field: str, where: str, vocab: int) -> list[int]:
+    value = body.get(field)
+    if not isinstance(value, list) or not value or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                            for t in value):
+        raise RequestError(400, f"{where}{field} must be a non-empty list of integer token ids")
+    if min(value) < 0 or max(value) >= vocab:
+        raise RequestError(400, f"{where}{field} holds ids outside [0, {vocab})")
+    return value
+
+
+class _Session:
+    def __init__(self, past, mask: torch.Tensor, rows: int):
+        self.past, self.mask, self.rows, self.used = past, mask, rows, time.monotonic()
+
+
+class OwnerService:
+    """The owner's side of every request (see the module docstring). ``handle(method, path, headers, body)`` ->
+    ``(status, content_type, body_bytes)``; one lock serialises the model's forwards."""
+
+    def __init__(self, model, head_dir: str | os.PathLike, tokens: dict[str, str], *, audit_path=None,
+                 limits: Limits = Limits(), pad_id: int = 0):
+        self.model, self.limits, self.tokens, self.pad_id = model.eval(), limits, tokens, pad_id
+        self.heads = head_modules(model)
+        self.vocab = int(self.heads.lm_head.weight.shape[0])
+        self.device = next(model.parameters()).device
+        head_dir = Path(head_dir)
+        self.head_meta = json.loads((head_dir / "head.json").read_text())
+        self.head_bytes = (head_dir / "head.safetensors").read_bytes()
+        self.fingerprint = hashlib.sha256(self.head_bytes).hexdigest()
+        self.encoders = {dt: MemoryEncoder(model, pad_id=pad_id, key_dtype=dt) for dt in ("float16", "float32")}
+        self.audit_path = Path(audit_path) if audit_path else None
+        self.sessions: dict[str, _Session] = {}
+        self.lock = threading.Lock()
+
+    # ---- the dispatcher -------------------------------------------------------------------------------------
+    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, str, bytes]:
+        start, tenant, record = time.perf_counter(), None, {"rows": 0, "tokens_in": 0, "ids_sha256": None}
+        try:
+            tenant = self._tenant(headers)
+            if len(body) > self.limits.max_body_bytes:
+                raise RequestError(413, f"body of {len(body)} bytes is over the limit of "
+                                        f"{self.limits.max_body_bytes}")
+            status, ctype, out, sent = self._route(method, path.rstrip("/") or "/", body, record)
+        except RequestError as exc:
+            status, ctype, out, sent = exc.status, "application/json", json.dumps({"error": str(exc)}).encode(), {}
+        self._audit(tenant, method, path, status, record, sent, len(out), time.perf_counter() - start)
+        return status, ctype, out
+
+    def _tenant(self, headers: dict[str, str]) -> str:
+        auth = {k.lower(): v for k, v in headers.items()}.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        for known, tenant in self.tokens.items():
+            if scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), known):
+                return tenant
+        raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+    def _route(self, method, path, body, record):
+        if method == "GET" and path == "/health":
+            return 200, "application/json", json.dumps({"status": "ok", "model_id": self.head_meta["model_id"],
+                                                        "head_fingerprint": self.fingerprint,
+                                                        "open_sessions": len(self.sessions)}).encode(), {}
+        if method == "GET" and path == "/head":
+            return 200, "application/octet-stream", self._head_file(), {"head": 1}
+        if method == "POST" and path == "/context":
+            return self._context(self._json(body), record)
+        if method == "POST" and path == "/sessions":
+            return self._open(self._json(body), record)
+        parts = path.strip("/").split("/")
+        if len(parts) == 3 and parts[0] == "sessions" and parts[2] == "step" and method == "POST":
+            return self._step(parts[1], self._json(body), record)
+        if len(parts) == 2 and parts[0] == "sessions" and method == "DELETE":
+            if self.sessions.pop(parts[1], None) is None:
+                raise RequestError(404, f"unknown session {parts[1]!r}")
+            return 200, "application/json", b'{"closed": true}', {}
+        raise RequestError(404, f"no endpoint {method} {path}")
+
+    @staticmethod
+    def _json(body: bytes) -> dict:
+        try:
+            data = json.loads(body or b"null")
+        except ValueError as exc:
+            raise RequestError(400, f"body is not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise RequestError(400, "body must be a JSON object")
+        return data
+
+    def _head_file(self) -> bytes:
+        from safetensors.torch import load as load_torch
+
+        tensors = {k: v.numpy() for k, v in load_torch(self.head_bytes).items()}
+        return save_numpy(tensors, metadata={"head.json": json.dumps(self.head_meta),
+                                             "head_fingerprint": self.fingerprint})
+
+    def _answer(self, tensors: dict[str, np.ndarray], **meta) -> bytes:
+        return save_numpy(tensors, metadata={"head_fingerprint": self.fingerprint, **{k: str(v) for k, v in meta.items()}})
+
+    def _check_size(self, rows: int, tokens: int, record: dict, ids: list[list[int]]) -> None:
+        record.update(rows=rows, tokens_in=tokens,
+                      ids_sha256=hashlib.sha256(json.dumps(ids, separators=(",", ":")).encode()).hexdigest())
+        if rows > self.limits.max_rows or tokens > self.limits.max_tokens:
+            raise RequestError(413, f"{rows} rows / {tokens} token ids are over the limits of "
+                                    f"{self.limits.max_rows} rows / {self.limits.max_tokens} ids per request")
+
+    # ---- context: teacher-forced keys -------------------------------------------------------------------------
+    def _context(self, body: dict, record: dict):
+        examples = body.get("examples")
+        if not isinstance(examples, list) or not examples:
+            raise RequestError(400, "examples must be a non-empty list of {example, prompt_ids, target_ids}")
+        dtype = body.get("dtype", "float32")
+        if dtype not in self.encoders:
+            raise RequestError(400, f"dtype={dtype!r} must be 'float16' or 'float32'")
+        parsed = []
+        for i, e in enumerate(examples):
+            if not isinstance(e, dict) or not isinstance(e.get("example"), int) or isinstance(e.get("example"), bool):
+                raise RequestError(400, f"examples[{i}].example must be an integer")
+            parsed.append(EncodeExample(e["example"], tuple(_ids(e, "prompt_ids", f"examples[{i}].", self.vocab)),
+                                        tuple(_ids(e, "target_ids", f"examples[{i}].", self.vocab))))
+        self._check_size(len(parsed), sum(len(e.prompt_ids) + len(e.target_ids) for e in parsed), record,
+                         [[e.prompt_ids, e.target_ids] for e in parsed])
+        with self.lock:
+            rows = self.encoders[dtype](parsed)
+        rows = {k: np.ascontiguousarray(v) for k, v in rows.items()}
+        out = self._answer(rows, d=rows["key"].shape[1], vocab_size=self.vocab)
+        return 200, "application/octet-stream", out, {"keys": len(rows["key"]), "distributions": 0}
+
+    # ---- decoding sessions ------------------------------------------------------------------------------------
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for sid in [s for s, v in self.sessions.items() if now - v.used > self.limits.session_ttl_s]:
+            del self.sessions[sid]
+
+    @torch.no_grad()
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, past):
+        from pema.owner.respond import ContextTap
+
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]  # as generate() sets them: padding skipped
+        with ContextTap(self.model) as tap:
+            out = self.model(input_ids=ids, attention_mask=mask, past_key_values=past, position_ids=positions,
+                             use_cache=True)
+            key = tap.last_key()
+        log_probs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+        return out.past_key_values, key.float().cpu().numpy(), log_probs.cpu().numpy()
+
+    def _open(self, body: dict, record: dict):
+        prompts = body.get("prompts")
+        if not isinstance(prompts, list) or not prompts:
+            raise RequestError(400, "prompts must be a non-empty list of token-id lists")
+        prompts = [_ids({"prompt": p}, "prompt", f"prompts[{i}].", self.vocab) for i, p in enumerate(prompts)]
+        self._check_size(len(prompts), sum(map(len, prompts)), record, prompts)
+        self._expire()
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise RequestError(429, f"{len(self.sessions)} sessions are open, the most this service keeps; close "
+                                    "one (DELETE /sessions/<id>) or wait for idle ones to expire")
+        width = max(map(len, prompts))  # left-padded, as generate() pads decoder-only prompts
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
+        with self.lock:
+            past, key, log_probs = self._forward(ids.to(self.device), mask.to(self.device), None)
+        sid = uuid.uuid4().hex
+        self.sessions[sid] = _Session(past, mask.to(self.device), len(prompts))
+        out = self._answer({"key": key, "log_probs": log_probs}, session=sid)
+        return 200, "application/octet-stream", out, {"keys": len(key), "distributions": len(log_probs)}
+
+    def _step(self, sid: str, body: dict, record: dict):
+        self._expire()
+        session = self.sessions.get(sid)
+        if session is None:
+            raise RequestError(404, f"unknown session {sid!r} (closed, expired after "
+                                    f"{self.limits.session_ttl_s:g} s idle, or never opened)")
+        tokens = _ids(body, "tokens", "", self.vocab)
+        if len(tokens) != session.rows:
+            raise RequestError(400, f"tokens must hold one id per row: {session.rows} expected, got {len(tokens)}")
+        self._check_size(len(tokens), len(tokens), record, tokens)
+        mask = torch.cat([session.mask, torch.ones((session.rows, 1), dtype=torch.long, device=self.device)], 1)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        with self.lock:
+            past, key, log_probs = self._forward(ids, mask, session.past)
+        session.past, session.mask, session.used = past, mask, time.monotonic()
+        out = self._answer({"key": key, "log_probs": log_probs}, session=sid)
+        return 200, "application/octet-stream", out, {"keys": len(key), "distributions": len(log_probs)}
+
+    # ---- audit ------------------------------------------------------------------------------------------------
+    def _audit(self, tenant, method, path, status, record, sent, nbytes, seconds) -> None:
+        if self.audit_path is None:
+            return
+        line = {"time": time.time(), "tenant": tenant, "endpoint": f"{method} {path}", "status": status,
+                "rows": record["rows"], "tokens_in": record["tokens_in"], "ids_sha256": record["ids_sha256"],
+                "out": {"keys": sent.get("keys", 0), "distributions": sent.get("distributions", 0),
+                        "head": sent.get("head", 0), "bytes": nbytes}, "latency_ms": round(seconds * 1000, 2)}
+        with self.lock, open(self.audit_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")

@@ -1,0 +1,169 @@
+"""The PLM owner's service without HTTP (OwnerService.handle, the body Ray Serve runs): what crosses, access, size
+limits, sessions and the audit log, against the in-process owner code as the reference."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load as load_numpy
+
+from pema.adapter.decode import GenerationSettings, generate
+from pema.owner.encode import EncodeExample, MemoryEncoder
+from pema.owner.export import export_head
+from pema.owner.plm import tiny_model
+from pema.owner.service import Limits, OwnerService, load_tokens
+
+VOCAB, STOP, PAD = 120, 2, 0
+AUTH = {"Authorization": "Bearer s3cret"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", VOCAB, seed=5).eval()
+
+
+def service(model, tmp_path, **limits) -> OwnerService:
+    export_head(model, tmp_path / "head", model_id="tiny")
+    return OwnerService(model, tmp_path / "head", {"s3cret": "acme", "other": "beta"},
+                        audit_path=tmp_path / "audit.jsonl", limits=Limits(**limits), pad_id=PAD)
+
+
+def call(svc, method, path, body=None, headers=AUTH):
+    raw = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    return svc.handle(method, path, headers, raw)
+
+
+def examples(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [EncodeExample(i, tuple(torch.randint(3, VOCAB, (4 + i % 3,), generator=g).tolist()),
+                          tuple(torch.randint(3, VOCAB, (3 + i % 2,), generator=g).tolist())) for i in range(n)]
+
+
+def as_body(exs, dtype="float32"):
+    return {"dtype": dtype, "examples": [{"example": e.example, "prompt_ids": list(e.prompt_ids),
+                                          "target_ids": list(e.target_ids)} for e in exs]}
+
+
+def test_context_answers_the_memory_rows_of_the_in_process_encoder(model, tmp_path):
+    svc = service(model, tmp_path)
+    exs = examples(5)
+    status, ctype, body = call(svc, "POST", "/context", as_body(exs))
+    assert (status, ctype) == (200, "application/octet-stream")
+    rows, reference = load_numpy(body), MemoryEncoder(model, pad_id=PAD, key_dtype="float32")(exs)
+    for column in ("token", "example", "position"):
+        np.testing.assert_array_equal(rows[column], reference[column])
+    np.testing.assert_array_equal(rows["key"], reference["key"])  # the same forward: exactly the same keys
+    header = json.loads(body[8:8 + int.from_bytes(body[:8], "little")])["__metadata__"]
+    assert header["head_fingerprint"] == svc.fingerprint and header["d"] == "64"
+
+
+def test_greedy_decoding_through_sessions_equals_generate(model, tmp_path):
+    svc = service(model, tmp_path)
+    prompts = [list(e.prompt_ids) for e in examples(3, seed=1)]
+    settings = GenerationSettings(max_new_tokens=6, batch_size=3)
+    reference = generate(model, prompts, stop_token_id=STOP, pad_token_id=PAD, settings=settings, progress=False)
+    status, _, body = call(svc, "POST", "/sessions", {"prompts": prompts})
+    assert status == 200
+    out = load_numpy(body)
+    sid = json.loads(body[8:8 + int.from_bytes(body[:8], "little")])["__metadata__"]["session"]
+    tokens, done = [[] for _ in prompts], [False] * len(prompts)
+    for _ in range(settings.max_new_tokens):
+        chosen = out["log_probs"].argmax(-1).tolist()
+        chosen = [STOP if d else t for t, d in zip(chosen, done)]  # finished rows keep feeding stop (ignored)
+        for r, t in enumerate(chosen):
+            if not done[r]:
+                tokens[r].append(t)
+                done[r] = t == STOP
+        if all(done):
+            break
+        status, _, body = call(svc, "POST", f"/sessions/{sid}/step", {"tokens": chosen})
+        assert status == 200
+        out = load_numpy(body)
+    assert tokens == [list(t) for t in reference.token_ids]
+    assert out["key"].shape == (3, 64) and out["log_probs"].shape == (3, VOCAB)
+    assert call(svc, "DELETE", f"/sessions/{sid}")[0] == 200
+    assert call(svc, "POST", f"/sessions/{sid}/step", {"tokens": [3, 3, 3]})[0] == 404
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": "s3cret"}])
+def test_missing_or_wrong_token_is_401(model, tmp_path, headers):
+    status, _, body = call(service(model, tmp_path), "GET", "/health", headers=headers)
+    assert status == 401 and b"bearer token" in body
+
+
+def test_size_limits_unknown_sessions_and_malformed_bodies(model, tmp_path):
+    svc = service(model, tmp_path, max_rows=4, max_tokens=40, max_body_bytes=4000)
+    assert call(svc, "POST", "/context", as_body(examples(5)))[0] == 413  # 5 rows > 4
+    long = [EncodeExample(0, tuple([5] * 30), tuple([6] * 20))]
+    assert call(svc, "POST", "/context", as_body(long))[0] == 413  # 50 ids > 40
+    assert call(svc, "POST", "/context", b"{" + b" " * 5000 + b"}")[0] == 413  # the body itself
+    assert call(svc, "POST", "/sessions/feedbeef/step", {"tokens": [3]})[0] == 404
+    assert call(svc, "DELETE", "/sessions/feedbeef")[0] == 404
+    for body, field in [(b"not json", "not JSON"), ({"examples": []}, "examples"),
+                        ({"examples": [{"example": 0, "prompt_ids": [1], "target_ids": "x"}]}, "examples[0].target_ids"),
+                        ({"examples": [{"example": 0, "prompt_ids": [1, VOCAB], "target_ids": [2]}]},
+                         "examples[0].prompt_ids"), ({"examples": [{"prompt_ids": [1], "target_ids": [2]}]},
+                                                     "examples[0].example"),
+                        ({"dtype": "int8", "examples": [{"example": 0, "prompt_ids": [1], "target_ids": [2]}]},
+                         "dtype")]:
+        status, _, answer = call(svc, "POST", "/context", body)
+        assert status == 400 and field in json.loads(answer)["error"], (body, answer)
+    status, _, answer = call(svc, "POST", "/sessions", {"prompts": [[3, True]]})
+    assert status == 400 and "prompts[0]" in json.loads(answer)["error"]
+
+
+def test_session_ttl_and_cap(model, tmp_path):
+    svc = service(model, tmp_path, max_sessions=1, session_ttl_s=0.3)
+    status, _, body = call(svc, "POST", "/sessions", {"prompts": [[3, 4, 5]]})
+    sid = json.loads(body[8:8 + int.from_bytes(body[:8], "little")])["__metadata__"]["session"]
+    assert status == 200 and call(svc, "POST", "/sessions", {"prompts": [[3]]})[0] == 429  # the cap
+    assert call(svc, "POST", f"/sessions/{sid}/step", {"tokens": [7, 8]})[0] == 400  # one id per row
+    time.sleep(0.5)
+    assert call(svc, "POST", f"/sessions/{sid}/step", {"tokens": [7]})[0] == 404  # idle past the TTL: dropped
+    assert call(svc, "POST", "/sessions", {"prompts": [[3]]})[0] == 200  # and its slot is free again
+
+
+def test_audit_lines_match_the_requests_and_hold_no_ids(model, tmp_path):
+    svc = service(model, tmp_path)
+    exs = examples(2)
+    call(svc, "POST", "/context", as_body(exs))
+    call(svc, "GET", "/head", headers={"Authorization": "Bearer other"})
+    call(svc, "GET", "/health", headers={})
+    lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(x["tenant"], x["endpoint"], x["status"]) for x in lines] == [
+        ("acme", "POST /context", 200), ("beta", "GET /head", 200), (None, "GET /health", 401)]
+    ctx = lines[0]
+    rows = sum(len(e.target_ids) for e in exs)
+    assert ctx["rows"] == 2 and ctx["tokens_in"] == sum(len(e.prompt_ids) + len(e.target_ids) for e in exs)
+    assert ctx["out"]["keys"] == rows and ctx["out"]["distributions"] == 0 and ctx["out"]["bytes"] > rows * 64 * 4
+    assert len(ctx["ids_sha256"]) == 64 and ctx["latency_ms"] >= 0
+    text = (tmp_path / "audit.jsonl").read_text()
+    assert str(list(exs[0].prompt_ids))[1:-1] not in text  # the ids themselves never reach the log
+
+
+def test_head_endpoint_serves_the_bundle(model, tmp_path):
+    svc = service(model, tmp_path)
+    status, _, body = call(svc, "GET", "/head")
+    meta = json.loads(json.loads(body[8:8 + int.from_bytes(body[:8], "little")])["__metadata__"]["head.json"])
+    assert status == 200 and meta["model_id"] == "tiny" and meta["d"] == 64
+    served, on_disk = load_numpy(body), load_numpy((tmp_path / "head" / "head.safetensors").read_bytes())
+    assert served.keys() == on_disk.keys()
+    for name in on_disk:
+        np.testing.assert_array_equal(served[name], on_disk[name])
+
+
+def test_tokens_from_file_or_environment(tmp_path, monkeypatch):
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"acme": "t1", "beta": "t2"}))
+    assert load_tokens(path) == {"t1": "acme", "t2": "beta"}
+    monkeypatch.setenv("PEMA_OWNER_TOKENS", "acme:t1, beta:t2")
+    assert load_tokens() == {"t1": "acme", "t2": "beta"}
+    monkeypatch.setenv("PEMA_OWNER_TOKENS", "acme")
+    with pytest.raises(ValueError, match="tenant:token"):
+        load_tokens()
+    monkeypatch.delenv("PEMA_OWNER_TOKENS")
+    with pytest.raises(ValueError, match="no access tokens"):
+        load_tokens()
