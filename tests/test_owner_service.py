@@ -167,3 +167,64 @@ def test_tokens_from_file_or_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("PEMA_OWNER_TOKENS")
     with pytest.raises(ValueError, match="no access tokens"):
         load_tokens()
+
+
+class InProcessClient:
+    """OwnerClient's session calls, answered by OwnerService.handle directly (no HTTP)."""
+
+    def __init__(self, svc):
+        self.svc = svc
+
+    def _post(self, path, body):
+        status, _, raw = call(self.svc, "POST", path, body)
+        assert status == 200, raw
+        meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+        return load_numpy(raw), meta
+
+    def open_session(self, prompts):
+        out, meta = self._post("/sessions", {"prompts": prompts})
+        return meta["session"], out["key"], out["log_probs"]
+
+    def step(self, session, tokens):
+        out, _ = self._post(f"/sessions/{session}/step", {"tokens": tokens})
+        return out["key"], out["log_probs"]
+
+    def close(self, session):
+        assert call(self.svc, "DELETE", f"/sessions/{session}")[0] == 200
+
+
+@pytest.mark.parametrize("kind", ["zero_shot", "pema_gu", "pema_capped"])
+def test_remote_decoding_chooses_the_in_process_tokens(model, tmp_path, kind):
+    """generate_remote on the session steps against generate() on the PLM: the same mixing processors, the same
+    greedy tokens, the same lambda traces."""
+    from pema.adapter.io import load_head
+    from pema.adapter.model import PemaAdapter
+    from pema.adapter.remote_decode import generate_remote
+    from pema.adapter.schedule import Schedule
+    from pema.owner.respond import ContextTap
+
+    svc = service(model, tmp_path)
+    head, _ = load_head(tmp_path / "head")
+    torch.manual_seed(0)
+    adapter = PemaAdapter(64, 16, 16.0, 0.0)
+    with torch.no_grad():
+        adapter.B_pd.normal_(0, 0.5)  # a visible effect on the mixture
+    prompts = [list(e.prompt_ids) for e in examples(5, seed=2)]
+    settings = GenerationSettings(max_new_tokens=7, batch_size=3)
+    kw = {}
+    if kind != "zero_shot":
+        kw = dict(adapter=adapter.eval(), head=head, schedule=Schedule("gu_quadratic", lam_max=0.9, floor=0.0),
+                  horizons=torch.full((5,), 4.0))
+    if kind == "pema_capped":
+        kw["length_caps"] = torch.tensor([2, 3, 4, 5, 6])
+    local = generate(model, prompts, stop_token_id=STOP, pad_token_id=PAD, settings=settings, progress=False,
+                     **({**kw, "key_source": ContextTap(model)} if kw else {}))
+    remote = generate_remote(InProcessClient(svc), prompts, stop_token_id=STOP, pad_token_id=PAD, settings=settings,
+                             progress=False, **kw)
+    assert remote.token_ids == local.token_ids and remote.generated_tokens == local.generated_tokens
+    for a, b in zip(remote.lam_traces, local.lam_traces):
+        assert a == pytest.approx(b)
+    assert not svc.sessions  # every session closed
+    with pytest.raises(ValueError, match="greedy"):
+        generate_remote(InProcessClient(svc), prompts, stop_token_id=STOP, pad_token_id=PAD, progress=False,
+                        settings=GenerationSettings(strategy="beam"))

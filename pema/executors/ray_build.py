@@ -1,10 +1,13 @@
 """The memory build's encoding on Ray Data: a fixed pool of actors (one per GPU group, or ``resources.memory_actors``),
 each loading the PLM once and running the stage's :class:`~pema.stages.build.ShardEncoder` on the shards it is
 given. The plan, the resume and the writing of parts are the stage's (:mod:`pema.stages.build`); this module only
-moves shards to actors and rows back to the driver, in small blocks so that the driver's row bar moves as the
-actors encode.
+moves shards to actors and rows back to the driver, and counts the rows the actors have encoded (a zero-CPU
+counter actor) so that the driver's row bar moves between the blocks Ray Data hands over.
 """
 from __future__ import annotations
+
+import queue
+import threading
 
 import numpy as np
 import ray
@@ -12,17 +15,31 @@ import ray
 from pema.config import ResourcesConfig
 from pema.errors import ConfigError
 
-BLOCK_BYTES = 4 << 20  # rows come back in ~4 MiB blocks: the progress bar moves every few thousand rows
+BLOCK_BYTES = 4 << 20  # rows come back in blocks of about 4 MiB
+
+
+@ray.remote(num_cpus=0)
+class _RowCounter:
+    def __init__(self):
+        self.rows = 0
+
+    def add(self, n: int) -> None:
+        self.rows += n
+
+    def total(self) -> int:
+        return self.rows
 
 
 class _EncodeActor:
-    def __init__(self, factory):
+    def __init__(self, factory, counter):
         gpus = len(ray.get_gpu_ids())
-        self.encode = factory("cpu" if gpus == 0 else ("cuda" if gpus == 1 else "auto"))
+        self.encode, self.counter = factory("cpu" if gpus == 0 else ("cuda" if gpus == 1 else "auto")), counter
 
     def __call__(self, batch: dict[str, np.ndarray]):
         for memory, shard, payload in zip(batch["memory"], batch["shard"], batch["batches"]):
-            yield from self.encode({"memory": int(memory), "shard": int(shard), "batches": payload})
+            for rows in self.encode({"memory": int(memory), "shard": int(shard), "batches": payload}):
+                self.counter.add.remote(len(rows["token"]))  # the driver's bar moves as rows are encoded
+                yield rows
 
 
 def actor_resources(r: ResourcesConfig, resources: dict) -> tuple[int, int]:
@@ -39,13 +56,41 @@ def actor_resources(r: ResourcesConfig, resources: dict) -> tuple[int, int]:
     return n, per_gpu
 
 
-def encode_on_ray(factory, items: list[dict], *, cfg):
-    """Rows of every item (a shard), encoded by a pool of Ray Data actors, as they arrive (any order)."""
+def encode_on_ray(factory, items: list[dict], *, cfg, poll_s: float = 0.5):
+    """Rows of every item (a shard), encoded by a pool of Ray Data actors, as they arrive (any order). Ray Data
+    hands rows over in blocks of about ``BLOCK_BYTES``; in between, every ``poll_s`` this yields ``{"encoded": n}``,
+    the rows the actors have encoded so far, for the progress bar."""
     n_actors, gpus = actor_resources(cfg.resources, ray.cluster_resources())
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds.context.target_max_block_size = BLOCK_BYTES
     ds.context.enable_progress_bars = False  # the stage's row bar replaces Ray Data's operator bars
     ds.context.enable_operator_progress_bars = False
+    counter = _RowCounter.remote()
     ds = ds.map_batches(_EncodeActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(n_actors, len(items))),
-                        num_gpus=gpus, num_cpus=cfg.resources.cpus_per_actor, fn_constructor_kwargs={"factory": factory})
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+                        num_gpus=gpus, num_cpus=cfg.resources.cpus_per_actor,
+                        fn_constructor_kwargs={"factory": factory, "counter": counter})
+    arrived: queue.Queue = queue.Queue()
+
+    def pump():
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                arrived.put(("rows", batch))
+            arrived.put(("end", None))
+        except BaseException as exc:  # re-raised in the caller's thread
+            arrived.put(("error", exc))
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        while True:
+            try:
+                kind, item = arrived.get(timeout=poll_s)
+            except queue.Empty:
+                yield {"encoded": ray.get(counter.total.remote())}
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        ray.kill(counter)

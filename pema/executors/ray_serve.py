@@ -53,3 +53,10 @@ def start_owner(model_id: str, *, port: int = 8000, name: str = "pema_owner", **
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(owner_app(model_id, **kwargs), name=name, route_prefix=ROUTE)
     return f"http://127.0.0.1:{port}{ROUTE}"
+
+
+def build_app(args: dict):
+    """The application builder for a Serve config file (``import_path: pema.executors.ray_serve:build_app``):
+    ``args`` are :class:`OwnerDeployment`'s (``model_id`` and the keyword arguments)."""
+    args = dict(args)
+    return owner_app(args.pop("model_id"), **args)

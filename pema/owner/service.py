@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save as save_numpy
 
+from pema.errors import ConfigError
 from pema.owner.encode import EncodeExample, MemoryEncoder
 from pema.owner.plm import head_modules
 
@@ -58,21 +59,21 @@ class Limits:
 
 def load_tokens(path: str | os.PathLike | None = None, env: str = "PEMA_OWNER_TOKENS") -> dict[str, str]:
     """``{token: tenant}`` from a JSON file ``{"tenant": "token", ...}`` or ``$PEMA_OWNER_TOKENS`` (``tenant:token``
-    pairs, comma-separated); ValueError when neither gives a token (a service without tokens would answer anyone)."""
+    pairs, comma-separated); ConfigError when neither gives a token (a service without tokens would answer anyone)."""
     pairs: dict[str, str] = {}
     if path is not None:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         if not isinstance(data, dict) or not all(isinstance(v, str) and v for v in data.values()):
-            raise ValueError(f"{path}: expected a JSON object {{\"tenant\": \"token\", ...}}")
+            raise ConfigError(f"{path}: expected a JSON object {{\"tenant\": \"token\", ...}}")
         pairs = dict(data)
     elif os.environ.get(env):
         for item in os.environ[env].split(","):
             tenant, sep, token = item.strip().partition(":")
             if not sep or not tenant or not token:
-                raise ValueError(f"${env}: {item!r} is not tenant:token")
+                raise ConfigError(f"${env}: {item!r} is not tenant:token")
             pairs[tenant] = token
     if not pairs:
-        raise ValueError(f"no access tokens: pass a tokens file or set ${env}=tenant:token")
+        raise ConfigError(f"no access tokens: pass a tokens file or set ${env}=tenant:token")
     return {token: tenant for tenant, token in pairs.items()}
 
 

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from pema.config import PipelineConfig
 from pema.adapter.remote import OwnerClient
-from pema.errors import ConfigError, DataError, MemoryFormatError
+from pema.errors import DataError, MemoryFormatError
 from pema.formats.keys import KEY_DEFINITION
 from pema.formats.layout import RunLayout, replace_dir, staging_dir
 from pema.formats.memory import (MANIFEST_NAME, SCHEMA_VERSION, MemoryManifest, PartInfo, file_sha256, verify_memory,
@@ -51,7 +51,7 @@ from pema.owner.build import prepare_examples
 from pema.owner.encode import EncodeExample, MemoryEncoder, length_batches
 from pema.owner.export import export_head
 from pema.owner.plm import head_modules, load_plm, load_tokenizer
-from pema.stages.inputs import split_pairs
+from pema.stages.inputs import owner_token, split_pairs
 from pema.stages.logger import MetricLogger, NullLogger
 
 PLAN_NAME = "plan.json"
@@ -256,14 +256,6 @@ class RemoteShardEncoder:
             yield {**rows, **{k: np.full(n, v, np.int64) for k, v in tags.items()}}
 
 
-def owner_token(cfg: PipelineConfig) -> str:
-    """This tenant's bearer token for the owner's service, from ``$<resources.owner_token_env>``."""
-    if not (token := os.environ.get(cfg.resources.owner_token_env)):
-        raise ConfigError(f"resources.owner_url={cfg.resources.owner_url} needs a bearer token in "
-                          f"${cfg.resources.owner_token_env} (resources.owner_token_env)")
-    return token
-
-
 def shard_encoder(cfg: PipelineConfig):
     """``factory(device) -> encoder`` for this config (picklable, so a Ray actor can call it): the PLM in the
     worker, or the owner's service when ``resources.owner_url`` is set."""
@@ -288,11 +280,16 @@ def build_memories(cfg: PipelineConfig, jobs: dict, executor, *, progress: bool 
         initial = sum(s["rows"] for b in todo for s in b.done.values())
         with tqdm(total=total, initial=initial, desc="build memory", unit="row", disable=not progress,
                   dynamic_ncols=True) as bar:
+            arrived = encoded = 0
             for batch in executor.encode(shard_encoder(cfg), items, cfg=cfg):
-                for m, i in sorted(set(zip(batch["memory"].tolist(), batch["shard"].tolist()))):
-                    sel = (batch["memory"] == m) & (batch["shard"] == i)
-                    todo[m].add(i, {c: v[sel] for c, v in batch.items() if c not in ("memory", "shard")})
-                bar.update(len(batch["token"]))
+                if "encoded" in batch:  # the executor's count of rows encoded but not handed over yet
+                    encoded = batch["encoded"]
+                else:
+                    for m, i in sorted(set(zip(batch["memory"].tolist(), batch["shard"].tolist()))):
+                        sel = (batch["memory"] == m) & (batch["shard"] == i)
+                        todo[m].add(i, {c: v[sel] for c, v in batch.items() if c not in ("memory", "shard")})
+                    arrived += len(batch["token"])
+                bar.update(min(total, initial + max(arrived, encoded)) - bar.n)  # a retried task counts twice
     for b in todo:
         if missing := b.pending():
             raise MemoryFormatError(f"shards {missing} of {b.out_dir} came back incomplete; rerun to resume")

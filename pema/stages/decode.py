@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 
 from pema.adapter.decode import GenerationSettings, generate
+from pema.adapter.remote import OwnerClient
+from pema.adapter.remote_decode import generate_remote
 from pema.adapter.io import load_adapter, load_head
 from pema.adapter.schedule import Schedule, estimate_horizons, length_caps
 from pema.config import PipelineConfig, ScheduleConfig
@@ -28,7 +30,7 @@ from pema.formats.memory import read_manifest
 from pema.profiling import Timer
 from pema.formats.tasks import resolve_template, source_prompt_ids, source_token_count, stop_token_id, use_chat_template
 from pema.stages import plots
-from pema.stages.inputs import split_pairs
+from pema.stages.inputs import owner_token, split_pairs
 from pema.stages.logger import MetricLogger, NullLogger
 from pema.stages.scoring import evaluate, significance_against
 
@@ -69,9 +71,8 @@ def translate(model, tokenizer, sources: list[str], cfg: PipelineConfig, *, adap
 
     ``ratio`` (target/source tokens of the training memory) sets the Gradual Unrolling horizons; a constant schedule
     does not use them and takes ratio 1.0 when it is None. Returns the hypotheses and the
-    :class:`~pema.adapter.decode.GenerationResult` (lambda traces, timing)."""
-    from pema.owner.respond import ContextTap  # the PLM's responses come from the owner's side
-
+    :class:`~pema.adapter.decode.GenerationResult` (lambda traces, timing). ``model`` may be an
+    :class:`~pema.adapter.remote.OwnerClient`: the PLM's answers then come from the owner's service (greedy)."""
     d, dc = cfg.data, cfg.decode
     chat = use_chat_template(tokenizer, cfg.model.prompt_format)
     template = resolve_template(d.template)
@@ -95,10 +96,15 @@ def translate(model, tokenizer, sources: list[str], cfg: PipelineConfig, *, adap
         if schedule is None:
             raise ValueError("schedule=None: mixed decoding needs a ScheduleConfig, e.g. "
                              "ScheduleConfig(kind='constant', lam=cfg.knn.lam) for kNN-LM")
-        mix_kw.update(key_source=ContextTap(model), schedule=schedule_from(schedule), horizons=horizons)
+        mix_kw.update(schedule=schedule_from(schedule), horizons=horizons)
+        if not isinstance(model, OwnerClient):
+            from pema.owner.respond import ContextTap  # the PLM's responses come from the owner's side
+
+            mix_kw["key_source"] = ContextTap(model)
         mix_kw.update(dict(adapter=adapter, head=head) if scorer is None else dict(scorer=scorer))
-    result = generate(model, prompts, stop_token_id=stop, pad_token_id=pad, settings=settings, progress=progress,
-                      desc=desc, **mix_kw)
+    decoder = generate_remote if isinstance(model, OwnerClient) else generate
+    result = decoder(model, prompts, stop_token_id=stop, pad_token_id=pad, settings=settings, progress=progress,
+                     desc=desc, **mix_kw)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result.token_ids], result
 
 
@@ -108,7 +114,8 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
     """Decode the ``split`` pairs (``test`` or ``dev``) with each of ``systems`` and score them.
 
     Reads ``head/`` and ``adapter/`` under ``output_dir`` (or the adapter bundle at ``adapter_dir``); writes ``predictions/<system>.jsonl`` (test split). The
-    PLM (loaded here unless passed in) answers the context queries through the owner's ContextTap.
+    PLM (loaded here unless passed in) answers the context queries through the owner's ContextTap, or the owner's
+    service does (greedy, on its session steps) when ``resources.owner_url`` is set: no PLM weights are loaded here.
     Returns ``{system: scores, ..., "timings_s": {...}}``. With ``zero_shot`` and at least one other system, each
     system's scores get ``significance`` against ``zero_shot`` (paired bootstrap on the raw hypotheses; see the
     module docstring).
@@ -122,11 +129,16 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
     pairs = split_pairs(cfg, split)
     head, head_meta = load_head(layout.head)
     adapter, adapter_meta = load_adapter(adapter_dir if adapter_dir is not None else layout.adapter, head_meta)
-    if model is None:
+    if model is None and cfg.resources.owner_url:  # the owner's service answers; no PLM weights here
+        from pema.owner.plm import load_tokenizer
+
+        model, tokenizer = OwnerClient(cfg.resources.owner_url, owner_token(cfg)), load_tokenizer(cfg.model.model_id)
+    elif model is None:
         with timer.stage("load_model"):
             model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.resources.device,
                                         revision=cfg.model.revision)
-    model_device = next(model.parameters()).device  # decode where the PLM's scores are (GPU when it is there)
+    remote = isinstance(model, OwnerClient)
+    model_device = "cpu" if remote else next(model.parameters()).device  # where the PLM's scores are
     adapter, head = adapter.to(model_device), head.to(model_device)
     ratio = adapter_meta.get("target_source_ratio") or read_manifest(layout.memory("train")).target_source_ratio
     sources, refs = [p.source for p in pairs], [p.target for p in pairs]

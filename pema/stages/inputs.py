@@ -6,6 +6,7 @@ import os
 
 from pema.adapter.io import load_head
 from pema.config import PipelineConfig, to_dict
+from pema.errors import ConfigError
 from pema.formats.layout import RunLayout
 from pema.formats.memory import MemoryReader
 from pema.formats.tasks import Pair, load_pairs
@@ -51,3 +52,11 @@ def adapter_meta(cfg: PipelineConfig, head_meta: dict, train_reader: MemoryReade
     """The JSON that travels with a trained adapter bundle (the target/source ratio sets the GU horizons)."""
     return {"model_id": head_meta["model_id"], "config": to_dict(cfg.adapter),
             "target_source_ratio": train_reader.manifest.target_source_ratio, **extra}
+
+
+def owner_token(cfg: PipelineConfig) -> str:
+    """This tenant's bearer token for the owner's service, from ``$<resources.owner_token_env>``."""
+    if not (token := os.environ.get(cfg.resources.owner_token_env)):
+        raise ConfigError(f"resources.owner_url={cfg.resources.owner_url} needs a bearer token in "
+                          f"${cfg.resources.owner_token_env} (resources.owner_token_env)")
+    return token

@@ -46,8 +46,7 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, executor, l
         built = stage("build_memory", lambda lg: run_build(cfg, layout.root, executor, lg, progress=progress),
                       lambda b: f"{b['train_rows']:,} train rows, {b['dev_rows']:,} dev rows")
         trained = stage("train", lambda lg: run_train(cfg, layout.root, executor, lg, progress=progress),
-                        lambda t: "; ".join(f"{p['phase']} best val loss {p['best_val']:.4f} at step "
-                                            f"{p['best_step']} of {p['steps']}" for p in t["phases"]))
+                        lambda t: "; ".join(_phase_figure(p) for p in t["phases"]))
         summary = stage("evaluate", lambda lg: run_evaluate(cfg, layout.root, executor, lg, progress=progress),
                         lambda s: ", ".join(f"{k} chrF {s[k]['chrf']:.2f}" for k in SYSTEMS if k in s))
         summary["timings_s"] = {"build_memory": timings["build_memory"], "train": trained["seconds"],
@@ -63,6 +62,12 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, executor, l
         run.log_metrics({f"{k}_s": float(v) for k, v in summary["timings_s"].items()})
         run.log_artifact(layout.summary)
     return summary
+
+
+def _phase_figure(p: dict) -> str:
+    if p["steps"] == 0:  # train.rct_solver: exact, solved in closed form
+        return f"{p['phase']} val loss {p['best_val']:.4f} (closed form)"
+    return f"{p['phase']} best val loss {p['best_val']:.4f} at step {p['best_step']} of {p['steps']}"
 
 
 def format_table(summary: dict, baseline: str = "zero_shot") -> str:

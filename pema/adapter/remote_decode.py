@@ -1,0 +1,90 @@
+"""Greedy decoding through the PLM owner's service: the session steps give, per row, the owner's key and the
+PLM's next-token log-probabilities; the data owner mixes them with its adapter's distribution here.
+
+The mixing is :mod:`pema.adapter.decode`'s own processors (:class:`~pema.adapter.decode.PemaLogitsProcessor`,
+:class:`~pema.adapter.decode.MixtureLogitsProcessor`, :class:`~pema.adapter.decode.LengthCapProcessor`), called
+step by step on the service's answers instead of inside ``generate()``, so both paths choose the same tokens:
+greedy, finished rows padded, a batch ends when every row has stopped or at ``max_new_tokens``. Beam search,
+sampling, n-gram bans and the repetition penalty need the owner's ``generate()`` and are refused here.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from pema.adapter.decode import (GenerationResult, GenerationSettings, LengthCapProcessor, MixtureLogitsProcessor,
+                                 PemaLogitsProcessor)
+from pema.adapter.head import OutputHead
+from pema.adapter.model import PemaAdapter
+from pema.adapter.schedule import Schedule
+
+
+def generate_remote(client, prompts: Sequence[Sequence[int]], *, stop_token_id: int, pad_token_id: int,
+                    settings: GenerationSettings = GenerationSettings(), adapter: PemaAdapter | None = None,
+                    head: OutputHead | None = None, schedule: Schedule | None = None,
+                    horizons: torch.Tensor | None = None, progress: bool = True, desc: str = "decode",
+                    scorer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    length_caps: torch.Tensor | None = None) -> GenerationResult:
+    """:func:`pema.adapter.decode.generate`'s contract (greedy only) with ``client``
+    (:class:`~pema.adapter.remote.OwnerClient`) in place of the PLM and its key source."""
+    if settings.strategy != "greedy" or settings.no_repeat_ngram_size or settings.repetition_penalty != 1.0:
+        raise ValueError("decoding through the owner's service is greedy without n-gram bans or repetition penalty: "
+                         f"got decode.strategy={settings.strategy!r}, no_repeat_ngram_size="
+                         f"{settings.no_repeat_ngram_size}, repetition_penalty={settings.repetition_penalty}")
+    mixing = adapter is not None or scorer is not None
+    if mixing and (schedule is None or horizons is None or (adapter is not None and head is None)):
+        raise ValueError("mixed decoding needs schedule and horizons (and head with adapter)")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    traces: list[list[float]] = [[] for _ in prompts]
+    total_tokens, start = 0, time.perf_counter()
+    bar = tqdm(total=len(prompts), desc=desc, unit="seq", disable=not progress, leave=False)
+    for b in range(0, len(order), settings.batch_size):
+        idx = order[b : b + settings.batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        session, key, log_probs = client.open_session([list(prompts[i]) for i in idx])
+        current = {"key": key}
+        procs, proc = [], None
+        if mixing:
+            source = lambda: torch.from_numpy(current["key"])  # noqa: E731  (the key of this step's context)
+            proc = (PemaLogitsProcessor(adapter, head, source, schedule, horizons[idx], width, stop_token_id)
+                    if scorer is None else
+                    MixtureLogitsProcessor(scorer, source, schedule, horizons[idx], width, stop_token_id=stop_token_id))
+            procs.append(proc)
+        if length_caps is not None:
+            procs.append(LengthCapProcessor(length_caps[idx], width, stop_token_id))
+        ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)  # only its width is read
+        done = torch.zeros(len(idx), dtype=torch.bool)
+        generated: list[list[int]] = [[] for _ in idx]
+        try:
+            for step in range(settings.max_new_tokens):
+                scores = torch.from_numpy(log_probs)
+                with torch.no_grad():
+                    for p in procs:
+                        scores = p(ids, scores)
+                chosen = scores.argmax(-1)
+                chosen = torch.where(done, torch.full_like(chosen, pad_token_id), chosen)
+                for row in range(len(idx)):
+                    if not done[row]:
+                        generated[row].append(int(chosen[row]))
+                done |= chosen == stop_token_id
+                ids = torch.cat([ids, chosen[:, None]], dim=1)
+                if bool(done.all()) or step + 1 == settings.max_new_tokens:
+                    break
+                current["key"], log_probs = client.step(session, chosen.tolist())
+        finally:
+            client.close(session)
+        for row, i in enumerate(idx):
+            seq = generated[row]
+            if stop_token_id in seq:
+                seq = seq[: seq.index(stop_token_id)]
+            outputs[i] = seq
+            total_tokens += len(seq) + 1
+            if proc is not None:
+                traces[i] = [float(s[row]) for s in proc.lam_trace[: len(seq) + 1]]
+        bar.update(len(idx))
+    bar.close()
+    return GenerationResult(outputs, time.perf_counter() - start, total_tokens, traces)

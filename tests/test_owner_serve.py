@@ -1,0 +1,137 @@
+"""The PLM owner's service on a real Ray Serve instance of the local test cluster, reached over HTTP by the data
+owner's client: a memory built through it equals the in-process build, the client fails fast when the service is
+down, and the Serve config file is one Serve accepts."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pema.config import load_config, with_absolute_data
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def owner_url(ray_client, tmp_path_factory):
+    from local_ray import free_port
+    from ray import serve
+
+    from pema.executors.ray_serve import start_owner
+
+    tmp = tmp_path_factory.mktemp("owner")
+    (tmp / "tokens.json").write_text(json.dumps({"acme": "t-acme"}))
+    url = start_owner("tiny://llama", port=free_port(), tokens_file=str(tmp / "tokens.json"),
+                      audit_path=str(tmp / "audit.jsonl"))
+    yield url, tmp
+    serve.shutdown()
+
+
+def test_health_and_auth_over_http(owner_url):
+    from pema.adapter.remote import OwnerClient
+    from pema.errors import OwnerRequestError
+
+    url, _ = owner_url
+    health = OwnerClient(url, "t-acme").health()
+    assert health["status"] == "ok" and health["model_id"] == "tiny://llama" and len(health["head_fingerprint"]) == 64
+    with pytest.raises(OwnerRequestError, match="401") as info:
+        OwnerClient(url, "wrong").health()
+    assert info.value.status == 401
+
+
+def test_memory_built_through_the_service_equals_the_in_process_build(owner_url, tmp_path, monkeypatch):
+    from pema.executors.inline import InlineExecutor
+    from pema.formats.memory import MemoryReader
+    from pema.stages.build import run_build
+
+    url, tmp = owner_url
+    local = with_absolute_data(load_config(SMOKE, ["memory.rows_per_part=128"]))
+    remote = with_absolute_data(load_config(SMOKE, ["memory.rows_per_part=128", f"resources.owner_url={url}"]))
+    monkeypatch.setenv("PEMA_OWNER_TOKEN", "t-acme")
+    run_build(local, tmp_path / "local", InlineExecutor(), progress=False)
+    run_build(remote, tmp_path / "remote", InlineExecutor(), progress=False)
+    for split in ("train", "dev"):
+        a, b = MemoryReader(tmp_path / "local" / "memory" / split), MemoryReader(tmp_path / "remote" / "memory" / split)
+        assert [p.rows for p in a.manifest.parts] == [p.rows for p in b.manifest.parts]
+        ra, rb = a.read_all(), b.read_all()
+        for column in ("token", "example", "position"):
+            np.testing.assert_array_equal(ra[column], rb[column])
+        # float16 keys from the same model and batches: equal up to one float16 ulp (in practice identical)
+        np.testing.assert_allclose(rb["key"], ra["key"], rtol=2 ** -10, atol=1e-6)
+    head_local = json.loads((tmp_path / "local" / "head" / "head.json").read_text())
+    head_remote = json.loads((tmp_path / "remote" / "head" / "head.json").read_text())
+    assert {k: head_remote[k] for k in ("d", "vocab_size", "model_id")} == \
+        {k: head_local[k] for k in ("d", "vocab_size", "model_id")}
+    audit = [json.loads(x) for x in (tmp / "audit.jsonl").read_text().splitlines()]
+    contexts = [x for x in audit if x["endpoint"] == "POST /context" and x["tenant"] == "acme"]
+    rows = len(MemoryReader(tmp_path / "remote" / "memory" / "train")) + \
+        len(MemoryReader(tmp_path / "remote" / "memory" / "dev"))
+    assert sum(x["out"]["keys"] for x in contexts) == rows  # every key that crossed is in the log
+
+
+def test_a_missing_token_or_service_is_a_named_error(tmp_path, monkeypatch):
+    from local_ray import free_port
+
+    from pema.adapter.remote import OwnerClient
+    from pema.errors import ConfigError, OwnerUnavailableError
+    from pema.executors.inline import InlineExecutor
+    from pema.stages.build import run_build
+
+    url = f"http://127.0.0.1:{free_port()}/owner"
+    start = time.monotonic()
+    with pytest.raises(OwnerUnavailableError, match=url):
+        OwnerClient(url, "t", timeout_s=5).health()
+    assert time.monotonic() - start < 10
+    cfg = with_absolute_data(load_config(SMOKE, [f"resources.owner_url={url}"]))
+    monkeypatch.delenv("PEMA_OWNER_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="PEMA_OWNER_TOKEN"):
+        run_build(cfg, tmp_path / "out", InlineExecutor(), progress=False)
+
+
+def test_serve_config_file_is_valid():
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.parse_obj(yaml.safe_load((ROOT / "serve" / "owner.yaml").read_text()))
+    app = schema.applications[0]
+    assert (app.import_path, app.route_prefix) == ("pema.executors.ray_serve:build_app", "/owner")
+    from pema.executors.ray_serve import OwnerDeployment, build_app
+
+    assert build_app({"model_id": "tiny://llama"}).__class__.__name__ == "Application"
+    assert OwnerDeployment.name == app.deployments[0]["name"] if isinstance(app.deployments[0], dict) \
+        else OwnerDeployment.name == app.deployments[0].name
+
+
+def test_translation_through_the_service_equals_in_process(owner_url):
+    """Zero-shot and PEMA-mixed greedy translation: the data owner's translate() on the service's session steps
+    chooses the in-process tokens (tiny://llama on both sides)."""
+    import torch
+
+    from pema.adapter.io import load_head
+    from pema.adapter.model import PemaAdapter
+    from pema.adapter.remote import OwnerClient
+    from pema.config import ScheduleConfig
+    from pema.formats.tasks import load_pairs
+    from pema.owner.export import export_head
+    from pema.owner.plm import load_plm
+    from pema.stages.decode import translate
+
+    url, tmp = owner_url
+    cfg = load_config(SMOKE)
+    sources = [p.source for p in load_pairs(ROOT / "data" / "wmt22" / "test.jsonl", limit=5)]
+    model, tokenizer = load_plm("tiny://llama")
+    export_head(model, tmp / "head_local", model_id="tiny://llama")
+    head, _ = load_head(tmp / "head_local")
+    torch.manual_seed(0)
+    adapter = PemaAdapter(head.d, 8, 8.0, 0.0).eval()
+    client = OwnerClient(url, "t-acme")
+    for kw in ({}, {"adapter": adapter, "head": head, "schedule": ScheduleConfig(kind="constant", lam=0.5)}):
+        local, _ = translate(model, tokenizer, sources, cfg, ratio=1.0, **kw)
+        remote, result = translate(client, tokenizer, sources, cfg, ratio=1.0, **kw)
+        assert remote == local and result.generated_tokens > len(sources)
+    assert client.bytes_in > 0 and client.health()["open_sessions"] == 0
