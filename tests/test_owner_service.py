@@ -228,3 +228,24 @@ def test_remote_decoding_chooses_the_in_process_tokens(model, tmp_path, kind):
     with pytest.raises(ValueError, match="greedy"):
         generate_remote(InProcessClient(svc), prompts, stop_token_id=STOP, pad_token_id=PAD, progress=False,
                         settings=GenerationSettings(strategy="beam"))
+
+
+def test_tokenizer_endpoint_rebuilds_the_same_tokenization(model, tmp_path, smollm2_tokenizer):
+    import base64
+
+    from transformers import AutoTokenizer
+
+    from pema.formats.tasks import tokenizer_hash
+
+    export_head(model, tmp_path / "head", model_id="tiny")
+    svc = OwnerService(model, tmp_path / "head", {"s3cret": "acme"}, tokenizer=smollm2_tokenizer)
+    status, ctype, body = call(svc, "GET", "/tokenizer")
+    assert (status, ctype) == (200, "application/json")
+    for name, data in json.loads(body).items():
+        (tmp_path / "tok").mkdir(exist_ok=True)
+        (tmp_path / "tok" / name).write_bytes(base64.b64decode(data))
+    rebuilt = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert tokenizer_hash(rebuilt) == tokenizer_hash(smollm2_tokenizer)
+    text = "The hotel is close to the station."
+    assert rebuilt(text)["input_ids"] == smollm2_tokenizer(text)["input_ids"]
+    assert call(service(model, tmp_path / "other"), "GET", "/tokenizer")[0] == 404  # started without one

@@ -67,6 +67,21 @@ class OwnerClient:
         tensors, meta = self._tensors(self._request("GET", "/head"))
         return tensors, json.loads(meta["head.json"])
 
+    def tokenizer(self):
+        """The owner's tokenizer, rebuilt from the files it serves (vocabulary, merges, chat template): the data
+        owner tokenizes without opening the model's files."""
+        import base64
+        import tempfile
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        files = json.loads(self._request("GET", "/tokenizer"))
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                (Path(tmp) / Path(name).name).write_bytes(base64.b64decode(data))
+            return AutoTokenizer.from_pretrained(tmp)
+
     def context(self, examples, dtype: str = "float32") -> dict[str, np.ndarray]:
         """Keys at the target positions of ``examples`` (``EncodeExample``-like: example, prompt_ids, target_ids),
         with token, example, position: the rows of the memory."""

@@ -31,7 +31,7 @@ class OwnerDeployment:
                     tokenizer_hash=tokenizer_hash(tokenizer))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.service = OwnerService(model, self._head.name, load_tokens(tokens_file), audit_path=audit_path,
-                                    limits=Limits(**(limits or {})), pad_id=pad)
+                                    limits=Limits(**(limits or {})), pad_id=pad, tokenizer=tokenizer)
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path

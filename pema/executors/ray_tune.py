@@ -34,6 +34,7 @@ from ray import tune
 from pema.config import config_from_dict, to_dict, with_overrides
 from pema.formats.layout import RunLayout, replace_dir
 from pema.stages.decode import decode_and_score
+from pema.stages.inputs import plm_or_client
 from pema.stages.logger import NullLogger
 from pema.stages.train import FINAL, train_worker, worker_config
 
@@ -137,11 +138,8 @@ def tune_trial(config: dict, setup: dict) -> None:
 
 def sweep_decoding(cfg, out: Path, adapter_dir: Path, grid: list[dict], run, trial_dir: Path) -> dict:
     """Dev BLEU of one adapter, decoded as the ``pema`` system (``decode.pema``), under every decoding setting of
-    ``grid`` (PLM loaded once); returns the best."""
-    from pema.owner.plm import load_plm  # the PLM's context responses come from the owner's side
-
-    model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.resources.device,
-                                revision=cfg.model.revision)
+    ``grid`` (PLM loaded once, or the owner's service with ``resources.owner_url``); returns the best."""
+    model, tokenizer = plm_or_client(cfg)
     best, table = None, []
     for i, setting in enumerate(grid):
         scores = decode_and_score(with_overrides(cfg, setting), out, model=model, tokenizer=tokenizer,

@@ -11,7 +11,8 @@ refuse a mismatch):
   of the new context and the PLM's next-token log-probabilities, safetensors ``key`` (rows, d) and ``log_probs``
   (rows, vocab), float32; ``DELETE /sessions/<id>`` closes it. Sessions idle for ``session_ttl_s`` are dropped;
   at most ``max_sessions`` are open (429 beyond).
-- ``GET /head``: the output-head bundle (head.safetensors, with head.json as its metadata); ``GET /health``.
+- ``GET /head``: the output-head bundle (head.safetensors, with head.json as its metadata); ``GET /tokenizer``: the
+  tokenizer's files (JSON ``{name: base64}``: vocabulary, merges, chat template; no weights); ``GET /health``.
 
 Access: ``Authorization: Bearer <token>``, tokens per tenant from a JSON file ``{"tenant": "token"}`` or the
 environment (``PEMA_OWNER_TOKENS="tenant:token,..."``); a missing or wrong token gets 401. Over the size limits:
@@ -87,6 +88,16 @@ def _ids(body: dict, field: str, where: str, vocab: int) -> list[int]:
     return value
 
 
+def _tokenizer_files(tokenizer) -> bytes:
+    import base64
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: base64.b64encode(p.read_bytes()).decode() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+    return json.dumps(files).encode()
+
+
 class _Session:
     def __init__(self, past, mask: torch.Tensor, rows: int):
         self.past, self.mask, self.rows, self.used = past, mask, rows, time.monotonic()
@@ -97,7 +108,7 @@ class OwnerService:
     ``(status, content_type, body_bytes)``; one lock serialises the model's forwards."""
 
     def __init__(self, model, head_dir: str | os.PathLike, tokens: dict[str, str], *, audit_path=None,
-                 limits: Limits = Limits(), pad_id: int = 0):
+                 limits: Limits = Limits(), pad_id: int = 0, tokenizer=None):
         self.model, self.limits, self.tokens, self.pad_id = model.eval(), limits, tokens, pad_id
         self.heads = head_modules(model)
         self.vocab = int(self.heads.lm_head.weight.shape[0])
@@ -109,6 +120,7 @@ class OwnerService:
         self.encoders = {dt: MemoryEncoder(model, pad_id=pad_id, key_dtype=dt) for dt in ("float16", "float32")}
         self.audit_path = Path(audit_path) if audit_path else None
         self.sessions: dict[str, _Session] = {}
+        self.tokenizer_files = _tokenizer_files(tokenizer) if tokenizer is not None else None
         self.lock = threading.Lock()
 
     # ---- the dispatcher -------------------------------------------------------------------------------------
@@ -138,6 +150,10 @@ class OwnerService:
             return 200, "application/json", json.dumps({"status": "ok", "model_id": self.head_meta["model_id"],
                                                         "head_fingerprint": self.fingerprint,
                                                         "open_sessions": len(self.sessions)}).encode(), {}
+        if method == "GET" and path == "/tokenizer":
+            if self.tokenizer_files is None:
+                raise RequestError(404, "this service was started without its tokenizer")
+            return 200, "application/json", self.tokenizer_files, {"tokenizer": 1}
         if method == "GET" and path == "/head":
             return 200, "application/octet-stream", self._head_file(), {"head": 1}
         if method == "POST" and path == "/context":

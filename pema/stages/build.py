@@ -51,7 +51,7 @@ from pema.owner.build import prepare_examples
 from pema.owner.encode import EncodeExample, MemoryEncoder, length_batches
 from pema.owner.export import export_head
 from pema.owner.plm import head_modules, load_plm, load_tokenizer
-from pema.stages.inputs import owner_token, split_pairs
+from pema.stages.inputs import owner_token, split_pairs, tokenizer_of
 from pema.stages.logger import MetricLogger, NullLogger
 
 PLAN_NAME = "plan.json"
@@ -268,7 +268,7 @@ def build_memories(cfg: PipelineConfig, jobs: dict, executor, *, progress: bool 
     """Build several memories (``{out_dir: pairs}``) in one pass of ``executor.encode``; returns their manifests in
     order (see the module docstring)."""
     executor.check_encode(cfg)  # resources the cluster cannot give fail here, before anything is staged
-    tokenizer = _tokenizer(cfg.model.model_id, cfg.model.revision)
+    tokenizer = tokenizer_of(cfg) if cfg.resources.owner_url else _tokenizer(cfg.model.model_id, cfg.model.revision)
     builds = [_MemoryBuild(cfg, tokenizer, pairs, out_dir) for out_dir, pairs in jobs.items()]
     results: list[MemoryManifest | None] = [b.existing() for b in builds]
     todo = [b for b, r in zip(builds, results) if r is None]

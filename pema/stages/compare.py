@@ -32,7 +32,7 @@ from pema.stages.scoring import significance_against
 from pema.formats.memory import MemoryReader
 from pema.formats.layout import RunLayout
 from pema.stages.decode import save_predictions, score, translate
-from pema.stages.inputs import adapter_meta, open_bundles, split_pairs
+from pema.stages.inputs import adapter_meta, open_bundles, plm_or_client, split_pairs
 from pema.stages.train import train_local
 from pema.profiling import PeakMemory
 
@@ -139,6 +139,9 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
     from pema.owner.plm import load_plm
 
     systems = check_systems(systems)
+    if cfg.resources.owner_url and "lora" in systems:
+        raise ConfigError("lora trains the PLM's own weights, which the owner's service (resources.owner_url) does "
+                          "not hand out: leave lora out of --systems or unset resources.owner_url")
     baselines = check_against(against, systems)
     out = Path(output_dir)
     check_inputs(cfg, out)
@@ -148,10 +151,12 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
     head, head_meta, train_reader, dev_reader = open_bundles(out)
     ratio = train_reader.manifest.target_source_ratio
     start = time.perf_counter()
-    model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.resources.device,
-                                revision=cfg.model.revision)
+    model, tokenizer = plm_or_client(cfg)  # the PLM, or the owner's service (resources.owner_url)
     timings["load_model"] = round(time.perf_counter() - start, 2)
-    model_device, plm_params = next(model.parameters()).device, n_params(model)
+    if cfg.resources.owner_url:  # the PLM's size is the owner's; only the data owner's parts are counted
+        model_device, plm_params = torch.device("cpu"), 0
+    else:
+        model_device, plm_params = next(model.parameters()).device, n_params(model)
 
     def decode(system: str, decoder, cost: dict, **kw) -> None:
         start = time.perf_counter()

@@ -30,7 +30,7 @@ from pema.formats.memory import read_manifest
 from pema.profiling import Timer
 from pema.formats.tasks import resolve_template, source_prompt_ids, source_token_count, stop_token_id, use_chat_template
 from pema.stages import plots
-from pema.stages.inputs import owner_token, split_pairs
+from pema.stages.inputs import plm_or_client, split_pairs
 from pema.stages.logger import MetricLogger, NullLogger
 from pema.stages.scoring import evaluate, significance_against
 
@@ -120,7 +120,6 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
     system's scores get ``significance`` against ``zero_shot`` (paired bootstrap on the raw hypotheses; see the
     module docstring).
     """
-    from pema.owner.plm import load_plm  # the PLM's responses come from the owner's side
 
     if split not in ("test", "dev") or not set(systems) <= set(SYSTEMS):
         raise ValueError(f"split={split!r} must be 'test' or 'dev' and systems={systems!r} a subset of {SYSTEMS}")
@@ -129,14 +128,9 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
     pairs = split_pairs(cfg, split)
     head, head_meta = load_head(layout.head)
     adapter, adapter_meta = load_adapter(adapter_dir if adapter_dir is not None else layout.adapter, head_meta)
-    if model is None and cfg.resources.owner_url:  # the owner's service answers; no PLM weights here
-        from pema.owner.plm import load_tokenizer
-
-        model, tokenizer = OwnerClient(cfg.resources.owner_url, owner_token(cfg)), load_tokenizer(cfg.model.model_id)
-    elif model is None:
+    if model is None:  # the PLM here, or the owner's service (resources.owner_url): no PLM weights here
         with timer.stage("load_model"):
-            model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.resources.device,
-                                        revision=cfg.model.revision)
+            model, tokenizer = plm_or_client(cfg)
     remote = isinstance(model, OwnerClient)
     model_device = "cpu" if remote else next(model.parameters()).device  # where the PLM's scores are
     adapter, head = adapter.to(model_device), head.to(model_device)

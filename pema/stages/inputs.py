@@ -54,6 +54,31 @@ def adapter_meta(cfg: PipelineConfig, head_meta: dict, train_reader: MemoryReade
             "target_source_ratio": train_reader.manifest.target_source_ratio, **extra}
 
 
+def plm_or_client(cfg: PipelineConfig):
+    """``(model, tokenizer)``: the PLM in this process, or, with ``resources.owner_url``, an
+    :class:`~pema.adapter.remote.OwnerClient` of the owner's service and the tokenizer it serves (no PLM file is
+    opened here)."""
+    if cfg.resources.owner_url:
+        from pema.adapter.remote import OwnerClient
+
+        client = OwnerClient(cfg.resources.owner_url, owner_token(cfg))
+        return client, client.tokenizer()
+    from pema.owner.plm import load_plm  # the PLM's weights: the owner's side
+
+    return load_plm(cfg.model.model_id, dtype=cfg.model.dtype, device=cfg.resources.device, revision=cfg.model.revision)
+
+
+def tokenizer_of(cfg: PipelineConfig):
+    """The tokenizer alone: from the owner's service with ``resources.owner_url``, else from the model's files."""
+    if cfg.resources.owner_url:
+        from pema.adapter.remote import OwnerClient
+
+        return OwnerClient(cfg.resources.owner_url, owner_token(cfg)).tokenizer()
+    from pema.owner.plm import load_tokenizer
+
+    return load_tokenizer(cfg.model.model_id, cfg.model.revision)
+
+
 def owner_token(cfg: PipelineConfig) -> str:
     """This tenant's bearer token for the owner's service, from ``$<resources.owner_token_env>``."""
     if not (token := os.environ.get(cfg.resources.owner_token_env)):

@@ -30,14 +30,14 @@ class PemaTranslator(PythonModel):
 
         from pema.adapter.io import load_adapter, load_head
         from pema.config import config_from_dict
-        from pema.owner.plm import load_plm
+        from pema.stages.inputs import plm_or_client
 
         paths = context.artifacts
         with open(paths["config"], encoding="utf-8") as f:
             self.cfg = config_from_dict(yaml.safe_load(f))
-        m = self.cfg.model
-        self.model, self.tokenizer = load_plm(m.model_id, dtype=m.dtype, device=self.cfg.resources.device, revision=m.revision)
-        device = next(self.model.parameters()).device
+        # the PLM here, or with resources.owner_url in the config the owner's service (no PLM weights here)
+        self.model, self.tokenizer = plm_or_client(self.cfg)
+        device = "cpu" if self.cfg.resources.owner_url else next(self.model.parameters()).device
         head, head_meta = load_head(paths["head"])
         adapter, adapter_meta = load_adapter(paths["adapter"], head_meta)
         self.head, self.adapter = head.to(device), adapter.to(device)
