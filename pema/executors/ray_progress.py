@@ -34,7 +34,7 @@ class _RelayStream:
         self.relay, self.key, self.fallback = relay, key, fallback
 
     def write(self, text: str) -> int:
-        if text.startswith("\r") or (text.strip() and "|" in text and "it" in text and "\n" not in text.strip()):
+        if text.startswith("\r"):  # tqdm draws every refresh as "\r" + the bar
             line = text.replace("\r", "").strip()
             if line:
                 self.relay.put.remote(self.key, line)
