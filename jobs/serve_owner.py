@@ -10,20 +10,17 @@ is written to --audit as one JSONL line. The same service from a Serve config fi
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pema.jobs.cli import job_parser, run_job  # noqa: E402
+from pema.jobs.cli import run_job, serve_parser, serve_until_stopped  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = job_parser(__doc__, splits=())
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
+    parser = serve_parser(__doc__, 8000)
     parser.add_argument("--tokens", help="JSON file {tenant: token}; default: $PEMA_OWNER_TOKENS")
     parser.add_argument("--audit", default="outputs/owner_audit.jsonl", help="the audit log (JSONL)")
-    parser.add_argument("--once", action="store_true", help="start, print the URL and return (tests)")
     args = parser.parse_args(argv)
 
     def stage(cfg):
@@ -35,10 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         url = start_owner(cfg.model.model_id, port=args.port, dtype=cfg.model.dtype, device=cfg.resources.device,
                           revision=cfg.model.revision, tokens_file=str(Path(args.tokens).resolve()) if args.tokens
                           else None, audit_path=str(Path(args.audit).resolve()))
-        print(f"PLM owner's service at {url} (audit: {args.audit})", flush=True)
-        while not args.once:
-            time.sleep(3600)
-        return url
+        return serve_until_stopped(url, f"the PLM owner's service (audit: {args.audit})", args.once)
 
     return run_job(args, stage)
 

@@ -16,7 +16,7 @@ import os
 import ray
 
 AUTH_MODE_DEFAULT = "disabled"
-QUIET_LOGGERS = ("ray.data", "ray.train", "ray.tune", "mlflow")  # their INFO/WARNING lines are off without --verbose
+QUIET_LOGGERS = ("ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow")  # their INFO/WARNING lines are off without --verbose
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = False) -> dict:

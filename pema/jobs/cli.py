@@ -30,6 +30,24 @@ def job_parser(doc: str, *, splits: tuple[str, ...] = ("train", "dev", "test")) 
     return parser
 
 
+def serve_parser(doc: str, port: int) -> argparse.ArgumentParser:
+    """A service job's command line: the job's options plus ``--port`` and ``--once`` (start, print, return)."""
+    parser = job_parser(doc, splits=())
+    parser.add_argument("--port", type=int, default=port, help=f"HTTP port on 127.0.0.1 (default {port})")
+    parser.add_argument("--once", action="store_true", help="start, print the URL and return (tests)")
+    return parser
+
+
+def serve_until_stopped(url: str, what: str, once: bool) -> str:
+    """Print where ``what`` answers and keep the job (and with it the Serve application) up until Ctrl+C."""
+    import time
+
+    print(f"{what} at {url}", flush=True)
+    while not once:
+        time.sleep(3600)
+    return url
+
+
 def job_config(args: argparse.Namespace) -> PipelineConfig:
     overrides = list(args.overrides)
     overrides += [f"data.{split}={getattr(args, split)}" for split in ("train", "dev", "test")
