@@ -15,7 +15,7 @@ from pema.adapter.phases import phase_plan
 from pema.config import ScheduleConfig, load_config
 from pema.errors import ConfigError, MemoryFormatError
 from pema.jobs.compare import format_compare_table, system_params
-from pema.stages.compare import (SYSTEMS, check_against, check_inputs, check_systems, decode_schedule,
+from pema.stages.compare import (SYSTEMS, check_against, check_memory_matches, check_systems, decode_schedule,
                                                no_rct_config, pema_trainable_params)
 from pema.stages.decode import schedule_from
 
@@ -125,7 +125,7 @@ def test_no_rct_trains_pd_only_and_counts_its_parameters():
 
 def test_missing_memory_is_named(tmp_path):
     with pytest.raises(MemoryFormatError, match="memory/train/manifest.json"):
-        check_inputs(load_config(SMOKE), tmp_path)
+        check_memory_matches(load_config(SMOKE), tmp_path)
 
 
 def test_compare_bars_has_bleu_and_chrf_per_system():

@@ -52,8 +52,8 @@ def evaluate(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
 
 
 def pipeline(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> dict:
-    """All stages as child runs of one ``pipeline`` run; writes and logs ``summary.json``."""
-    check_inputs(cfg, splits=("train", "dev", "test"), model=True)  # before config.json and the run exist
+    """All stages as child runs of one ``pipeline`` run; writes and logs ``summary.json``. ``run_pipeline`` checks
+    the inputs before it writes ``config.json``; the logger opens the run only after that."""
     out = RunLayout(output_dir).root
     return run_pipeline(cfg, out, RayExecutor(progress), MLflowLogger(cfg, out), progress=progress, log=log)
 

@@ -51,7 +51,7 @@ from pema.owner.build import prepare_examples
 from pema.owner.encode import EncodeExample, MemoryEncoder, length_batches
 from pema.owner.export import export_head
 from pema.owner.plm import head_modules, load_plm, load_tokenizer
-from pema.stages.inputs import owner_token, split_pairs, tokenizer_of
+from pema.stages.inputs import owner_client, owner_token, split_pairs, tokenizer_of
 from pema.stages.logger import MetricLogger, NullLogger
 
 PLAN_NAME = "plan.json"
@@ -321,7 +321,7 @@ def export_head_bundle(cfg: PipelineConfig, out_dir, executor, *, tokenizer_hash
             (cfg.model.model_id, cfg.model.revision, tokenizer_hash):
         return meta
     if cfg.resources.owner_url:  # the bundle the owner's service hands out
-        tensors, head_meta = OwnerClient(cfg.resources.owner_url, owner_token(cfg)).head()
+        tensors, head_meta = owner_client(cfg).head()
         files = {"head.safetensors": save_numpy(tensors), "head.json": json.dumps(head_meta, indent=2).encode()}
     else:
         files = executor.call(export_head_files, cfg.model.model_id, cfg.model.revision, cfg.model.dtype,

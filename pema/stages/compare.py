@@ -113,7 +113,7 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_inputs(cfg: PipelineConfig, output_dir) -> None:
+def check_memory_matches(cfg: PipelineConfig, output_dir) -> None:
     """MemoryFormatError unless memory/train, memory/dev and head/ exist and the memory holds ``data.train``."""
     out = Path(output_dir)
     if missing := RunLayout(out).missing():
@@ -144,7 +144,7 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
                           "not hand out: leave lora out of --systems or unset resources.owner_url")
     baselines = check_against(against, systems)
     out = Path(output_dir)
-    check_inputs(cfg, out)
+    check_memory_matches(cfg, out)
     timings, rows, hyps_by_system = {}, {}, {}
     test_pairs = split_pairs(cfg, "test")
     sources, refs = [p.source for p in test_pairs], [p.target for p in test_pairs]

@@ -59,9 +59,7 @@ def plm_or_client(cfg: PipelineConfig):
     :class:`~pema.adapter.remote.OwnerClient` of the owner's service and the tokenizer it serves (no PLM file is
     opened here)."""
     if cfg.resources.owner_url:
-        from pema.adapter.remote import OwnerClient
-
-        client = OwnerClient(cfg.resources.owner_url, owner_token(cfg))
+        client = owner_client(cfg)
         return client, client.tokenizer()
     from pema.owner.plm import load_plm  # the PLM's weights: the owner's side
 
@@ -71,12 +69,17 @@ def plm_or_client(cfg: PipelineConfig):
 def tokenizer_of(cfg: PipelineConfig):
     """The tokenizer alone: from the owner's service with ``resources.owner_url``, else from the model's files."""
     if cfg.resources.owner_url:
-        from pema.adapter.remote import OwnerClient
-
-        return OwnerClient(cfg.resources.owner_url, owner_token(cfg)).tokenizer()
+        return owner_client(cfg).tokenizer()
     from pema.owner.plm import load_tokenizer
 
     return load_tokenizer(cfg.model.model_id, cfg.model.revision)
+
+
+def owner_client(cfg: PipelineConfig):
+    """An :class:`~pema.adapter.remote.OwnerClient` of ``resources.owner_url`` with this tenant's token."""
+    from pema.adapter.remote import OwnerClient
+
+    return OwnerClient(cfg.resources.owner_url, owner_token(cfg))
 
 
 def owner_token(cfg: PipelineConfig) -> str:
