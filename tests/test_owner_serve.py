@@ -94,17 +94,25 @@ def test_a_missing_token_or_service_is_a_named_error(tmp_path, monkeypatch):
         run_build(cfg, tmp_path / "out", InlineExecutor(), progress=False)
 
 
-def test_serve_config_file_is_valid():
+@pytest.mark.parametrize("name", ["owner.yaml", "owner_gpu.yaml"])
+def test_serve_config_files_are_valid(name):
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.parse_obj(yaml.safe_load((ROOT / "serve" / "owner.yaml").read_text()))
+    schema = ServeDeploySchema.parse_obj(yaml.safe_load((ROOT / "serve" / name).read_text()))
     app = schema.applications[0]
     assert (app.import_path, app.route_prefix) == ("pema.executors.ray_serve:build_app", "/owner")
-    from pema.executors.ray_serve import OwnerDeployment, build_app
+    from pema.executors.ray_serve import OwnerDeployment, SessionRouter, build_app
 
-    assert build_app({"model_id": "tiny://llama"}).__class__.__name__ == "Application"
-    assert OwnerDeployment.name == app.deployments[0]["name"] if isinstance(app.deployments[0], dict) \
-        else OwnerDeployment.name == app.deployments[0].name
+    assert build_app(dict(app.args, model_id="tiny://llama")).__class__.__name__ == "Application"
+    deployment = app.deployments[0]
+    deployment = deployment if isinstance(deployment, dict) else deployment.dict(exclude_unset=True)
+    assert deployment["name"] == OwnerDeployment.name
+    router = OwnerDeployment._deployment_config.request_router_config
+    assert router.get_request_router_class() is SessionRouter
+    if name == "owner_gpu.yaml":  # one replica per GPU, scaled on load
+        assert deployment["ray_actor_options"]["num_gpus"] == 1
+        scaling = deployment["autoscaling_config"]
+        assert 1 <= scaling["min_replicas"] < scaling["max_replicas"] and app.args["device"] == "cuda"
 
 
 def test_translation_through_the_service_equals_in_process(owner_url):
@@ -177,3 +185,41 @@ def test_the_data_owner_opens_no_plm_file(owner_url, tmp_path):
     assert any(p.endswith("head.json") for p in report["opened"])  # the hook did see the data owner's own files
     assert report["chrf"] >= 0
     assert (tmp_path / "run" / "predictions" / "pema.jsonl").is_file()
+
+
+def test_sessions_stay_on_their_replica_across_two_replicas(owner_url):
+    """Two replicas: a new session goes to the replica with fewer open sessions, and every step of a session reaches
+    the replica that holds its KV cache (a step anywhere else would answer 404)."""
+    import torch
+
+    from pema.adapter.remote import OwnerClient
+    from pema.owner.plm import load_plm
+    from ray import serve
+
+    from pema.executors.ray_serve import SEP, start_owner
+
+    url, tmp = owner_url
+    port = int(url.split(":")[2].split("/")[0])
+    url2 = start_owner("tiny://llama", port=port, name="pema_owner_2", route="/owner2",
+                       tokens_file=str(tmp / "tokens.json"),
+                       options={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}})
+    try:
+        client = OwnerClient(url2, "t-acme")
+        model, _ = load_plm("tiny://llama")
+        prompts = [[5, 9, 13, 2], [7, 3, 11, 4]]
+        first, _, _ = client.open_session(prompts)
+        time.sleep(5)  # the replicas report their open sessions every 2 s
+        second, _, _ = client.open_session(prompts)
+        assert first.split(SEP)[0] != second.split(SEP)[0]  # the second went to the other replica
+        ids = torch.tensor(prompts)
+        for step in range(12):  # both sessions, interleaved: every step must find its cache
+            for session in (first, second):
+                key, log_probs = client.step(session, [3 + step, 4 + step])
+            ids = torch.cat([ids, torch.tensor([[3 + step], [4 + step]])], 1)
+        with torch.no_grad():
+            expected = torch.log_softmax(model(ids).logits[:, -1].float(), -1).numpy()
+        np.testing.assert_allclose(log_probs, expected, atol=1e-4)  # the cache held every step of the session
+        for session in (first, second):
+            client.close(session)
+    finally:
+        serve.delete("pema_owner_2")

@@ -176,8 +176,11 @@ class InProcessClient:
         self.svc = svc
 
     def _post(self, path, body):
+        from pema.errors import OwnerRequestError
+
         status, _, raw = call(self.svc, "POST", path, body)
-        assert status == 200, raw
+        if status != 200:
+            raise OwnerRequestError(raw.decode(), status=status)
         meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
         return load_numpy(raw), meta
 
@@ -190,7 +193,25 @@ class InProcessClient:
         return out["key"], out["log_probs"]
 
     def close(self, session):
-        assert call(self.svc, "DELETE", f"/sessions/{session}")[0] == 200
+        from pema.errors import OwnerRequestError
+
+        status, _, raw = call(self.svc, "DELETE", f"/sessions/{session}")
+        if status != 200:
+            raise OwnerRequestError(raw.decode(), status=status)
+
+
+class LosingClient(InProcessClient):
+    """Drops the open session on the service before every ``every``-th step, as a replica scaled down would."""
+
+    def __init__(self, svc, every=3):
+        super().__init__(svc)
+        self.every, self.steps = every, 0
+
+    def step(self, session, tokens):
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self.svc.sessions.pop(session)
+        return super().step(session, tokens)
 
 
 @pytest.mark.parametrize("kind", ["zero_shot", "pema_gu", "pema_capped"])
@@ -225,6 +246,13 @@ def test_remote_decoding_chooses_the_in_process_tokens(model, tmp_path, kind):
     for a, b in zip(remote.lam_traces, local.lam_traces):
         assert a == pytest.approx(b)
     assert not svc.sessions  # every session closed
+    losing = LosingClient(svc)
+    lost = generate_remote(losing, prompts, stop_token_id=STOP, pad_token_id=PAD, settings=settings, progress=False,
+                           **kw)
+    assert losing.reopened >= 2 and lost.token_ids == local.token_ids  # reopened on prompt + tokens: same tokens
+    for a, b in zip(lost.lam_traces, local.lam_traces):
+        assert a == pytest.approx(b)
+    assert not svc.sessions
     with pytest.raises(ValueError, match="greedy"):
         generate_remote(InProcessClient(svc), prompts, stop_token_id=STOP, pad_token_id=PAD, progress=False,
                         settings=GenerationSettings(strategy="beam"))

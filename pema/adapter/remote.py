@@ -18,6 +18,10 @@ from safetensors.numpy import load as load_numpy
 
 from pema.errors import OwnerRequestError, OwnerUnavailableError
 
+# Ray Serve's session header (RAY_SERVE_SESSION_ID_HEADER_KEY's default): the owner's router sends a session's steps
+# to the replica that opened it (pema.executors.ray_serve.SessionRouter); a plain HTTP server ignores it
+SESSION_HEADER = "x-session-id"
+
 
 class OwnerClient:
     def __init__(self, url: str, token: str, *, timeout_s: float = 60.0, expect_fingerprint: str | None = None):
@@ -25,10 +29,12 @@ class OwnerClient:
         self.fingerprint = expect_fingerprint
         self.bytes_in = self.bytes_out = 0  # what crossed, for the benchmarks
 
-    def _request(self, method: str, path: str, body: dict | None = None) -> bytes:
+    def _request(self, method: str, path: str, body: dict | None = None, session: str | None = None) -> bytes:
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers={
-            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+        if session is not None:  # Serve's proxy routes the request to the replica that holds the session
+            headers[SESSION_HEADER] = session
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
                 raw = r.read()
@@ -97,8 +103,8 @@ class OwnerClient:
         return meta["session"], out["key"], out["log_probs"]
 
     def step(self, session: str, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        out, _ = self._tensors(self._request("POST", f"/sessions/{session}/step", {"tokens": tokens}))
+        out, _ = self._tensors(self._request("POST", f"/sessions/{session}/step", {"tokens": tokens}, session))
         return out["key"], out["log_probs"]
 
     def close(self, session: str) -> None:
-        self._request("DELETE", f"/sessions/{session}")
+        self._request("DELETE", f"/sessions/{session}", session=session)

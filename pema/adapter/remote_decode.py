@@ -6,6 +6,9 @@ The mixing is :mod:`pema.adapter.decode`'s own processors (:class:`~pema.adapter
 step by step on the service's answers instead of inside ``generate()``, so both paths choose the same tokens:
 greedy, finished rows padded, a batch ends when every row has stopped or at ``max_new_tokens``. Beam search,
 sampling, n-gram bans and the repetition penalty need the owner's ``generate()`` and are refused here.
+
+A session the service no longer holds (404: its replica was scaled down or restarted, or it expired) is reopened
+with each row's prompt and every token fed so far; the owner recomputes the cache and answers the same step.
 """
 from __future__ import annotations
 
@@ -20,6 +23,19 @@ from pema.adapter.decode import (GenerationResult, GenerationSettings, LengthCap
 from pema.adapter.head import OutputHead
 from pema.adapter.model import PemaAdapter
 from pema.adapter.schedule import Schedule
+from pema.errors import OwnerRequestError
+
+
+def _step(client, session: str, chosen: list[int], fed: list[list[int]]):
+    """``client.step``, or on 404 (the session is gone) a new session on the prompts plus ``fed`` (which already
+    holds ``chosen``): ``(session, key, log_probs)``."""
+    try:
+        return (session, *client.step(session, chosen))
+    except OwnerRequestError as exc:
+        if exc.status != 404:
+            raise
+    client.reopened = getattr(client, "reopened", 0) + 1
+    return client.open_session(fed)
 
 
 def generate_remote(client, prompts: Sequence[Sequence[int]], *, stop_token_id: int, pad_token_id: int,
@@ -45,7 +61,8 @@ def generate_remote(client, prompts: Sequence[Sequence[int]], *, stop_token_id: 
     for b in range(0, len(order), settings.batch_size):
         idx = order[b : b + settings.batch_size]
         width = max(len(prompts[i]) for i in idx)
-        session, key, log_probs = client.open_session([list(prompts[i]) for i in idx])
+        fed = [list(prompts[i]) for i in idx]  # per row: the prompt and every token sent since
+        session, key, log_probs = client.open_session([list(f) for f in fed])
         current = {"key": key}
         procs, proc = [], None
         if mixing:
@@ -74,9 +91,15 @@ def generate_remote(client, prompts: Sequence[Sequence[int]], *, stop_token_id: 
                 ids = torch.cat([ids, chosen[:, None]], dim=1)
                 if bool(done.all()) or step + 1 == settings.max_new_tokens:
                     break
-                current["key"], log_probs = client.step(session, chosen.tolist())
+                for row, token in enumerate(chosen.tolist()):
+                    fed[row].append(token)
+                session, current["key"], log_probs = _step(client, session, chosen.tolist(), fed)
         finally:
-            client.close(session)
+            try:
+                client.close(session)
+            except OwnerRequestError as exc:
+                if exc.status != 404:  # a session already gone needs no closing
+                    raise
         for row, i in enumerate(idx):
             seq = generated[row]
             if stop_token_id in seq:

@@ -108,8 +108,9 @@ class OwnerService:
     ``(status, content_type, body_bytes)``; one lock serialises the model's forwards."""
 
     def __init__(self, model, head_dir: str | os.PathLike, tokens: dict[str, str], *, audit_path=None,
-                 limits: Limits = Limits(), pad_id: int = 0, tokenizer=None):
+                 limits: Limits = Limits(), pad_id: int = 0, tokenizer=None, session_prefix: str = ""):
         self.model, self.limits, self.tokens, self.pad_id = model.eval(), limits, tokens, pad_id
+        self.session_prefix = session_prefix  # names the replica that holds a session's KV cache (Serve's router)
         self.heads = head_modules(model)
         self.vocab = int(self.heads.lm_head.weight.shape[0])
         self.device = next(model.parameters()).device
@@ -253,7 +254,7 @@ class OwnerService:
             ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
         with self.lock:
             past, key, log_probs = self._forward(ids.to(self.device), mask.to(self.device), None)
-        sid = uuid.uuid4().hex
+        sid = self.session_prefix + uuid.uuid4().hex
         self.sessions[sid] = _Session(past, mask.to(self.device), len(prompts))
         out = self._answer({"key": key, "log_probs": log_probs}, session=sid)
         return 200, "application/octet-stream", out, {"keys": len(key), "distributions": len(log_probs)}
