@@ -87,3 +87,23 @@ def inline_build(pairs, out_dir, *overrides: str, model_id: str = "tiny://llama"
     cfg = load_config(None, [f"model.model_id={model_id}", *[f"memory.{k}={v}" for k, v in memory.items()],
                              *overrides])
     return build_memory(cfg, pairs, out_dir, InlineExecutor(), progress=False)
+
+
+@pytest.fixture(scope="module")
+def owner_url(ray_client, tmp_path_factory):
+    """The PLM owner's service (tiny://llama) on Ray Serve of the test cluster, one per test module (Serve's proxy
+    port is the module's own); yields ``(url, folder)``: the folder holds ``tokens.json`` (tenant ``acme``, token
+    ``t-acme``) and ``audit.jsonl``."""
+    import json
+
+    from local_ray import free_port
+    from ray import serve
+
+    from pema.executors.ray_serve import start_owner
+
+    tmp = tmp_path_factory.mktemp("owner")
+    (tmp / "tokens.json").write_text(json.dumps({"acme": "t-acme"}))
+    url = start_owner("tiny://llama", port=free_port(), tokens_file=str(tmp / "tokens.json"),
+                      audit_path=str(tmp / "audit.jsonl"))
+    yield url, tmp
+    serve.shutdown()

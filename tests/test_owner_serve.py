@@ -18,21 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
 
 
-@pytest.fixture(scope="module")
-def owner_url(ray_client, tmp_path_factory):
-    from local_ray import free_port
-    from ray import serve
-
-    from pema.executors.ray_serve import start_owner
-
-    tmp = tmp_path_factory.mktemp("owner")
-    (tmp / "tokens.json").write_text(json.dumps({"acme": "t-acme"}))
-    url = start_owner("tiny://llama", port=free_port(), tokens_file=str(tmp / "tokens.json"),
-                      audit_path=str(tmp / "audit.jsonl"))
-    yield url, tmp
-    serve.shutdown()
-
-
 def test_health_and_auth_over_http(owner_url):
     from pema.adapter.remote import OwnerClient
     from pema.errors import OwnerRequestError
@@ -147,27 +132,41 @@ def test_translation_through_the_service_equals_in_process(owner_url):
 
 DATA_OWNER = r"""
 import json, os, sys
+from pathlib import Path
 opened = []
 sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" and args and
                  isinstance(args[0], (str, bytes, os.PathLike)) else None)
 from pema.config import load_config, with_absolute_data
 from pema.executors.inline import InlineExecutor
+from pema.executors.ray_tune import sweep_decoding
 from pema.stages.build import run_build
+from pema.stages.compare import run_systems
 from pema.stages.decode import decode_and_score
 from pema.stages.train import run_train
 smoke, url, out = sys.argv[1:4]
-cfg = with_absolute_data(load_config(smoke, [f"resources.owner_url={url}", "data.test_limit=3"]))
+cfg = with_absolute_data(load_config(smoke, [f"resources.owner_url={url}", "data.test_limit=3", "data.dev_limit=3"]))
 run_build(cfg, out, InlineExecutor(), progress=False)
 run_train(cfg, out, InlineExecutor(), progress=False)
 scores = decode_and_score(cfg, out, progress=False, systems=("zero_shot", "pema"))
-print(json.dumps({"opened": opened, "chrf": scores["pema"]["chrf"]}))
+knn = run_systems(cfg, out, systems=("zero_shot", "knn_lm"), progress=False, log=lambda line: None)
+
+class Run:  # the trial's MLflow run, as the sweep uses it
+    def log_metrics(self, metrics, step=None):
+        pass
+    def log_dict(self, value, name):
+        pass
+
+grid = [{"decode.pema.kind": "constant", "decode.pema.lam": lam} for lam in (0.3, 0.6)]
+best = sweep_decoding(cfg, Path(out), Path(out) / "adapter", grid, Run(), Path(out) / "trial")
+print(json.dumps({"opened": opened, "chrf": scores["pema"]["chrf"], "knn_chrf": knn["rows"]["knn_lm"]["chrf"],
+                  "sweep": best["setting"]}))
 """
 
 
 def test_the_data_owner_opens_no_plm_file(owner_url, tmp_path):
-    """Build, train and decode against the service in a fresh process that records every file Python opens (an
-    audit hook): the model package's GGUF file (SmolLM2's tokenizer and weights, which tiny://llama uses) is never
-    opened."""
+    """Build, train, decode, kNN-LM and the Tune trials' decoding sweep against the service in a fresh process that
+    records every file Python opens (an audit hook): the model package's GGUF file (SmolLM2's tokenizer and
+    weights, which tiny://llama uses) is never opened."""
     import importlib.util
     import os
     import subprocess
@@ -183,7 +182,7 @@ def test_the_data_owner_opens_no_plm_file(owner_url, tmp_path):
     model_files = [p for p in report["opened"] if p.endswith(".gguf") or p.startswith(package + os.sep)]
     assert not model_files, model_files
     assert any(p.endswith("head.json") for p in report["opened"])  # the hook did see the data owner's own files
-    assert report["chrf"] >= 0
+    assert report["chrf"] >= 0 and report["knn_chrf"] >= 0 and report["sweep"]["decode.pema.lam"] in (0.3, 0.6)
     assert (tmp_path / "run" / "predictions" / "pema.jsonl").is_file()
 
 

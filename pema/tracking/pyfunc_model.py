@@ -1,8 +1,10 @@
 """The registered PEMA translator, logged with MLflow's "models from code": this file IS the model definition, and
 the adapter, head bundle and config travel as plain artifact files (safetensors + JSON + YAML). Nothing is pickled.
 
-Loading needs the ``pema`` package installed and the base model (``model.model_id`` in the config artifact)
-available locally: the data owner's adapter mixes with the PLM's own next-token distribution at every step.
+The ``pema`` package travels with the model (``code_paths``). With ``resources.owner_url`` in the config artifact
+the PLM's next-token distributions and keys come from the owner's service (the token in the environment variable
+``resources.owner_token_env``) and no PLM weights are needed here; without it the base model (``model.model_id``)
+must be available locally.
 
     mlflow.pyfunc.load_model("models:/pema-wmt22@champion").predict(["An English sentence."])  # -> German text
 """

@@ -5,9 +5,16 @@ The model is "models from code" (:mod:`pema.tracking.pyfunc_model`) with plain-f
 bundle, the head bundle and the run's config (which names the base model and holds the decoding settings and the
 lambda schedule, ``decode.pema``: the recommended PEMA configuration, the ``pema`` row). Every version carries the
 tags ``dev_bleu``, ``schedule`` (:func:`schedule_tag`) and ``base_model``.
+
+The model carries its own code: the ``pema`` package travels with it (``code_paths``), and its pip requirements
+are the project's pinned dependencies minus Ray. So ``mlflow models serve`` builds a working environment with its
+default manager (a new virtualenv from those requirements). That environment holds no model package: with
+``resources.owner_url`` in the config (the PLM owner's service) it needs none; without, it has no PLM to load, and
+the registered model is served from an environment that has it (``--env-manager local``).
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 import tomllib
 from pathlib import Path
@@ -28,7 +35,7 @@ SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([C
 
 
 def requirements() -> list[str]:
-    """The project's pinned runtime dependencies (pyproject.toml), for the model's environment."""
+    """The project's pinned runtime dependencies (pyproject.toml) minus Ray, for the model's environment."""
     with open(ROOT / "pyproject.toml", "rb") as f:
         deps = tomllib.load(f)["project"]["dependencies"]
     return [d for d in deps if not d.startswith("ray")]
@@ -61,10 +68,12 @@ def register_adapter(cfg: PipelineConfig, output_dir, name: str, *, dev_bleu: fl
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.yaml"
         config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        code = Path(tmp) / "pema"  # the package, without caches
+        shutil.copytree(ROOT / "pema", code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(MODEL_CODE), signature=SIGNATURE, registered_model_name=name,
             artifacts={"adapter": str(layout.adapter), "head": str(layout.head), "config": str(config)},
-            pip_requirements=requirements())
+            pip_requirements=requirements(), code_paths=[str(code)])
     version = str(info.registered_model_version)
     client = MlflowClient()
     tags = {"dev_bleu": str(dev_bleu), "schedule": schedule_tag(cfg), "base_model": cfg.model.model_id}
