@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from pema.config import flatten
 from pema.stages.logger import close_figure
+from pema.tracking.orphans import process_tags
 from pema.tracking.runs import PARAM_MAX, stage_run
 
 
@@ -114,12 +115,14 @@ class TrialRuns:
         if run_id is None:
             run_id = client.create_run(self.experiment_id, run_name=f"trial_{trial_id}", tags={
                 "mlflow.parentRunId": self.parent_run_id, "pema.stage": "tune_trial", "pema.trial_id": trial_id,
-                **self.lineage}).info.run_id
+                **self.lineage, **process_tags()}).info.run_id
             run = ClientRunLogger(self.tracking_uri, run_id)
             run.log_params(flatten(cfg))
             run.set_tags({"pema.search": json.dumps(overrides)})
             return run
         client.update_run(run_id, status="RUNNING")  # a trial resumed after an interruption goes on in its run
+        for key, value in process_tags().items():  # held by this process now
+            client.set_tag(run_id, key, value)
         return ClientRunLogger(self.tracking_uri, run_id)
 
     def close_if_running(self, run_id: str, status: str, trial_status: str) -> None:

@@ -34,6 +34,7 @@ from pema.config import PipelineConfig, flatten, to_dict
 from pema.errors import TrackingError
 from pema.formats.layout import RunLayout
 from pema.stages.inputs import split_pairs
+from pema.tracking.orphans import end_orphaned_runs, process_tags
 
 EXPERIMENT = "pema"
 ROOT = Path(__file__).resolve().parents[2]
@@ -178,17 +179,20 @@ def _params(cfg: PipelineConfig) -> dict[str, str]:
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: PipelineConfig, output_dir: str | os.PathLike, *, run_id: str | None = None):
     """An MLflow run for one stage (a child of the active run, if any). Ends FINISHED, or FAILED on an error;
-    MLflow errors become TrackingError naming the URI. ``run_id`` reopens that run instead (a resumed job)."""
+    MLflow errors become TrackingError naming the URI. ``run_id`` reopens that run instead (a resumed job). A job's
+    first run ends as KILLED the runs that killed jobs left RUNNING (:mod:`pema.tracking.orphans`)."""
     uri = connect(output_dir)
     parent = mlflow.active_run()
     try:
+        if parent is None:  # a job's first run: end the runs that killed jobs left RUNNING on this store
+            end_orphaned_runs(experiment_id(output_dir=output_dir))
         if run_id is not None:
             run = mlflow.start_run(run_id=run_id)
         elif parent is not None:
             run = mlflow.start_run(run_name=stage, nested=True, experiment_id=parent.info.experiment_id)
         else:
             run = mlflow.start_run(run_name=stage, experiment_id=experiment_id(output_dir=output_dir))
-        mlflow.set_tags({"pema.stage": stage, **lineage_tags(cfg, output_dir)})
+        mlflow.set_tags({"pema.stage": stage, **lineage_tags(cfg, output_dir), **process_tags()})
         if run_id is None:
             mlflow.log_params(_params(cfg))
             mlflow.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")

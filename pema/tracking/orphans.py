@@ -1,0 +1,53 @@
+"""Runs whose process was killed: a job killed with SIGKILL (or a lost machine) never ends its MLflow run, which
+would stay RUNNING forever. Every run this package opens is tagged with the host and the process that holds it
+(``pema.host``, ``pema.pid`` and the process's start time, so that a reused pid is not taken for the same
+process); the next job on that store ends such runs as KILLED, tagged ``pema.ended_by``.
+
+Only runs of this host are judged: a run held by another machine of a cluster may be alive.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+HOST, PID, STARTED = "pema.host", "pema.pid", "pema.pid_started"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22), or None when there is
+    no such process (or no ``/proc``)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # fields after "pid (comm)": state is field 3, starttime field 22
+
+
+def process_tags(pid: int | None = None) -> dict[str, str]:
+    """The tags that name the process holding a run (this process by default)."""
+    pid = os.getpid() if pid is None else pid
+    return {HOST: socket.gethostname(), PID: str(pid), STARTED: _start_time(pid) or ""}
+
+
+def is_orphaned(tags: dict[str, str]) -> bool:
+    """True when the tags name a process of this host that no longer runs."""
+    if tags.get(HOST) != socket.gethostname() or not tags.get(PID, "").isdigit():
+        return False
+    started = _start_time(int(tags[PID]))
+    return started is None or (bool(tags.get(STARTED)) and started != tags[STARTED])
+
+
+def end_orphaned_runs(experiment_id: str, client: MlflowClient | None = None) -> list[str]:
+    """End as KILLED the runs of ``experiment_id`` left RUNNING by a process of this host that is gone; returns
+    their ids."""
+    client = client or MlflowClient()
+    ended = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        if is_orphaned(run.data.tags):
+            client.set_tag(run.info.run_id, "pema.ended_by", "a later job: the process that held the run was gone")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
