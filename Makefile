@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run tune test test-fast clean
+.PHONY: setup run tune test test-fast faults clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,9 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"
+
+faults: setup  # SIGKILL every job at 20 seeded instants and rerun it (hours on 2 cores; report in outputs/faults/)
+	$(PY) faults/kill_sweep.py --kills 20 --seed 0 --report outputs/faults/kill_report.json
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -1,0 +1,252 @@
+"""SIGKILL each job at seeded instants over its run, rerun the same command, and check that nothing was lost.
+
+    python faults/kill_sweep.py --kills 20 --seed 0 --report outputs/faults/kill_report.json   (make faults)
+    python faults/kill_sweep.py --jobs build,train --kills 3                                   (a sample)
+
+For each job (build, train, evaluate, pipeline, register, tune, compare, owner) on the smoke config: one
+uninterrupted run gives the reference and the job's duration T. Then, for each of ``--kills`` instants t_i drawn
+from the seed, one in each of ``--kills`` equal slices of [0, T) (the first second to the last), a fresh copy of
+the job's inputs, the job started in its own process group, ``SIGKILL`` to the whole group at t_i, and the same
+command run again. An instant passes when the rerun exits 0 and:
+
+- the outputs equal the reference: memory rows exact with no (example, position) twice, the head and adapter
+  tensors identical, predictions identical, the summary's scores identical, the champion's dev BLEU identical,
+  the owner service's head fingerprint and keys identical;
+- MLflow is consistent: the store opens (not half-migrated), no run is left RUNNING, every stage has a FINISHED
+  run, and the killed job's runs are KILLED or FAILED.
+
+The jobs run against one Ray cluster started here (as ``ray job submit`` jobs would); a killed driver's actors and
+workers are Ray's to clean up. Every process a job starts carries ``PEMA_FAULT_TAG``; any that outlives the kill
+is killed too, and counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from faults.compare_outputs import compare, mlflow_problems  # noqa: E402
+
+SMOKE = str(ROOT / "jobs" / "configs" / "smoke.yaml")
+PY = sys.executable
+TOKENS = {"acme": "t-faults"}
+
+
+@dataclass
+class Job:
+    name: str
+    argv: list[str]  # after the script; {out} is the output folder
+    needs: str | None = None  # the base folder the job starts from: None, "built" or "trained"
+    outputs: tuple[str, ...] = ()
+    timeout_s: float = 900
+    extra: dict = field(default_factory=dict)
+
+    def command(self, out: Path, port: int | None = None) -> list[str]:
+        script = {"build": "build_memory", "owner": "serve_owner"}.get(self.name, self.name)
+        args = [a.format(out=out, port=port, tokens=out / "tokens.json") for a in self.argv]
+        return [PY, str(ROOT / "jobs" / f"{script}.py"), *args]
+
+
+COMMON = ["--config", SMOKE, "--output-dir", "{out}", "--no-progress"]
+JOBS = {
+    "build": Job("build", COMMON, outputs=("memory", "head")),
+    "train": Job("train", COMMON, needs="built", outputs=("adapter",)),
+    "evaluate": Job("evaluate", COMMON, needs="trained", outputs=("predictions",)),
+    "pipeline": Job("pipeline", COMMON, outputs=("memory", "head", "adapter", "predictions", "summary")),
+    "register": Job("register", COMMON + ["--name", "pema-faults"], needs="trained", outputs=("champion",)),
+    "tune": Job("tune", COMMON + ["--num-samples", "2", "--decode-samples", "1", "--name", "pema-faults-tune",
+                                  "train.epochs=1"], needs="built", outputs=("adapter", "champion"), timeout_s=1500),
+    "compare": Job("compare", COMMON + ["--systems", "zero_shot,knn_lm,pema_const"], needs="built",
+                   outputs=("predictions",)),
+    "owner": Job("owner", COMMON[:4] + ["--tokens", "{tokens}", "--port", "{port}", "--audit", "{out}/audit.jsonl",
+                                        "--once"], outputs=("service",)),
+}
+
+
+def job_env(cluster, tag: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PEMA_OWNER"))}
+    return {**env, "RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+            "PEMA_FAULT_TAG": tag, "PYTHONUNBUFFERED": "1"}
+
+
+def tagged_processes(tag: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if f"PEMA_FAULT_TAG={tag}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+def kill_tagged(tag: str) -> int:
+    pids = tagged_processes(tag)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return len(pids)
+
+
+def run(cmd: list[str], env: dict, timeout: float, log: Path) -> tuple[int, float]:
+    start = time.monotonic()
+    with open(log, "ab") as f:
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    return rc, time.monotonic() - start
+
+
+def kill_at(cmd: list[str], env: dict, at: float, log: Path) -> dict:
+    """Start ``cmd`` in its own process group and SIGKILL the group ``at`` seconds later (if it still runs)."""
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(at)
+            return {"killed": False, "rc": proc.returncode}
+        except subprocess.TimeoutExpired:
+            pass
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(0.2)
+    return {"killed": True, "stray_processes_killed": kill_tagged(env["PEMA_FAULT_TAG"])}
+
+
+def fresh(base: Path | None, dest: Path) -> Path:
+    shutil.rmtree(dest, ignore_errors=True)
+    if base is None:
+        dest.mkdir(parents=True)
+    else:
+        shutil.copytree(base, dest, symlinks=True)
+    (dest / "tokens.json").write_text(json.dumps(TOKENS))
+    return dest
+
+
+def shutdown_serve(cluster) -> None:
+    subprocess.run([str(Path(PY).with_name("serve")), "shutdown", "-y", "-a", cluster.dashboard], cwd=ROOT,
+                   capture_output=True, timeout=120)
+
+
+def prepare_bases(root: Path, cluster, log: Path) -> dict[str, Path]:
+    env = job_env(cluster, uuid.uuid4().hex)
+    bases = {"built": fresh(None, root / "base" / "built")}
+    for job, base in (("build", "built"),):
+        rc, _ = run(JOBS[job].command(bases[base]), env, 900, log)
+        assert rc == 0, f"the {job} job that prepares the base failed: see {log}"
+    bases["trained"] = fresh(bases["built"], root / "base" / "trained")
+    rc, _ = run(JOBS["train"].command(bases["trained"]), env, 900, log)
+    assert rc == 0, f"the train job that prepares the base failed: see {log}"
+    for base in bases.values():  # the bases' own MLflow runs are not the swept job's
+        for name in ("mlflow.db", "mlartifacts"):
+            p = base / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return bases
+
+
+def instants(duration: float, kills: int, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    return [round(duration * (i + rng.random()) / kills, 2) for i in range(kills)]
+
+
+def sweep_job(job: Job, bases: dict, root: Path, cluster, kills: int, seed: int, log_dir: Path) -> dict:
+    from local_ray import free_port
+
+    base = bases.get(job.needs) if job.needs else None
+    log = log_dir / f"{job.name}.log"
+    port = free_port()
+    if job.name == "owner":
+        shutdown_serve(cluster)
+    ref = fresh(base, root / job.name / "reference")
+    rc, duration = run(job.command(ref, port), job_env(cluster, uuid.uuid4().hex), job.timeout_s, log)
+    if rc != 0:
+        return {"job": job.name, "error": f"the uninterrupted run exited {rc}: see {log}"}
+    result = {"job": job.name, "duration_s": round(duration, 1), "tried": 0, "killed": 0, "survived": 0,
+              "stray_processes": 0, "finished_twice": 0, "failures": []}
+    for i, at in enumerate(instants(duration, kills, seed + sum(map(ord, job.name)))):
+        if job.name == "owner":
+            shutdown_serve(cluster)
+        out = fresh(base, root / job.name / f"kill{i:02d}")
+        env = job_env(cluster, uuid.uuid4().hex)
+        with open(log, "a") as f:
+            f.write(f"\n==== {job.name} kill {i} at {at} s ====\n")
+        killed = kill_at(job.command(out, port), env, at, log)
+        rc, _ = run(job.command(out, port), env, job.timeout_s, log)
+        problems = [f"the rerun exited {rc}"] if rc != 0 else []
+        if rc == 0:
+            problems += compare(job.outputs, ref, out, port=port, tokens=TOKENS)
+            mlflow_report = mlflow_problems(out, killed["killed"], owner=job.name == "owner")
+            problems += mlflow_report["problems"]
+            result["finished_twice"] += mlflow_report["finished_twice"]
+        result["tried"] += 1
+        result["killed"] += killed["killed"]
+        result["stray_processes"] += killed.get("stray_processes_killed", 0)
+        if problems:
+            result["failures"].append({"instant_s": at, "killed": killed["killed"], "problems": problems,
+                                       "folder": str(out)})
+        else:
+            result["survived"] += 1
+            shutil.rmtree(out, ignore_errors=True)
+        print(f"{job.name}: kill {i + 1}/{kills} at {at:.2f} s of {duration:.1f} s: "
+              f"{'ok' if not problems else 'FAILED ' + '; '.join(problems)[:300]}", flush=True)
+    if job.name == "owner":
+        shutdown_serve(cluster)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", default=",".join(JOBS), help=f"comma separated, of {','.join(JOBS)}")
+    parser.add_argument("--kills", type=int, default=20, help="kill instants per job")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default=str(ROOT / "outputs" / "faults" / "kills"))
+    parser.add_argument("--report", default=str(ROOT / "outputs" / "faults" / "kill_report.json"))
+    args = parser.parse_args(argv)
+    names = [n for n in args.jobs.split(",") if n]
+    if unknown := [n for n in names if n not in JOBS]:
+        print(f"error: --jobs: unknown {unknown}; choose from {list(JOBS)}", file=sys.stderr)
+        return 2
+    from local_ray import start_cluster
+
+    root = Path(args.workdir)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    cluster = start_cluster(root, num_cpus=4)
+    start = time.monotonic()
+    report = {"seed": args.seed, "kills_per_job": args.kills, "jobs": []}
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        needed = {JOBS[n].needs for n in names} - {None}
+        bases = prepare_bases(root, cluster, root / "bases.log") if needed else {}
+        for n in names:  # the report is rewritten after every job: a long sweep cut short keeps what it found
+            report["jobs"].append(sweep_job(JOBS[n], bases, root, cluster, args.kills, args.seed, root))
+            report["wall_s"] = round(time.monotonic() - start)
+            Path(args.report).write_text(json.dumps(report, indent=2))
+    finally:
+        cluster.stop()
+    results = report["jobs"]
+    for r in results:
+        print(f"{r['job']}: {r.get('survived', 0)}/{r.get('tried', 0)} survived ({r.get('killed', 0)} killed mid-run)"
+              + (f"; {r['error']}" if "error" in r else ""))
+    print(f"report: {args.report}")
+    return 0 if all(r.get("survived") == r.get("tried") and "error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
