@@ -38,43 +38,13 @@ def ray_client(ray_cluster):
 def mlflow_server(tmp_path_factory):
     """A real tracking server started by the project's own mlflow/server.sh on a free 127.0.0.1 port, with a
     temporary sqlite store and artifacts folder; yields its URI."""
-    import os
-    import signal
-    import subprocess
-    import time
-    import urllib.request
-    from pathlib import Path
-
+    from local_mlflow import start_server, stop_server
     from local_ray import free_port
 
-    root = Path(__file__).resolve().parents[1]
-    tmp = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    env = {**os.environ, "MLFLOW_PORT": str(port), "MLFLOW_STORE": str(tmp / "store" / "mlflow.db"),
-           "MLFLOW_ARTIFACTS": str(tmp / "artifacts"), "MLFLOW_WORKERS": "1"}
-    log = open(tmp / "server.log", "wb")
-    proc = subprocess.Popen([str(root / "mlflow" / "server.sh")], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise RuntimeError(f"mlflow server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
-        time.sleep(1)
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    proc = start_server(tmp_path_factory.mktemp("mlflow"), port)
+    yield f"http://127.0.0.1:{port}"
+    stop_server(proc)
 
 
 def inline_build(pairs, out_dir, *overrides: str, model_id: str = "tiny://llama", **memory):

@@ -213,8 +213,12 @@ def stage_run(stage: str, cfg: PipelineConfig, output_dir: str | os.PathLike, *,
                                 f"{output_dir} are kept") from exc
         raise
     finally:
-        with contextlib.suppress(Exception):  # ending a run on a dead server must not hide the real error
+        try:
             mlflow.end_run(status=status)
+        except Exception as exc:  # a dead server: the stage's own error (if any) is the one to show
+            if status == "FINISHED":  # the stage did its work, but its run could not be ended: not a success
+                raise TrackingError(f"MLflow at {uri} failed while ending the {stage!r} run: {exc}; the stage's "
+                                    f"files in {output_dir} are kept, rerun the job once the server is back") from exc
 
 
 def log_datasets(cfg: PipelineConfig, splits) -> None:
