@@ -14,6 +14,7 @@ the registered model is served from an environment that has it (``--env-manager 
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import tomllib
@@ -59,28 +60,58 @@ def schedule_tag(cfg: PipelineConfig) -> str:
     return " ".join([p.kind] + [f"{k}={'null' if v is None else v}" for k, v in values.items()])
 
 
+def adapter_digest(output_dir) -> str:
+    """sha256 over the adapter bundle's files and the head bundle's metadata: what a version is made of."""
+    layout, h = RunLayout(output_dir), hashlib.sha256()
+    for path in sorted(layout.adapter.iterdir()) + [layout.head / "head.json"]:
+        if path.is_file():
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def _version_of(name: str, tags: dict):
+    """The version of ``name`` already registered with these tags: this adapter, schedule and dev BLEU (a rerun of
+    the same job), or None."""
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    for mv in versions:
+        if all(mv.tags.get(k) == v for k, v in tags.items()):
+            return mv
+    return None
+
+
 def register_adapter(cfg: PipelineConfig, output_dir, name: str, *, dev_bleu: float) -> dict:
     """In the active run: log ``output_dir/adapter`` (with ``head/`` and the config) as a pyfunc model, register it
     as a new version of ``name`` and move the champion alias to it when its dev BLEU beats the champion's. Returns
-    the version, its dev BLEU and whether it became the champion."""
+    the version, its dev BLEU and whether it became the champion.
+
+    A version is registered with its tags in one call, among them ``adapter_sha256`` (:func:`adapter_digest`): the
+    same adapter registered again with the same schedule and dev BLEU (a job rerun after a kill) gets that version
+    back instead of a second one."""
     layout = RunLayout(output_dir)
     mlflow.log_metric("dev_bleu", dev_bleu)
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "config.yaml"
-        config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        code = Path(tmp) / "pema"  # the package, without caches
-        shutil.copytree(ROOT / "pema", code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(MODEL_CODE), signature=SIGNATURE, registered_model_name=name,
-            artifacts={"adapter": str(layout.adapter), "head": str(layout.head), "config": str(config)},
-            pip_requirements=requirements(), code_paths=[str(code)])
-    version = str(info.registered_model_version)
+    digest = adapter_digest(output_dir)
+    tags = {"dev_bleu": str(dev_bleu), "schedule": schedule_tag(cfg), "base_model": cfg.model.model_id,
+            "adapter_sha256": digest}
+    mv = _version_of(name, tags)
+    if mv is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "config.yaml"
+            config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            code = Path(tmp) / "pema"  # the package, without caches
+            shutil.copytree(ROOT / "pema", code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(MODEL_CODE), signature=SIGNATURE,
+                artifacts={"adapter": str(layout.adapter), "head": str(layout.head), "config": str(config)},
+                pip_requirements=requirements(), code_paths=[str(code)])
+        mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    version = str(mv.version)
     client = MlflowClient()
-    tags = {"dev_bleu": str(dev_bleu), "schedule": schedule_tag(cfg), "base_model": cfg.model.model_id}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
     previous, previous_bleu = champion(name)
-    promoted = previous is None or dev_bleu > previous_bleu
+    promoted = previous is None or str(previous) == version or dev_bleu > previous_bleu
     if promoted:
         client.set_registered_model_alias(name, ALIAS, version)
     mlflow.set_tags({"pema.registered_model": name, "pema.model_version": version,
