@@ -27,7 +27,8 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"
 
-faults: setup  # SIGKILL every job at 20 seeded instants and rerun it (hours on 2 cores; report in outputs/faults/)
+faults: setup  # 500 hostile inputs (1 min), then SIGKILL every job at 20 seeded instants (hours on 2 cores)
+	$(PY) faults/fuzz_inputs.py --seed 0 --count 500 --report outputs/faults/fuzz_inputs.json
 	$(PY) faults/kill_sweep.py --kills 20 --seed 0 --report outputs/faults/kill_report.json
 
 clean:

@@ -6,17 +6,23 @@ and the allowed range. ``key=value`` overrides use dotted paths (``train.kappa=0
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from pema.errors import ConfigError
+from pema.formats.tasks import render_instruction, resolve_template
+from pema.formats.yaml_safe import dotted_leaves as _leaves, load_yaml_file, parse_overrides, set_dotted as _set_dotted
+
+_REPR = reprlib.Repr()  # a value in a message is shown bounded, however large (or aliased) it is
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 200, 200, 4
 
 
 def _invalid(name: str, value, allowed: str) -> ConfigError:
-    exc = ConfigError(f"{name}={value!r} is invalid: expected {allowed}")
+    exc = ConfigError(f"{name}={_REPR.repr(value)} is invalid: expected {allowed}")
     exc.key, exc.value, exc.allowed = name, value, allowed  # _build renames the key to its full dotted path
     return exc
 
@@ -30,8 +36,8 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _is_num(v) -> bool:  # finite: inf and nan are in no range
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v))
 
 
 def _choice(name: str, value, options: tuple) -> None:
@@ -47,6 +53,8 @@ class ModelConfig:
 
     def __post_init__(self):
         _check(isinstance(self.model_id, str) and bool(self.model_id), "model.model_id", self.model_id, "a non-empty string")
+        _check(self.revision is None or isinstance(self.revision, str) and bool(self.revision), "model.revision",
+               self.revision, "null or a non-empty string")
         _choice("model.dtype", self.dtype, ("float32", "float16", "bfloat16"))
         _choice("model.prompt_format", self.prompt_format, ("auto", "chat", "raw"))
 
@@ -66,6 +74,14 @@ class DataConfig:
     def __post_init__(self):
         for name in ("train_limit", "dev_limit", "test_limit"):
             _check((v := getattr(self, name)) is None or (_is_int(v) and v > 0), f"data.{name}", v, "null or an integer > 0")
+        for name in ("train", "dev", "test", "source_field", "target_field", "template"):
+            _check(isinstance(v := getattr(self, name), str) and bool(v.strip()), f"data.{name}", v,
+                   "a non-empty string")
+        try:
+            render_instruction(resolve_template(self.template), "x", source_field=self.source_field)
+        except ConfigError:
+            raise _invalid("data.template", self.template, "a template name or a text whose one placeholder is "
+                           f"{{{self.source_field}}} (data.source_field)") from None
 
 
 @dataclass(frozen=True)
@@ -236,7 +252,8 @@ class LoraConfig:
         _check(_is_int(self.rank) and self.rank >= 1, "lora.rank", self.rank, "an integer >= 1")
         _check(_is_num(self.alpha) and self.alpha > 0, "lora.alpha", self.alpha, "> 0")
         _check(_is_num(self.dropout) and 0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "in [0, 1)")
-        _check(len(self.target_modules) > 0 and all(isinstance(m, str) and m for m in self.target_modules),
+        _check(isinstance(self.target_modules, tuple) and len(self.target_modules) > 0 and
+               all(isinstance(m, str) and m for m in self.target_modules),
                "lora.target_modules", self.target_modules, "a non-empty list of module names")
         _check(_is_int(self.epochs) and self.epochs >= 1, "lora.epochs", self.epochs, "an integer >= 1")
         _check(_is_num(self.lr) and self.lr > 0, "lora.lr", self.lr, "> 0")
@@ -262,7 +279,7 @@ class ResourcesConfig:
             ("http://", "https://"))), "resources.owner_url", self.owner_url, "null or an http(s) URL")
         _check(isinstance(self.owner_token_env, str) and bool(self.owner_token_env), "resources.owner_token_env",
                self.owner_token_env, "the name of an environment variable")
-        _check(isinstance(self.device, str) and (self.device == "cpu" or self.device.startswith("cuda")),
+        _check(isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
                "resources.device", self.device, "'cpu', 'cuda' or 'cuda:N'")
         _check(_is_int(self.memory_actors) and self.memory_actors >= 0, "resources.memory_actors",
                self.memory_actors, "an integer >= 0 (0 = one actor per GPU group, or 1 without GPUs)")
@@ -301,17 +318,18 @@ def _build(cls, data, path: str):
         raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted((k for k in data if k not in names), key=str)
     if unknown:
-        where = f"{path}." if path else ""
-        keys = [where + k for k in unknown]
+        keys = [leaf for k in unknown for leaf in _leaves(data[k], f"{path}.{k}" if path else str(k))]
         moved = "".join(f"; {k} is now {MOVED[k]}" for k in keys if k in MOVED)
         raise ConfigError(f"unknown config key(s) {keys}; allowed: {sorted(names)}{moved}")
     kwargs = {}
     for key, value in data.items():
-        hint = hints[key]
+        hint, full = hints[key], f"{path}.{key}" if path else key
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{path}.{key}" if path else key)
+            kwargs[key] = _build(hint, value, full)
+        elif isinstance(value, dict) and value:  # a value written as a section: its keys are unknown keys
+            raise ConfigError(f"unknown config key(s) {_leaves(value, full)}: {full} is a value, not a section")
         else:
             if hint is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
@@ -329,37 +347,16 @@ def _build(cls, data, path: str):
         raise _invalid(f"{path}.{key.rsplit('.', 1)[-1]}", exc.value, exc.allowed) from None
 
 
-def _set_dotted(tree: dict, dotted: str, value) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
-    node[parts[-1]] = value
-
-
-def parse_overrides(overrides: typing.Iterable[str]) -> list[tuple[str, object]]:
-    """``["train.kappa=0.3", ...]`` -> ``[("train.kappa", 0.3), ...]`` with YAML-typed values."""
-    out = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
-    return out
-
-
 def config_from_dict(tree: dict | None, cls=PipelineConfig):
     return _build(cls, tree or {}, "")
 
 
 def load_config(path: str | Path | None, overrides: typing.Iterable[str] = (), cls=PipelineConfig):
-    """Load YAML at ``path`` (or defaults when None), apply dotted overrides, validate."""
+    """Load YAML at ``path`` (or defaults when None; :func:`~pema.formats.yaml_safe.load_yaml_file` refuses alias
+    bombs, repeated keys, bad UTF-8 naming the line), apply dotted overrides, validate."""
     tree: dict = {}
     if path is not None:
-        text = Path(path).read_text()
-        tree = yaml.safe_load(text) or {}
+        tree = load_yaml_file(path) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     for key, value in parse_overrides(overrides):

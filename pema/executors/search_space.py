@@ -14,6 +14,7 @@ import yaml
 
 from pema.config import PipelineConfig, flatten, load_config
 from pema.errors import ConfigError
+from pema.formats.yaml_safe import load_yaml_file
 
 KINDS = ("choice", "uniform", "loguniform", "randint")
 
@@ -33,7 +34,7 @@ def _probe_values(key: str, kind: str, args) -> list:
 
 def load_space(path: str | Path, base: str | Path | None = None) -> dict[str, tuple[str, object]]:
     """``{field: (kind, args)}`` from a YAML file, validated against the config (``base`` YAML, or defaults)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = load_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a search space must be a mapping of config fields to distributions")
     fields = set(flatten(PipelineConfig()))
@@ -45,7 +46,11 @@ def load_space(path: str | Path, base: str | Path | None = None) -> dict[str, tu
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
             raise ConfigError(f"{path}: {key} must be one of {{kind: args}} with kind in {KINDS}, got {spec!r}")
         kind, args = next(iter(spec.items()))
-        for value in _probe_values(key, kind, args):
+        try:
+            values = _probe_values(key, kind, args)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        for value in values:
             load_config(base, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
         space[key] = (kind, args)
     return space

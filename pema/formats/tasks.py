@@ -73,14 +73,35 @@ def render_instruction(template: str, source: str, *, source_field: str) -> str:
 
 
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a decoded JSON string: an unpaired "\ud800" escape, not text
+MAX_LINE_CHARS = 1 << 20  # a longer line is refused: no example is that long, and a line is read whole
+
+
+def _open_text(path: Path):
+    try:
+        return open(path, encoding="utf-8", errors="surrogateescape", newline="")
+    except FileNotFoundError:
+        raise
+    except IsADirectoryError:
+        raise DataError(f"{path} is a folder, not a JSONL file") from None
+    except OSError as exc:  # a parent that is a file, no permission, ...
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _text_lines(path: Path):
-    """``(lineno, line)`` of a UTF-8 text file, lazily; a line that is not valid UTF-8 raises DataError naming
-    ``<path>:<lineno>``, the byte offset in the file and the byte. Lines split as in text mode (universal newlines)."""
+    """``(lineno, line)`` of a UTF-8 text file, lazily, in bounded memory; a line that is not valid UTF-8 raises
+    DataError naming ``<path>:<lineno>``, the byte offset in the file and the byte, and so does a line of more than
+    MAX_LINE_CHARS characters. A leading BOM is skipped. Lines split as in text mode (universal newlines)."""
     offset = 0  # bytes before the current line: newline="" keeps "\r\n" so every byte is counted
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with _open_text(path) as fh:
+        lineno = 0
+        while line := fh.readline(MAX_LINE_CHARS + 1):
+            lineno += 1
+            if len(line) > MAX_LINE_CHARS:
+                raise DataError(f"{path}:{lineno}: a line of more than {MAX_LINE_CHARS:,} characters; one line "
+                                "holds one example (is this a JSONL file?)")
+            if lineno == 1 and line.startswith("\ufeff"):  # a UTF-8 BOM: standard, if not needed
+                line, offset = line[1:], 3
             if bad := _UNDECODABLE.search(line):
                 head = line[:bad.start()].encode("utf-8", "surrogateescape")
                 byte = ord(bad.group()) - 0xDC00
@@ -96,12 +117,34 @@ def load_pairs(
     """Read a JSONL file of ``{source_field: ..., target_field: ...}`` objects into Pairs.
 
     Blank lines are skipped; ``limit`` keeps the first N pairs.  Any malformed line (bad JSON or UTF-8, a missing
-    or empty field) raises DataError naming ``<path>:<lineno>``; FileNotFoundError passes through.
+    or empty field, a line over MAX_LINE_CHARS) raises DataError naming ``<path>:<lineno>``, and so does a file
+    without pairs; FileNotFoundError passes through.
     """
+    pairs = list(iter_pairs(path, source_field=source_field, target_field=target_field, limit=limit))
+    if not pairs:
+        raise _no_pairs(path, source_field, target_field)
+    return pairs
+
+
+def check_pairs(path, *, source_field: str = "en", target_field: str = "du", limit: int | None = None) -> int:
+    """:func:`load_pairs`' checks in constant memory (nothing is kept); returns the number of pairs."""
+    n = sum(1 for _ in iter_pairs(path, source_field=source_field, target_field=target_field, limit=limit))
+    if not n:
+        raise _no_pairs(path, source_field, target_field)
+    return n
+
+
+def _no_pairs(path, source_field: str, target_field: str) -> DataError:
+    return DataError(f"{path}: no pairs found (the file is empty or blank); expected JSONL lines "
+                     f"with fields {source_field!r} and {target_field!r}")
+
+
+def iter_pairs(path, *, source_field: str = "en", target_field: str = "du", limit: int | None = None):
+    """The Pairs of a JSONL file, lazily (see :func:`load_pairs`; an empty file yields nothing)."""
     if limit is not None and limit < 1:
         raise ConfigError(f"limit={limit!r} must be a positive integer or None")
     path = Path(path)
-    pairs: list[Pair] = []
+    n = 0
     for lineno, line in _text_lines(path):
         if not line.strip():
             continue
@@ -110,6 +153,11 @@ def load_pairs(
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
                             "write one JSON object per line") from None
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: not valid here (JSON nested too deeply); write one flat JSON object "
+                            "per line") from None
+        except ValueError as exc:  # a number over Python's digit limit
+            raise DataError(f"{path}:{lineno}: not valid here ({str(exc).split(';')[0]})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         texts = []
@@ -124,14 +172,14 @@ def load_pairs(
                                 f"got {type(value).__name__}")
             if not value.strip():
                 raise DataError(f"{path}:{lineno}: field {field!r} is empty; remove the line or fill it")
+            if bad := _SURROGATE.search(value):
+                raise DataError(f"{path}:{lineno}: field {field!r} holds an unpaired surrogate "
+                                f"(\\u{ord(bad.group()):04x}), which is not text; fix the escape")
             texts.append(value)
-        pairs.append(Pair(index=len(pairs), source=texts[0], target=texts[1]))
-        if limit is not None and len(pairs) >= limit:
-            break  # before the next line is read: what lies past the limit is never looked at
-    if not pairs:
-        raise DataError(f"{path}: no pairs found (the file is empty or blank); expected JSONL lines "
-                        f"with fields {source_field!r} and {target_field!r}")
-    return pairs
+        yield Pair(index=n, source=texts[0], target=texts[1])
+        n += 1
+        if limit is not None and n >= limit:
+            return  # before the next line is read: what lies past the limit is never looked at
 
 
 def _read_segments(path) -> list[str]:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
-from pema.config import PipelineConfig, load_config
-from pema.errors import PemaError
+from pema.config import PipelineConfig, load_config, with_overrides
+from pema.errors import ConfigError, PemaError
 
 
 def job_parser(doc: str, *, splits: tuple[str, ...] = ("train", "dev", "test")) -> argparse.ArgumentParser:
@@ -49,10 +50,24 @@ def serve_until_stopped(url: str, what: str, once: bool) -> str:
 
 
 def job_config(args: argparse.Namespace) -> PipelineConfig:
-    overrides = list(args.overrides)
-    overrides += [f"data.{split}={getattr(args, split)}" for split in ("train", "dev", "test")
-                  if getattr(args, split, None)]
-    return load_config(args.config, overrides)
+    """The config file with the overrides, then the ``--train/--dev/--test`` paths as given (paths, not YAML: a
+    file named ``null`` or ``a: b.jsonl`` is that file)."""
+    cfg = load_config(args.config, args.overrides)
+    paths = {f"data.{split}": getattr(args, split) for split in ("train", "dev", "test")
+             if getattr(args, split, None) is not None}
+    return with_overrides(cfg, paths) if paths else cfg
+
+
+def check_output_dir(output_dir: str) -> None:
+    """ConfigError when ``--output-dir`` is empty, or it (or the first of its parents that exists) is not a
+    folder: the job would fail when it first writes, after its work."""
+    if not str(output_dir).strip():
+        raise ConfigError("--output-dir is empty: give the run's folder (it is made when missing)")
+    for path in (Path(output_dir), *Path(output_dir).parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"--output-dir {output_dir}: {path} is a file, not a folder; give a folder")
+            return
 
 
 def run_job(args: argparse.Namespace, stage: Callable[[PipelineConfig], object],
@@ -62,6 +77,7 @@ def run_job(args: argparse.Namespace, stage: Callable[[PipelineConfig], object],
     exit code. Checked first (:func:`~pema.jobs.stages.check_inputs`): the pairs of ``inputs`` (default: the
     job's ``--train/--dev/--test`` splits), ``model.model_id`` when ``model`` and ``bundles`` under ``--output-dir``."""
     try:
+        check_output_dir(args.output_dir)
         cfg = job_config(args)
         from pema.jobs.stages import check_inputs
 

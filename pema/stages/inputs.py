@@ -9,7 +9,7 @@ from pema.config import PipelineConfig, to_dict
 from pema.errors import ConfigError
 from pema.formats.layout import RunLayout
 from pema.formats.memory import MemoryReader
-from pema.formats.tasks import Pair, load_pairs
+from pema.formats.tasks import Pair, check_pairs, load_pairs
 
 
 def split_pairs(cfg: PipelineConfig, split: str) -> list[Pair]:
@@ -26,15 +26,45 @@ def check_inputs(cfg: PipelineConfig, output_dir: str | os.PathLike | None = Non
     ``<path>:<line>``, FileNotFoundError), ``model.model_id`` when ``model`` (ConfigError when it names a path
     that does not exist) and the ``bundles`` files under ``output_dir`` (FileNotFoundError naming the jobs that
     make them)."""
-    for split in splits:
-        split_pairs(cfg, split)
+    d = cfg.data
+    for split in splits:  # in constant memory: a file of 10^6 lines is read, not kept
+        check_pairs(getattr(d, split), limit=getattr(d, f"{split}_limit"), source_field=d.source_field,
+                    target_field=d.target_field)
     if model:
-        from pema.owner.plm import resolve_model  # the id only: nothing is loaded (transformers stays unimported)
-
-        resolve_model(cfg.model.model_id)
+        check_model_id(cfg.model.model_id)
     if bundles and (missing := RunLayout(output_dir).missing(bundles)):
         raise FileNotFoundError(f"{output_dir} lacks {missing}: run jobs/build_memory.py (memory/, head/) and "
                                 "jobs/train.py (adapter/) on this --output-dir first")
+
+
+def _first_bytes(path: str, n: int = 4) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError:
+        return b""
+
+
+def check_model_id(model_id: str) -> None:
+    """ConfigError naming ``model.model_id`` when it is a path that does not exist or is neither a model folder
+    (with a config.json) nor a GGUF file, a ``pkg://`` file that is not installed or a ``tiny://`` architecture
+    that is unknown; nothing is loaded (transformers stays unimported)."""
+    from pema.owner.plm import TINY_SHAPES, resolve_model
+
+    try:
+        ref = resolve_model(model_id)
+        arch = model_id[len("tiny://"):] if model_id.startswith("tiny://") else None
+        if arch is not None and arch not in TINY_SHAPES:
+            raise ConfigError(f"tiny model architecture {arch!r} is not one of {sorted(TINY_SHAPES)}")
+        if ref.gguf_file and _first_bytes(os.path.join(ref.path, ref.gguf_file)) != b"GGUF":
+            raise ConfigError("not a GGUF file (it does not start with the bytes 'GGUF')")
+        elif "://" not in model_id and os.path.exists(ref.path) and \
+                not os.path.isfile(os.path.join(ref.path, "config.json")):
+            raise ConfigError("not a model folder (no config.json in it) nor a .gguf file")
+    except ConfigError as exc:
+        if str(exc).startswith("model.model_id="):
+            raise
+        raise ConfigError(f"model.model_id={model_id!r}: {exc}") from None
 
 
 def open_bundles(output_dir: str | os.PathLike):
