@@ -18,6 +18,7 @@
 
 :func:`replace_dir` is "stage, verify, replace": a stage fills ``<dest>.partial``, the result is checked, and only
 then does it replace ``dest``, so a stage killed at any instant leaves the old folder or the new one, never half.
+:func:`write_text_atomic` does the same for one file (``train_history.json``, predictions).
 """
 from __future__ import annotations
 
@@ -109,6 +110,20 @@ class RunLayout:
     def missing(self, bundles: tuple[str, ...] = OWNER_BUNDLES) -> list[str]:
         """Which of ``bundles`` (paths relative to the root) this folder lacks; [] when all are there."""
         return [b for b in bundles if not (self.root / b).is_file()]
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``path`` through ``<path>.tmp`` and a rename: a write that fails part-way (a full disk) leaves the old
+    file or none, never half of one, and no ``.tmp``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def staging_dir(dest: str | os.PathLike) -> Path:

@@ -9,6 +9,7 @@ Pure numpy + pyarrow: no torch / ray / mlflow here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,6 +29,7 @@ VERIFIED_NAME = ".verified.json"  # what verify_memory has hashed already (see t
 DTYPES = ("float16", "float32")
 COLUMNS = ("key", "token", "example", "position")
 _INT32 = np.iinfo(np.int32)
+REBUILD = "rerun the memory build (jobs/build_memory.py, same --output-dir): it rebuilds a damaged memory"
 
 
 def _is_int(v, low: int) -> bool:
@@ -149,24 +151,30 @@ def write_part(path: str | os.PathLike, *, key: np.ndarray, token, example, posi
     try:
         pq.write_table(table, tmp, use_dictionary=False)  # float keys do not dictionary-encode; 10x faster reads
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # a full disk: say which file (pyarrow's message does not)
+            raise OSError(e.errno, f"cannot write {tmp} ({e}); the part was removed") from e
         raise
     return PartInfo(file=os.path.basename(path), rows=n, sha256=file_sha256(path))
 
 
 def read_manifest(mem_dir) -> MemoryManifest:
+    """The manifest of ``mem_dir``; MemoryFormatError naming the file when it is missing, not JSON or malformed."""
     path = os.path.join(os.fspath(mem_dir), MANIFEST_NAME)
     if not os.path.isfile(path):
         raise MemoryFormatError(f"no {MANIFEST_NAME} in {os.fspath(mem_dir)}: the memory build did not finish; "
-                                "rerun the memory build")
+                                f"{REBUILD}")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise MemoryFormatError(f"{path} is not valid JSON ({e}); rerun the memory build") from e
-    return MemoryManifest.from_dict(data)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise MemoryFormatError(f"{path} is not valid JSON ({e}); {REBUILD}") from e
+    try:
+        return MemoryManifest.from_dict(data)
+    except MemoryFormatError as e:
+        raise MemoryFormatError(f"{path}: {e}") from None
 
 
 def _check_key_type(t: pa.DataType, m: MemoryManifest, where: str) -> None:
@@ -174,12 +182,13 @@ def _check_key_type(t: pa.DataType, m: MemoryManifest, where: str) -> None:
     if (not pa.types.is_fixed_size_list(storage) or storage.list_size != m.d
             or storage.value_type != pa.from_numpy_dtype(np.dtype(m.dtype))):
         raise MemoryFormatError(f"{where}: key column has type {t} but the manifest says "
-                                f"fixed_size_list<{m.dtype}>[{m.d}]; rebuild the memory")
+                                f"fixed_size_list<{m.dtype}>[{m.d}] (d={m.d}, dtype={m.dtype}); {REBUILD}")
 
 
 def _stat_key(path: str) -> list[int]:
+    """Size, mtime, ctime (``os.utime`` cannot set it back) and inode: one version of a file."""
     st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _verified(mem_dir: str) -> dict:
@@ -197,45 +206,58 @@ def _write_verified(mem_dir: str, stamp: dict) -> None:
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(stamp, f)
         os.replace(path + ".tmp", path)
-    except OSError:  # a read-only memory is verified every time, as before
-        pass
+    except OSError:  # a read-only memory (or a full disk) is verified every time, as before
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
 
 
 def verify_memory(mem_dir, *, checksums: bool = True) -> MemoryManifest:
     """Check every listed part exists, has the listed rows (and sha256), and rows sum to total_rows.
 
     A part's sha256 is computed once: ``.verified.json`` records, per part, the sha256 it matched with the file's
-    size, modification time and inode, and a later check with the same three skips the hashing (each Ray worker,
-    each Tune trial and each stage opens the memory). Any change to a part file changes them, and the part is
-    hashed again."""
+    size, modification and change times and inode (:func:`_stat_key`), and a later check with the same four skips
+    the hashing (each Ray worker, each Tune trial and each stage opens the memory). Any change to a part file
+    changes them (a truncation, bytes flipped in place even with the old mtime put back, a replaced file), and the
+    part is hashed again. Every failure is a MemoryFormatError naming the file and what is wrong."""
     mem_dir = os.fspath(mem_dir)
     m = read_manifest(mem_dir)
     stamp, fresh = _verified(mem_dir) if checksums else {}, {}
     for p in m.parts:
         path = os.path.join(mem_dir, p.file)
         if not os.path.isfile(path):
-            raise MemoryFormatError(f"part {p.file} listed in the manifest is missing from {mem_dir}; rebuild")
+            raise MemoryFormatError(f"part {path} listed in {os.path.join(mem_dir, MANIFEST_NAME)} is missing; "
+                                    f"{REBUILD}")
         if checksums:
             key = [p.sha256, *_stat_key(path)]
             if stamp.get(p.file) != key:
-                if file_sha256(path) != p.sha256:
-                    raise MemoryFormatError(f"part {p.file} in {mem_dir} fails its sha256 check (corrupt); rebuild")
+                if (got := file_sha256(path)) != p.sha256:
+                    raise MemoryFormatError(
+                        f"part {path} fails its sha256 check: the file ({os.path.getsize(path)} bytes) hashes to "
+                        f"{got[:12]}..., the manifest says {p.sha256[:12]}... (a truncated, damaged or replaced "
+                        f"part, or an edited manifest); {REBUILD}")
             fresh[p.file] = key
-        try:
-            pf = pq.ParquetFile(path)
-            rows, schema = pf.metadata.num_rows, pf.schema_arrow
-        except Exception as e:  # pyarrow raises several types on a damaged file
-            raise MemoryFormatError(f"part {p.file} in {mem_dir} is not readable Parquet ({e}); rebuild") from e
+        rows, schema = _parquet(path)
         if rows != p.rows:
-            raise MemoryFormatError(f"part {p.file} has {rows} rows but the manifest says {p.rows}; rebuild")
+            raise MemoryFormatError(f"part {path} has {rows} rows but the manifest says {p.rows}; {REBUILD}")
         if missing := [c for c in COLUMNS if c not in schema.names]:
-            raise MemoryFormatError(f"part {p.file} lacks columns {missing}; rebuild")
-        _check_key_type(schema.field("key").type, m, f"part {p.file}")
+            raise MemoryFormatError(f"part {path} lacks columns {missing}; {REBUILD}")
+        _check_key_type(schema.field("key").type, m, f"part {path}")
     if (s := sum(p.rows for p in m.parts)) != m.total_rows:
-        raise MemoryFormatError(f"parts in {mem_dir} hold {s} rows but total_rows={m.total_rows}; rebuild")
+        raise MemoryFormatError(f"parts in {mem_dir} hold {s} rows but total_rows={m.total_rows} in "
+                                f"{os.path.join(mem_dir, MANIFEST_NAME)}; {REBUILD}")
     if checksums and fresh != stamp:
         _write_verified(mem_dir, fresh)
     return m
+
+
+def _parquet(path: str, read=lambda pf: (pf.metadata.num_rows, pf.schema_arrow)):
+    """``read(ParquetFile(path))``; MemoryFormatError naming the file when it is not readable Parquet."""
+    if not os.path.isfile(path):
+        raise MemoryFormatError(f"part {path} listed in the manifest is missing; {REBUILD}")
+    try:
+        return read(pq.ParquetFile(path))
+    except (pa.ArrowException, OSError) as e:  # ArrowInvalid on a truncated or damaged file
+        raise MemoryFormatError(f"part {path} is not readable Parquet ({e}): truncated or damaged; {REBUILD}") from e
 
 
 def _key_to_numpy(col: pa.ChunkedArray, d: int) -> np.ndarray:
@@ -250,16 +272,22 @@ def _key_to_numpy(col: pa.ChunkedArray, d: int) -> np.ndarray:
 
 
 def _read_part(path: str, manifest: MemoryManifest, info: PartInfo) -> dict[str, np.ndarray]:
-    """Read one part: key float32 (n, d); token, example, position int64 (n,)."""
-    table = pq.ParquetFile(path).read(columns=list(COLUMNS))
+    """Read one part: key float32 (n, d); token, example, position int64 (n,). A part that cannot be decoded (it
+    changed since it was verified, or the reader was opened with ``verify=False``) is a MemoryFormatError naming
+    it, and so is a token id outside the manifest's vocabulary."""
+    table = _parquet(path, lambda pf: pf.read(columns=list(COLUMNS)))
     if table.num_rows != info.rows:
-        raise MemoryFormatError(f"part {info.file} has {table.num_rows} rows but the manifest says {info.rows}")
-    _check_key_type(table.schema.field("key").type, manifest, f"part {info.file}")
+        raise MemoryFormatError(f"part {path} has {table.num_rows} rows but the manifest says {info.rows}; "
+                                f"{REBUILD}")
+    _check_key_type(table.schema.field("key").type, manifest, f"part {path}")
     if any(table.column(c).null_count for c in COLUMNS):
-        raise MemoryFormatError(f"part {info.file} has null values; rebuild the memory")
+        raise MemoryFormatError(f"part {path} has null values; {REBUILD}")
     out = {"key": _key_to_numpy(table.column("key"), manifest.d)}
     for c in COLUMNS[1:]:
         out[c] = table.column(c).to_numpy().astype(np.int64)
+    if out["token"].size and (out["token"].min() < 0 or out["token"].max() >= manifest.vocab_size):
+        raise MemoryFormatError(f"part {path} holds token ids in [{out['token'].min()}, {out['token'].max()}] "
+                                f"but the manifest says vocab_size={manifest.vocab_size}; {REBUILD}")
     return out
 
 

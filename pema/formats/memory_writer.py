@@ -107,9 +107,14 @@ class MemoryWriter:
             num_examples=int(num_examples), source_tokens=int(source_tokens), parts=tuple(self._parts),
             **self._meta)
         path = os.path.join(self.out_dir, MANIFEST_NAME)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(manifest.to_dict(), f, indent=2, sort_keys=True)
-        os.replace(path + ".tmp", path)
+        try:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(manifest.to_dict(), f, indent=2, sort_keys=True)
+            os.replace(path + ".tmp", path)
+        except BaseException:  # a full disk: no half manifest, not even a .tmp (the parts go with abort())
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            raise
         self._closed = True
         return manifest
 

@@ -8,12 +8,15 @@ a refused job leaves ``--output-dir`` as it was. Anything else is a bug and keep
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 from typing import Callable
 
 from pema.config import PipelineConfig, load_config, with_overrides
 from pema.errors import ConfigError, PemaError
+
+FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a write that fails part-way: named, exit 2
 
 
 def job_parser(doc: str, *, splits: tuple[str, ...] = ("train", "dev", "test")) -> argparse.ArgumentParser:
@@ -92,6 +95,12 @@ def run_job(args: argparse.Namespace, stage: Callable[[PipelineConfig], object],
         result = stage(cfg)
     except (PemaError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in FULL_DISK:
+            raise
+        print(f"error: {exc}: free some space (or raise the file size limit) and rerun the same command; the "
+              "finished parts of the stage are kept", file=sys.stderr)
         return 2
     print(show(result))
     return 0

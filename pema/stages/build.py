@@ -40,8 +40,9 @@ from safetensors.numpy import save as save_numpy
 from tqdm.auto import tqdm
 
 from pema.config import PipelineConfig
+from pema.adapter.io import load_head
 from pema.adapter.remote import OwnerClient
-from pema.errors import DataError, MemoryFormatError
+from pema.errors import DataError, MemoryFormatError, PemaError
 from pema.formats.keys import KEY_DEFINITION
 from pema.formats.layout import RunLayout, replace_dir, staging_dir
 from pema.formats.memory import (MANIFEST_NAME, SCHEMA_VERSION, MemoryManifest, PartInfo, file_sha256, verify_memory,
@@ -313,13 +314,17 @@ def export_head_files(model_id: str, revision: str | None, dtype: str, tok_hash:
 
 def export_head_bundle(cfg: PipelineConfig, out_dir, executor, *, tokenizer_hash: str) -> dict:
     """The head bundle at ``out_dir``, exported by ``executor.call`` (a GPU task on Ray when the cluster has one)
-    unless it is there for this PLM and tokenizer; the driver writes the files, metadata last."""
+    unless it is there, intact, for this PLM and tokenizer; the driver writes the files, metadata last."""
     out_dir = Path(out_dir)
     meta = _read_json(out_dir / "head.json")
     if isinstance(meta, dict) and (out_dir / "head.safetensors").is_file() and \
             (meta.get("model_id"), meta.get("model_revision"), meta.get("tokenizer_hash")) == \
             (cfg.model.model_id, cfg.model.revision, tokenizer_hash):
-        return meta
+        try:
+            load_head(out_dir)  # a truncated or edited bundle is exported again, not trusted for its JSON
+            return meta
+        except PemaError:
+            pass
     if cfg.resources.owner_url:  # the bundle the owner's service hands out
         tensors, head_meta = owner_client(cfg).head()
         files = {"head.safetensors": save_numpy(tensors), "head.json": json.dumps(head_meta, indent=2).encode()}
@@ -330,7 +335,10 @@ def export_head_bundle(cfg: PipelineConfig, out_dir, executor, *, tokenizer_hash
 
     def fill(staging: Path) -> None:
         for name in sorted(files, key=lambda n: n.endswith(".json")):  # metadata last
-            (staging / name).write_bytes(files[name])
+            try:
+                (staging / name).write_bytes(files[name])
+            except OSError as e:  # a full disk: name the file (replace_dir removes the staging folder)
+                raise OSError(e.errno, f"cannot write {staging / name} ({e.strerror})") from e
 
     replace_dir(out_dir, fill)
     return json.loads(files["head.json"])

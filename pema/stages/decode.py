@@ -25,7 +25,7 @@ from pema.adapter.remote_decode import generate_remote
 from pema.adapter.io import load_adapter, load_head
 from pema.adapter.schedule import Schedule, estimate_horizons, length_caps
 from pema.config import PipelineConfig, ScheduleConfig
-from pema.formats.layout import RunLayout
+from pema.formats.layout import RunLayout, write_text_atomic
 from pema.formats.memory import read_manifest
 from pema.profiling import Timer
 from pema.formats.tasks import resolve_template, source_prompt_ids, source_token_count, stop_token_id, use_chat_template
@@ -56,10 +56,10 @@ def score(hyps: list[str], refs: list[str], result, postprocess: bool) -> dict:
 def save_predictions(path: str | os.PathLike, pairs, hyps: list[str], lam_traces: list[list[float]]) -> None:
     """One JSON object per pair: index, source, reference, hypothesis and the lambda used at each step."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for p, h, lam in zip(pairs, hyps, lam_traces):
-            f.write(json.dumps({"index": p.index, "source": p.source, "reference": p.target, "hypothesis": h,
-                                "lam": [round(x, 4) for x in lam]}, ensure_ascii=False) + "\n")
+    lines = (json.dumps({"index": p.index, "source": p.source, "reference": p.target, "hypothesis": h,
+                         "lam": [round(x, 4) for x in lam]}, ensure_ascii=False) + "\n"
+             for p, h, lam in zip(pairs, hyps, lam_traces))
+    write_text_atomic(path, "".join(lines))  # a failed write leaves no half file
 
 
 def translate(model, tokenizer, sources: list[str], cfg: PipelineConfig, *, adapter=None, head=None,

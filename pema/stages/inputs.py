@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
-from pema.adapter.io import load_head
+from pema.adapter.io import load_adapter, load_head
 from pema.config import PipelineConfig, to_dict
 from pema.errors import ConfigError
 from pema.formats.layout import RunLayout
-from pema.formats.memory import MemoryReader
+from pema.formats.memory import MemoryReader, verify_memory
 from pema.formats.tasks import Pair, check_pairs, load_pairs
 
 
@@ -25,7 +25,7 @@ def check_inputs(cfg: PipelineConfig, output_dir: str | os.PathLike | None = Non
     """Check what a stage reads before it writes anything: the JSONL pairs of ``splits`` (DataError naming
     ``<path>:<line>``, FileNotFoundError), ``model.model_id`` when ``model`` (ConfigError when it names a path
     that does not exist) and the ``bundles`` files under ``output_dir`` (FileNotFoundError naming the jobs that
-    make them)."""
+    make them; a damaged or edited memory, head or adapter: the reader's named error)."""
     d = cfg.data
     for split in splits:  # in constant memory: a file of 10^6 lines is read, not kept
         check_pairs(getattr(d, split), limit=getattr(d, f"{split}_limit"), source_field=d.source_field,
@@ -35,6 +35,15 @@ def check_inputs(cfg: PipelineConfig, output_dir: str | os.PathLike | None = Non
     if bundles and (missing := RunLayout(output_dir).missing(bundles)):
         raise FileNotFoundError(f"{output_dir} lacks {missing}: run jobs/build_memory.py (memory/, head/) and "
                                 "jobs/train.py (adapter/) on this --output-dir first")
+    if bundles:  # damaged or edited bundles: a named error here, before MLflow or Ray starts
+        layout, head_meta = RunLayout(output_dir), None
+        if "head/head.json" in bundles:
+            _, head_meta = load_head(layout.head)
+        for split in ("train", "dev"):
+            if f"memory/{split}/manifest.json" in bundles:
+                verify_memory(layout.memory(split))
+        if "adapter/adapter.json" in bundles:
+            load_adapter(layout.adapter, head_meta)
 
 
 def _first_bytes(path: str, n: int = 4) -> bytes:

@@ -39,7 +39,7 @@ from pema.adapter.resident import ResidentMemory
 from pema.adapter.train import target_vocab
 from pema.config import PipelineConfig, config_from_dict, to_dict
 from pema.errors import ConfigError
-from pema.formats.layout import RunLayout, replace_dir
+from pema.formats.layout import RunLayout, replace_dir, write_text_atomic
 from pema.stages import plots
 from pema.stages.inputs import adapter_meta, open_bundles
 from pema.stages.logger import MetricLogger, NullLogger
@@ -137,7 +137,7 @@ def run_train(cfg: PipelineConfig, output_dir: str | os.PathLike, executor, logg
         replace_dir(layout.adapter, lambda s: shutil.copytree(Path(final_dir) / "adapter", s, dirs_exist_ok=True),
                     lambda s: load_adapter(s, head_meta))  # a damaged bundle never replaces a good one
     history = [h for r in final["results"] for h in r["history"]]
-    layout.train_history.write_text(json.dumps(history, indent=2))
+    write_text_atomic(layout.train_history, json.dumps(history, indent=2))
     info = {"phases": [{k: v for k, v in r.items() if k != "history"} for r in final["results"]],
             "steps_run": final["metrics"]["steps_run"], "steps_total": final["metrics"]["steps_total"],
             "workers": final["world_size"], "seconds": round(time.perf_counter() - start, 2)}
