@@ -2,7 +2,8 @@
 
 - ``build``, ``train``, ``evaluate``: one MLflow run each (:func:`~pema.tracking.runs.stage_run`), the stage body
   from :mod:`pema.stages` on :class:`~pema.executors.ray_executor.RayExecutor`, logged by
-  :class:`~pema.tracking.logger.MLflowLogger`.
+  :class:`~pema.tracking.logger.MLflowLogger`; a stage the run folder's ledger (:mod:`pema.stages.ledger`) holds
+  as done with the same config is not run again (:func:`once`).
 - ``pipeline``: :func:`pema.stages.pipeline.run_pipeline` as a parent run holding the three as child runs.
 - ``register``: the dev BLEU of the ``pema`` system (a Ray task), then the Model Registry.
 - ``tune``: the search as one parent run (:mod:`pema.executors.ray_tune`), each trial a child run.
@@ -19,43 +20,70 @@ import mlflow
 
 from pema.config import PipelineConfig, to_dict
 from pema.executors.ray_executor import RayExecutor
-from pema.formats.layout import ADAPTER_BUNDLES, OWNER_BUNDLES, RunLayout
+from pema.formats.layout import ADAPTER_BUNDLES, OWNER_BUNDLES, RunLayout, write_text_atomic
 from pema.stages.build import run_build
 from pema.stages.decode import decode_and_score, log_scores, run_evaluate, significance_metrics  # noqa: F401
 from pema.stages.inputs import check_inputs
+from pema.stages.ledger import Ledger
 from pema.stages.pipeline import run_pipeline
 from pema.stages.train import run_train
 from pema.tracking.logger import MLflowLogger, TrialRuns
 from pema.tracking.registry import register_adapter
-from pema.tracking.runs import lineage_tags, stage_run
+from pema.tracking.orphans import finish_recorded_runs
+from pema.tracking.runs import connect, lineage_tags, stage_run
 
 __all__ = ["ADAPTER_BUNDLES", "OWNER_BUNDLES", "build", "train", "evaluate", "pipeline", "register", "tune",
            "ensure_built", "check_inputs", "log_scores", "significance_metrics", "dev_bleu_of"]
 
 
+def once(stage: str, cfg: PipelineConfig, output_dir, body):
+    """``body(logger)`` as the MLflow run of ``stage``, recorded in the run folder's ledger
+    (:mod:`pema.stages.ledger`) before the run ends; when the ledger already holds ``stage`` for this config with its
+    outputs in place (a job killed after the work was done), its recorded result instead, and its run, if the kill
+    left it open, ended as FINISHED."""
+    ledger = Ledger(output_dir)
+    if (entry := ledger.done(stage, cfg)) is not None:
+        connect(output_dir)
+        finish_recorded_runs([entry["run_id"]] if entry.get("run_id") else [])
+        return entry["result"]
+    ledger.forget_after(stage)
+    with MLflowLogger(cfg, output_dir).stage(stage) as logger:
+        result = body(logger)
+        ledger.record(stage, cfg, result, logger.info().get("run_id"))
+    return result
+
+
 def build(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
     check_inputs(cfg, splits=("train", "dev"), model=True)  # before the run (and its store in output_dir) exists
-    with MLflowLogger(cfg, output_dir).stage("build_memory") as logger:
-        return run_build(cfg, output_dir, RayExecutor(progress), logger, progress=progress)
+    return once("build_memory", cfg, output_dir,
+                lambda logger: run_build(cfg, output_dir, RayExecutor(progress), logger, progress=progress))
 
 
 def train(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
     check_inputs(cfg, output_dir, bundles=OWNER_BUNDLES)  # the data owner's inputs; it never loads the PLM
-    with MLflowLogger(cfg, output_dir).stage("train") as logger:
-        return run_train(cfg, output_dir, RayExecutor(progress), logger, progress=progress)
+    return once("train", cfg, output_dir,
+                lambda logger: run_train(cfg, output_dir, RayExecutor(progress), logger, progress=progress))
 
 
 def evaluate(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
     check_inputs(cfg, output_dir, splits=("test",), model=True, bundles=ADAPTER_BUNDLES)
-    with MLflowLogger(cfg, output_dir).stage("evaluate") as logger:
-        return run_evaluate(cfg, output_dir, RayExecutor(progress), logger, progress=progress)
+    return once("evaluate", cfg, output_dir,
+                lambda logger: run_evaluate(cfg, output_dir, RayExecutor(progress), logger, progress=progress))
 
 
 def pipeline(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> dict:
     """All stages as child runs of one ``pipeline`` run; writes and logs ``summary.json``. ``run_pipeline`` checks
     the inputs before it writes ``config.json``; the logger opens the run only after that."""
     out = RunLayout(output_dir).root
-    return run_pipeline(cfg, out, RayExecutor(progress), MLflowLogger(cfg, out), progress=progress, log=log)
+    ledger = Ledger(out)
+    if ledger.entries():  # runs that a kill left open after their stage had recorded its result
+        check_inputs(cfg, splits=("train", "dev", "test"), model=True)
+        connect(out)
+        finish_recorded_runs(ledger.run_ids())
+    if (entry := ledger.done("pipeline", cfg)) is not None:
+        return entry["result"]
+    return run_pipeline(cfg, out, RayExecutor(progress), MLflowLogger(cfg, out), progress=progress, log=log,
+                        ledger=ledger)
 
 
 def ensure_built(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> float | None:
@@ -88,7 +116,7 @@ def tune(cfg: PipelineConfig, output_dir, *, train_space: dict, decode_grid: lis
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     out.mkdir(parents=True, exist_ok=True)
     with stage_run("tune", cfg, out, run_id=state.get("parent_run_id")) as parent:
-        state_path.write_text(json.dumps({"parent_run_id": parent.info.run_id}))
+        write_text_atomic(state_path, json.dumps({"parent_run_id": parent.info.run_id}))
         ensure_built(cfg, out, progress=progress, log=log)
         setup = {"trial_runs": TrialRuns(mlflow.get_tracking_uri(), parent.info.experiment_id, parent.info.run_id,
                                          lineage_tags(cfg, out))}
@@ -108,7 +136,7 @@ def tune(cfg: PipelineConfig, output_dir, *, train_space: dict, decode_grid: lis
             best = found["best"]
             best_cfg = with_overrides(cfg, {**best["config"], **best["decode"]})
             copy_adapter(best["checkpoint"], layout.adapter)
-            layout.config.write_text(json.dumps(to_dict(best_cfg), indent=2))
+            write_text_atomic(layout.config, json.dumps(to_dict(best_cfg), indent=2))
             summary["best"] = {k: best[k] for k in ("trial_id", "config", "decode", "dev_bleu", "dev_chrf",
                                                     "mlflow_run_id")}
             mlflow.log_metrics({"best_dev_bleu": best["dev_bleu"], "trials_completed":
@@ -117,7 +145,7 @@ def tune(cfg: PipelineConfig, output_dir, *, train_space: dict, decode_grid: lis
             mlflow.set_tags({"pema.best_trial": best["trial_id"], "pema.best_decode": json.dumps(best["decode"])})
             if name:
                 summary["registered"] = register(best_cfg, out, name, dev_bleu=best["dev_bleu"], progress=progress)
-        layout.tune_summary.write_text(json.dumps(summary, indent=2, default=str))
+        write_text_atomic(layout.tune_summary, json.dumps(summary, indent=2, default=str))
         mlflow.log_artifact(str(layout.tune_summary))
     return summary
 

@@ -14,30 +14,42 @@ import os
 import time
 
 from pema.config import PipelineConfig, to_dict
-from pema.formats.layout import RunLayout
+from pema.formats.layout import RunLayout, write_text_atomic
 from pema.stages.build import run_build
 from pema.stages.decode import SYSTEMS, log_scores, run_evaluate
 from pema.stages.inputs import check_inputs
+from pema.stages.ledger import Ledger
 from pema.stages.logger import MetricLogger, NullLogger
 from pema.stages.scoring import format_interval, format_p
 from pema.stages.train import run_train
 
 
 def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, executor, logger: MetricLogger | None = None, *,
-                 progress: bool = True, log=print) -> dict:
+                 progress: bool = True, log=print, ledger: Ledger | None = None) -> dict:
     """Every stage in turn; returns the summary (also written to ``summary.json`` and logged). The inputs are
-    checked first: a bad file or model path leaves ``output_dir`` as it was."""
+    checked first: a bad file or model path leaves ``output_dir`` as it was. With ``ledger``
+    (:mod:`pema.stages.ledger`), a stage it holds as done with this config is not run again (its recorded result
+    is used), and each stage, then the pipeline, is recorded as it completes."""
     check_inputs(cfg, splits=("train", "dev", "test"), model=True)
     layout, logger = RunLayout(output_dir), logger or NullLogger()
     layout.root.mkdir(parents=True, exist_ok=True)
-    layout.config.write_text(json.dumps(to_dict(cfg), indent=2))
+    write_text_atomic(layout.config, json.dumps(to_dict(cfg), indent=2))
     timings: dict[str, float] = {}
 
     def stage(name: str, body, figure):
+        if ledger is not None and (entry := ledger.done(name, cfg)) is not None:
+            timings[name] = entry.get("seconds", 0.0)
+            log(f"[{name}] done earlier (run {entry.get('run_id')}): {figure(entry['result'])}")
+            return entry["result"]
+        if ledger is not None:
+            ledger.forget_after(name)
         log(f"[{name}] started")
         start = time.perf_counter()
         with run.stage(name) as stage_logger:
             result = body(stage_logger)
+            if ledger is not None:
+                ledger.record(name, cfg, result, stage_logger.info().get("run_id"),
+                              seconds=round(time.perf_counter() - start, 2))
         timings[name] = round(time.perf_counter() - start, 2)
         log(f"[{name}] done in {timings[name]:.0f} s: {figure(result)}")
         return result
@@ -57,10 +69,12 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, executor, l
         summary["executor"] = {"name": executor.name, "train_workers": trained["workers"]}
         if info := run.info():
             summary["mlflow"] = info
-        layout.summary.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        write_text_atomic(layout.summary, json.dumps(summary, indent=2, ensure_ascii=False))
         log_scores(run, summary)
         run.log_metrics({f"{k}_s": float(v) for k, v in summary["timings_s"].items()})
         run.log_artifact(layout.summary)
+        if ledger is not None:
+            ledger.record("pipeline", cfg, summary, run.info().get("run_id"))
     return summary
 
 

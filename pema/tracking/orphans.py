@@ -51,3 +51,22 @@ def end_orphaned_runs(experiment_id: str, client: MlflowClient | None = None) ->
             client.set_terminated(run.info.run_id, status="KILLED")
             ended.append(run.info.run_id)
     return ended
+
+
+def finish_recorded_runs(run_ids, client: MlflowClient | None = None) -> list[str]:
+    """End as FINISHED the runs whose stage recorded its result (``pema.stages.ledger``) but that a kill left open
+    (RUNNING) or that :func:`end_orphaned_runs` ended as KILLED: the stage's work was done. Returns their ids."""
+    from mlflow.exceptions import MlflowException
+
+    client = client or MlflowClient()
+    finished = []
+    for run_id in run_ids:
+        try:
+            status = client.get_run(run_id).info.status
+        except MlflowException:  # another store, or the run was deleted
+            continue
+        if status in ("RUNNING", "KILLED"):
+            client.set_tag(run_id, "pema.ended_by", "a later job: the stage had recorded its result")
+            client.set_terminated(run_id, status="FINISHED")
+            finished.append(run_id)
+    return finished
