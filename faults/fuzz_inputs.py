@@ -22,6 +22,7 @@ Exit code 0 when every case passes, 1 otherwise; the JSON report lists each fail
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import io
@@ -47,7 +48,6 @@ if str(ROOT) not in sys.path:
 
 from faults.fuzz_cases import DIR, JOBS, KINDS, LOOP, Case, base_config, dump, generate, valid_jsonl  # noqa: E402
 
-BUNDLE_FILES = ("memory/train/manifest.json", "memory/dev/manifest.json", "head/head.json", "adapter/adapter.json")
 # what a job writes, watched for in the repository too (a path anchored there instead of in --output-dir); other
 # new names there are not counted: the tree may be shared with other work
 RUN_FILES = {"mlruns", "mlflow.db", "mlartifacts", "config.json", "summary.json", "scores.json", "memory", "head",
@@ -116,10 +116,16 @@ def watchdog(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+CACHES = (".verified.json",)  # the memory's cache of verified parts: refreshed by any reader, not an output
+
+
 def snapshot(folder: Path) -> dict[str, tuple]:
-    """Every path under ``folder``: folders by name, files by size, mtime and (up to 1 MiB) content."""
+    """Every path under ``folder`` but the caches: folders by name, files by size, mtime and (up to 1 MiB)
+    content."""
     found = {}
     for path in sorted(folder.rglob("*")):
+        if path.name in CACHES:
+            continue
         st = path.lstat()
         if path.is_symlink():
             found[str(path.relative_to(folder))] = ("link", os.readlink(path))
@@ -135,6 +141,26 @@ def changes(before: dict, after: dict) -> list[str]:
     return ([f"new {p}" for p in sorted(set(after) - set(before))] +
             [f"removed {p}" for p in sorted(set(before) - set(after))] +
             [f"changed {p}" for p in sorted(set(before) & set(after)) if before[p] != after[p]])
+
+
+@functools.lru_cache(maxsize=1)
+def real_bundles() -> Path:
+    """memory/, head/ and adapter/ of one small valid run (tiny://llama, the base config, 8 shipped pairs), built
+    once per process with the inline executor."""
+    from pema.config import config_from_dict
+    from pema.executors.inline import InlineExecutor
+    from pema.stages.build import run_build
+    from pema.stages.train import run_train
+
+    tree = base_config()
+    data = ROOT / "data" / "wmt22"
+    tree["data"] = {**{s: str(data / f"{s}.jsonl") for s in ("train", "dev", "test")}, "train_limit": 8,
+                    "dev_limit": 4}
+    cfg = config_from_dict(tree)
+    folder = Path(tempfile.mkdtemp(prefix="pema-fuzz-bundles-"))
+    run_build(cfg, folder, InlineExecutor(), progress=False)
+    run_train(cfg, folder, InlineExecutor(), progress=False)
+    return folder
 
 
 def prepare(case: Case, arena: Path) -> dict[str, str]:
@@ -160,10 +186,9 @@ def prepare(case: Case, arena: Path) -> dict[str, str]:
     if case.out_state in ("user", "bundles"):
         out.mkdir()
         (out / "notes.txt").write_text("the user's own file\n")
-    if case.out_state == "bundles":
-        for rel in BUNDLE_FILES:
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            (out / rel).write_text("{}\n")
+    if case.out_state == "bundles":  # real bundles: the jobs verify them (checksums, shapes) before they start
+        for name in ("memory", "head", "adapter"):
+            shutil.copytree(real_bundles() / name, out / name)
     return {"@IN@": str(inputs), "@OUT@": str(out)}
 
 
@@ -245,6 +270,8 @@ def run_cases(cases: list[Case], jobs: dict | None = None, work: Path | None = N
               max_rss_growth_mb: float = 512, keep: bool = False, log: Callable[[str], None] | None = None) -> list:
     """Run ``cases`` under :func:`guarded` in ``work`` (a new temporary folder by default, removed at the end)."""
     jobs = jobs or load_jobs()
+    if any(c.out_state == "bundles" for c in cases):
+        real_bundles()  # built before the first case, so that its memory is not counted against one
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="pema-fuzz-")) if own else Path(work)
     results = []
