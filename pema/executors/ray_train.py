@@ -8,10 +8,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import tempfile
+import time
 
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pema.executors.ray_progress import bars_on_driver, relayed_bars
@@ -67,15 +68,25 @@ def train_on_ray(body, config: dict, *, cfg, layout, run_name: str = "train", pr
         yield from _fit(body, {**config, "device": r.device, "relay": relay}, t, r, use_gpu, layout, run_name)
 
 
+CONTROLLER_RETRIES = 2  # whole-run restarts after a controller error (the worker group lost outside a step)
+
+
 def _fit(body, config, t, r, use_gpu, layout, run_name):
-    trainer = TorchTrainer(
-        functools.partial(_loop, body), train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=r.train_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name=run_name, storage_path=str(layout.ray_train),
-                             failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    result = trainer.fit()
+    for attempt in range(CONTROLLER_RETRIES + 1):
+        trainer = TorchTrainer(
+            functools.partial(_loop, body), train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=r.train_workers, use_gpu=use_gpu, resources_per_worker={
+                "CPU": r.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+            run_config=RunConfig(name=run_name, storage_path=str(layout.ray_train),
+                                 failure_config=FailureConfig(max_failures=t.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+        result = trainer.fit()
+        # Ray Train retries failed workers (train.max_failures), not a controller that lost its worker group
+        # (seen when a job is rerun right after its driver was killed, while Ray removes the old job's placement
+        # groups): the run starts again from its last checkpoint, which the workers resume from
+        if not isinstance(result.error, ControllerError) or attempt == CONTROLLER_RETRIES:
+            break
+        time.sleep(2.0 * (attempt + 1))
     if result.error is not None:
         raise result.error
     with result.checkpoint.as_directory() as d:
