@@ -171,7 +171,8 @@ def instants(duration: float, kills: int, seed: int) -> list[float]:
     return [round(duration * f, 2) for f in fractions(kills, seed)]
 
 
-def sweep_job(job: Job, bases: dict, root: Path, cluster, kills: int, seed: int, log_dir: Path) -> dict:
+def sweep_job(job: Job, bases: dict, root: Path, cluster, kills: int, seed: int, log_dir: Path,
+              only: set[int] | None = None) -> dict:
     from local_ray import free_port
 
     base = bases.get(job.needs) if job.needs else None
@@ -189,6 +190,8 @@ def sweep_job(job: Job, bases: dict, root: Path, cluster, kills: int, seed: int,
         # the run's length: the reference's, or shorter once a job has been seen to end sooner (a loaded machine
         # makes the reference slow), so that the instants stay inside the run
         at = round(frac * duration, 2)
+        if only is not None and i not in only:  # a rerun of chosen instants of an earlier sweep
+            continue
         if job.name == "owner":
             shutdown_serve(cluster)
         out = fresh(base, root / job.name / f"kill{i:02d}")
@@ -226,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", default=",".join(JOBS), help=f"comma separated, of {','.join(JOBS)}")
     parser.add_argument("--kills", type=int, default=20, help="kill instants per job")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", help="comma separated instant numbers (0-based) to run again, e.g. 2,13")
     parser.add_argument("--workdir", default=str(ROOT / "outputs" / "faults" / "kills"))
     parser.add_argument("--report", default=str(ROOT / "outputs" / "faults" / "kill_report.json"))
     args = parser.parse_args(argv)
@@ -246,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         needed = {JOBS[n].needs for n in names} - {None}
         bases = prepare_bases(root, cluster, root / "bases.log") if needed else {}
         for n in names:  # the report is rewritten after every job: a long sweep cut short keeps what it found
-            report["jobs"].append(sweep_job(JOBS[n], bases, root, cluster, args.kills, args.seed, root))
+            only = {int(i) for i in args.only.split(",")} if args.only else None
+            report["jobs"].append(sweep_job(JOBS[n], bases, root, cluster, args.kills, args.seed, root, only))
             report["wall_s"] = round(time.monotonic() - start)
             Path(args.report).write_text(json.dumps(report, indent=2))
     finally:
