@@ -56,7 +56,10 @@ def start_cluster(tmp: Path, num_cpus: int = 4, timeout: float = 120.0) -> Local
     log = tmp / "ray_start.log"
     cmd = [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", f"--num-cpus={num_cpus}", "--num-gpus=0", "--disable-usage-stats",
-           "--include-dashboard=true", "--node-ip-address=127.0.0.1"]
+           "--include-dashboard=true", "--node-ip-address=127.0.0.1",
+           # the agent's default port (52365) is taken by any other cluster on this machine (another session's,
+           # the kill sweep's): its job agent would then never come up ("No available agent to submit job")
+           f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
     with open(log, "wb") as f:
         # jobs inherit the cluster's environment: no MLflow setting of an earlier in-process test may leak into it
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}

@@ -108,7 +108,8 @@ def test_a_ray_data_actor_killed_mid_build_is_replaced(ray_client, tmp_path):
     thread.start()
     victim, deadline = None, time.monotonic() + 300
     while victim is None and thread.is_alive() and time.monotonic() < deadline:
-        actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+        actors = [a for a in list_actors(address=ray_client.dashboard, filters=[("state", "=", "ALIVE")],
+                                         raise_on_missing_output=False)  # this cluster, not another one here
                   if "_EncodeActor" in a.class_name and a.pid]
         staged = out / "memory" / "train.partial"
         if actors and staged.is_dir() and list(staged.glob("part-*.parquet.json")):  # mid-build: a part is done
