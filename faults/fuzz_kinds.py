@@ -28,18 +28,18 @@ def _obj(**fields) -> bytes:
     return json.dumps(fields, ensure_ascii=False).encode()
 
 
-@kind("jsonl", "malformed_json", DATA_JOBS)
-def _malformed(rng, job, out):
-    defect = rng.choice(MALFORMED)
-    data, n = with_defect(rng, defect)
-    return jsonl(rng, job, out, data, f"line {n} is {defect[:40]!r}", n)
+def _one_bad_line(name: str, defects: tuple):
+    """A JSONL kind: valid lines with one line replaced by one of ``defects``."""
+    @kind("jsonl", name, DATA_JOBS)
+    def make(rng, job, out):
+        defect = rng.choice(defects)
+        data, n = with_defect(rng, defect)
+        return jsonl(rng, job, out, data, f"line {n} is {defect[:40]!r}", n)
+    return make
 
 
-@kind("jsonl", "not_an_object", DATA_JOBS)
-def _not_object(rng, job, out):
-    defect = rng.choice(NOT_OBJECT)
-    data, n = with_defect(rng, defect)
-    return jsonl(rng, job, out, data, f"line {n} is {defect!r}", n)
+_malformed = _one_bad_line("malformed_json", MALFORMED)
+_not_object = _one_bad_line("not_an_object", NOT_OBJECT)
 
 
 @kind("jsonl", "missing_field", DATA_JOBS)
@@ -73,11 +73,7 @@ def _utf8(rng, job, out):
                                                                                     "not valid UTF-8"])
 
 
-@kind("jsonl", "nul_bytes", DATA_JOBS)
-def _nul(rng, job, out):
-    defect = rng.choice(NUL)
-    data, n = with_defect(rng, defect)
-    return jsonl(rng, job, out, data, f"line {n} is {defect!r}", n)
+_nul = _one_bad_line("nul_bytes", NUL)
 
 
 @kind("jsonl", "bom_then_defect", DATA_JOBS)

@@ -51,3 +51,21 @@ class OwnerRequestError(PemaError):
     def __init__(self, message: str, status: int = 0):
         super().__init__(message)
         self.status = status
+
+
+def named_open_errors(path, error: type[PemaError], what: str):
+    """A context manager for opening ``path``: FileNotFoundError passes; a folder, or a file that cannot be read
+    (a parent that is a file, no permission, ...), becomes ``error`` naming the path."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except FileNotFoundError:
+            raise
+        except IsADirectoryError:
+            raise error(f"{path} is a folder, not {what}") from None
+        except OSError as exc:
+            raise error(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return guard()

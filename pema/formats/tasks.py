@@ -16,7 +16,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from pema.errors import ConfigError, DataError
+from pema.errors import ConfigError, DataError, named_open_errors
 
 TEMPLATES: dict[str, str] = {
     "wmt22_en_de": "Translate this from English to German: \n{en}\nGerman: ",
@@ -78,14 +78,8 @@ MAX_LINE_CHARS = 1 << 20  # a longer line is refused: no example is that long, a
 
 
 def _open_text(path: Path):
-    try:
+    with named_open_errors(path, DataError, "a JSONL file"):
         return open(path, encoding="utf-8", errors="surrogateescape", newline="")
-    except FileNotFoundError:
-        raise
-    except IsADirectoryError:
-        raise DataError(f"{path} is a folder, not a JSONL file") from None
-    except OSError as exc:  # a parent that is a file, no permission, ...
-        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _text_lines(path: Path):

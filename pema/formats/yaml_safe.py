@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from pema.errors import ConfigError
+from pema.errors import ConfigError, named_open_errors
 
 MAX_NODES = 100_000  # a config has ~100 nodes, a search space a few hundred
 MAX_DEPTH = 64
@@ -132,15 +132,8 @@ def load_yaml(text: str, source: str, *, lines: bool = True):
 def load_yaml_file(path: str | Path):
     """:func:`load_yaml` of a UTF-8 file; FileNotFoundError when it does not exist, ConfigError naming the file
     (and the line) when it is a folder, cannot be read, is over MAX_FILE_BYTES or is not UTF-8."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise
-    except IsADirectoryError:
-        raise ConfigError(f"{path} is a folder, not a YAML file") from None
-    except OSError as exc:  # a parent that is a file, no permission, ...
-        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    with named_open_errors(path, ConfigError, "a YAML file"), open(path, "rb") as fh:
+        data = fh.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
         raise ConfigError(f"{path}: over {MAX_FILE_BYTES >> 20} MiB, not a config (a config is a few KB)")
     try:
