@@ -28,7 +28,7 @@ from pema.stages.ledger import Ledger
 from pema.stages.pipeline import run_pipeline
 from pema.stages.train import run_train
 from pema.tracking.logger import MLflowLogger, TrialRuns
-from pema.tracking.registry import register_adapter
+from pema.tracking.registry import adapter_digest, register_adapter
 from pema.tracking.orphans import finish_recorded_runs
 from pema.tracking.runs import connect, lineage_tags, stage_run
 
@@ -36,20 +36,20 @@ __all__ = ["ADAPTER_BUNDLES", "OWNER_BUNDLES", "build", "train", "evaluate", "pi
            "ensure_built", "check_inputs", "log_scores", "significance_metrics", "dev_bleu_of"]
 
 
-def once(stage: str, cfg: PipelineConfig, output_dir, body):
+def once(stage: str, cfg: PipelineConfig, output_dir, body, **match):
     """``body(logger)`` as the MLflow run of ``stage``, recorded in the run folder's ledger
-    (:mod:`pema.stages.ledger`) before the run ends; when the ledger already holds ``stage`` for this config with its
-    outputs in place (a job killed after the work was done), its recorded result instead, and its run, if the kill
-    left it open, ended as FINISHED."""
+    (:mod:`pema.stages.ledger`) before the run ends; when the ledger already holds ``stage`` for this config and
+    ``match`` with its outputs in place (a job killed after the work was done), its recorded result instead, and its
+    run, if the kill left it open, ended as FINISHED."""
     ledger = Ledger(output_dir)
-    if (entry := ledger.done(stage, cfg)) is not None:
+    if (entry := ledger.done(stage, cfg, **match)) is not None:
         connect(output_dir)
         finish_recorded_runs([entry["run_id"]] if entry.get("run_id") else [])
         return entry["result"]
     ledger.forget_after(stage)
     with MLflowLogger(cfg, output_dir).stage(stage) as logger:
         result = body(logger)
-        ledger.record(stage, cfg, result, logger.info().get("run_id"))
+        ledger.record(stage, cfg, result, logger.info().get("run_id"), **match)
     return result
 
 
@@ -165,7 +165,11 @@ def register(cfg: PipelineConfig, output_dir, name: str, *, dev_bleu: float | No
     dev BLEU and whether it became the champion. ``dev_bleu`` is measured on the dev pairs unless given (a Tune
     trial has it)."""
     check_inputs(cfg, output_dir, splits=("dev",) if dev_bleu is None else (), model=True, bundles=ADAPTER_BUNDLES)
-    with stage_run("register", cfg, output_dir):
-        if dev_bleu is None:
-            dev_bleu = dev_bleu_of(cfg, output_dir, progress=progress)
-        return register_adapter(cfg, output_dir, name, dev_bleu=dev_bleu)
+
+    def body(logger) -> dict:
+        bleu = dev_bleu_of(cfg, output_dir, progress=progress, logger=logger) if dev_bleu is None else dev_bleu
+        return register_adapter(cfg, output_dir, name, dev_bleu=bleu)
+
+    # gated like the other stages: a rerun after a kill that came once the version was registered keeps one
+    # FINISHED register run and returns the recorded version; another adapter, name or given dev BLEU registers
+    return once("register", cfg, output_dir, body, name=name, dev_bleu=dev_bleu, adapter=adapter_digest(output_dir))

@@ -47,10 +47,13 @@ class Ledger:
             return {}
         return entries if isinstance(entries, dict) else {}
 
-    def done(self, stage: str, cfg: PipelineConfig) -> dict | None:
-        """The entry of ``stage`` when it ran with this config and its outputs are in place, else None."""
+    def done(self, stage: str, cfg: PipelineConfig, **match) -> dict | None:
+        """The entry of ``stage`` when it ran with this config, recorded these ``match`` values (what else the
+        stage depends on, such as the registered name) and its outputs are in place, else None."""
         entry = self.entries().get(stage)
         if not isinstance(entry, dict) or entry.get("config") != config_digest(cfg) or "result" not in entry:
+            return None
+        if any(entry.get(key) != value for key, value in match.items()):
             return None
         return None if self.layout.missing(OUTPUTS.get(stage, ())) else entry
 
