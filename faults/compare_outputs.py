@@ -149,12 +149,14 @@ def mlflow_problems(out: Path, killed: bool, *, owner: bool = False) -> dict:
                 "finished_twice": 0}
     problems, finished = [], {}
     for run in runs:
-        stage, status = run.data.tags.get("pema.stage", "?"), run.info.status
-        if status == "RUNNING":
-            problems.append(f"MLflow run {run.info.run_id} ({stage}) is left RUNNING")
-        if status == "FINISHED":
+        # a stage's run, or one of its per-system child runs (compare: one per system, tagged pema.system)
+        stage = (run.data.tags.get("pema.stage", "?"), run.data.tags.get("pema.system", ""))
+        if run.info.status == "RUNNING":
+            problems.append(f"MLflow run {run.info.run_id} ({'/'.join(filter(None, stage))}) is left RUNNING")
+        if run.info.status == "FINISHED":
             finished[stage] = finished.get(stage, 0) + 1
-    stages = {r.data.tags.get("pema.stage", "?") for r in runs}
-    problems += [f"MLflow: no FINISHED run of stage {s}" for s in sorted(stages) if s not in finished]
-    twice = sum(1 for s, n in finished.items() if n > 1 and s not in PER_TRIAL)
+    stages = {(r.data.tags.get("pema.stage", "?"), r.data.tags.get("pema.system", "")) for r in runs}
+    problems += [f"MLflow: no FINISHED run of stage {'/'.join(filter(None, s))}" for s in sorted(stages)
+                 if s not in finished]
+    twice = sum(1 for s, n in finished.items() if n > 1 and s[0] not in PER_TRIAL)
     return {"problems": problems, "finished_twice": twice}

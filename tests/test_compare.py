@@ -14,10 +14,11 @@ from pema.adapter.model import PemaAdapter
 from pema.adapter.phases import phase_plan
 from pema.config import ScheduleConfig, load_config
 from pema.errors import ConfigError, MemoryFormatError
-from pema.jobs.compare import format_compare_table, system_params
+from pema.jobs.compare import STATE, format_compare_table, system_params
 from pema.stages.compare import (SYSTEMS, check_against, check_memory_matches, check_systems, decode_schedule,
                                                no_rct_config, pema_trainable_params)
 from pema.stages.decode import schedule_from
+from pema.stages.ledger import config_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
@@ -220,3 +221,21 @@ def test_compare_job_on_smoke_produces_every_row(ray_cluster, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"compare.png", "compare.md", "summary.json"} <= artifacts
     assert summary["compare_mlflow"]["run_id"] == parent.info.run_id
+    assert not (out / STATE).exists()  # the run ended: a new job opens a new run
+
+    # killed before its zero_shot child run was logged: the rerun resumes the run and logs only the missing child
+    client.set_terminated(parent.info.run_id, "KILLED")  # what the next job's orphan sweep makes of it
+    client.delete_run(by_system["zero_shot"].info.run_id)
+    digest = config_digest(load_config(SMOKE, ["decode.length_cap=1.0"]))  # the job's config
+    (out / STATE).write_text(json.dumps({"run_id": parent.info.run_id, "config": digest}))
+    proc = subprocess.run([sys.executable, "jobs/compare.py", "--config", "jobs/configs/smoke.yaml",
+                           "--output-dir", str(out), "--no-progress", "--systems", "zero_shot",
+                           "decode.length_cap=1.0"], capture_output=True, text=True, timeout=600,
+                          env=ray_cluster.env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    runs = client.search_runs([client.get_experiment_by_name("pema").experiment_id])
+    assert [r.info.run_id for r in runs if r.info.run_name == "compare"] == [parent.info.run_id]
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    finished = [r.data.tags["pema.system"] for r in runs if r.info.status == "FINISHED" and "pema.system" in r.data.tags]
+    assert sorted(finished) == sorted(SYSTEMS)  # one finished run per system, zero_shot logged again
+    assert not (out / STATE).exists()

@@ -42,10 +42,13 @@ from pema.executors.ray_executor import RayExecutor
 from pema.stages.compare import (DEFINITIONS, SYSTEMS, check_against, check_systems, decode_schedule, no_rct_config,
                                  run_systems)
 from pema.stages.decode import significance_metrics
+from pema.formats.layout import write_text_atomic
 from pema.stages.inputs import split_pairs
+from pema.stages.ledger import config_digest
 from pema.tracking.logger import MLflowLogger
-from pema.tracking.runs import lineage_tags, stage_run
+from pema.tracking.runs import connect, lineage_tags, stage_run
 
+STATE = "compare_state.json"  # the open compare run's id: a job killed mid-run is finished in that run
 METRICS = ("bleu", "chrf", "ter", "train_s", "peak_train_mem_mb", "trainable_params", "decode_s_per_token")
 MEMORY_NOTE = ("peak train MB: the training's peak above its start; cpu_rss = sampled process RSS, cuda_allocated "
                "= torch's allocator (not comparable with each other); kNN-LM: building its index")
@@ -117,16 +120,43 @@ def compare(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool 
     child run), runs :func:`run_compare_stage`, logs a child run per system (metrics, tag ``pema.system``) and on
     the parent ``compare.png``, ``compare.md`` and ``summary.json``. Merges the rows into ``<output_dir>/summary.json``
     (one key per system, ``compare_table``, ``compare_timings_s``) and returns that summary. ``against``: the
-    baselines of the paired tests (default ``zero_shot`` when it runs; ConfigError for names that do not run)."""
-    from pema.jobs import stages
-
+    baselines of the paired tests (default ``zero_shot`` when it runs; ConfigError for names that do not run).
+    A rerun after a kill resumes the killed job's run (:func:`_killed_run`)."""
     systems = check_systems(systems)
     against = check_against(against, systems)
     for split in ("train", "test"):  # a missing or malformed file fails here, before the run exists
         split_pairs(cfg, split)
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    with stage_run("compare", cfg, out) as parent:
+    try:
+        return _compare_run(cfg, out, systems, against, progress, log)
+    finally:  # ended (FINISHED or FAILED): the next job opens a new run; only a kill leaves the state behind
+        (out / STATE).unlink(missing_ok=True)
+
+
+def _killed_run(cfg: PipelineConfig, out: Path) -> tuple[str | None, set[str]]:
+    """The compare run of this config that a killed job left in ``out`` (from ``compare_state.json``, if the store
+    still has it) and the systems whose child runs it already FINISHED: the rerun resumes that run and logs only
+    the missing children, so each system keeps one finished run."""
+    try:
+        state = json.loads((out / STATE).read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or state.get("config") != config_digest(cfg):
+            return None, set()
+        connect(out)
+        run = mlflow.get_run(str(state["run_id"]))
+        children = mlflow.search_runs([run.info.experiment_id], output_format="list", filter_string=(
+            f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'FINISHED'"))
+    except Exception:  # noqa: BLE001 - no state, an unreadable one or a store without that run: a new run
+        return None, set()
+    return run.info.run_id, {c.data.tags.get("pema.system") for c in children} - {None}
+
+
+def _compare_run(cfg: PipelineConfig, out: Path, systems, against, progress: bool, log) -> dict:
+    from pema.jobs import stages
+
+    run_id, logged = _killed_run(cfg, out)
+    with stage_run("compare", cfg, out, run_id=run_id) as parent:
+        write_text_atomic(out / STATE, json.dumps({"run_id": parent.info.run_id, "config": config_digest(cfg)}))
         timings: dict[str, float] = {}
         if (seconds := stages.ensure_built(cfg, out, progress=progress, log=log)) is not None:
             timings["build_memory"] = seconds
@@ -136,6 +166,8 @@ def compare(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool 
         rows = found["rows"]
         tags = lineage_tags(cfg, out)
         for system, row in rows.items():
+            if system in logged:  # the killed job's child run of this system had finished
+                continue
             _log_system_run(system, row, cfg, parent.info.experiment_id, tags)
         table = format_compare_table(rows)
         mlflow.log_metrics({f"{s}/{k}": float(r[k]) for s, r in rows.items() for k in METRICS})
