@@ -15,6 +15,8 @@
       ray_train/, ray_tune/  Ray's own run folders (checkpoints, results)
       trials/<trial id>/     one folder per Tune trial; tune_state.json, tune_summary.json (tune)
       compare/               the compare job's predictions, compare.md and summary.json (compare)
+      stages.json            the finished stages, for a rerun to skip              (every job)
+      compare_state.json     the open compare run, for a rerun after a kill to resume  (compare)
 
 :func:`replace_dir` is "stage, verify, replace": a stage fills ``<dest>.partial``, the result is checked, and only
 then does it replace ``dest``, so a stage killed at any instant leaves the old folder or the new one, never half.
