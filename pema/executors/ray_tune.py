@@ -106,11 +106,18 @@ def tune_trial(config: dict, setup: dict) -> None:
     out = Path(setup["output_dir"])
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
 
-    run_id, latest = None, tune.get_checkpoint()
+    latest, meta = tune.get_checkpoint(), {}
     if latest is not None:
         with latest.as_directory() as d:
-            run_id = json.loads((Path(d) / TRIAL_META).read_text())["mlflow_run_id"]
-    run = setup["trial_runs"].open(trial_id, overrides, cfg, run_id)
+            meta = json.loads((Path(d) / TRIAL_META).read_text())
+    if meta.get("final") and "result" in meta:
+        # the trial had finished (run ended, adapter decoded) when the job was killed, before Tune saved that: report
+        # its result again; reopening its run or training again would leave the run RUNNING when Tune stops it
+        with latest.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(d, tmp, dirs_exist_ok=True)
+            tune.report(meta["result"], checkpoint=tune.Checkpoint.from_directory(tmp))
+        return
+    run = setup["trial_runs"].open(trial_id, overrides, cfg, meta.get("mlflow_run_id"))
     base = {"mlflow_run_id": run.run_id, "trial_dir": str(trial_dir)}
 
     _event(trial_dir, "train_start", resumed=latest is not None)
@@ -132,7 +139,7 @@ def tune_trial(config: dict, setup: dict) -> None:
     run.end("FINISHED", **{"pema.trial_status": "completed", "pema.best_decode": json.dumps(best["setting"])})
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(adapter_dir, Path(tmp) / BUNDLE)
-        (Path(tmp) / TRIAL_META).write_text(json.dumps({"mlflow_run_id": run.run_id, "final": True}))
+        (Path(tmp) / TRIAL_META).write_text(json.dumps({"mlflow_run_id": run.run_id, "final": True, "result": result}))
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -149,10 +156,23 @@ def sweep_decoding(cfg, out: Path, adapter_dir: Path, grid: list[dict], run, tri
         run.log_metrics({"sweep/dev_bleu": scores["bleu"], "sweep/dev_chrf": scores["chrf"]}, step=i)
         table.append({"index": i, **setting, "dev_bleu": scores["bleu"], "dev_chrf": scores["chrf"],
                       "dev_ter": scores["ter"]})
-        if best is None or scores["bleu"] > best["bleu"]:
+        if best is None or (scores["bleu"], scores["chrf"]) > (best["bleu"], best["chrf"]):  # ties: chrF, then order
             best = {"bleu": scores["bleu"], "chrf": scores["chrf"], "setting": setting}
     run.log_dict(table, "decode_sweep.json")
     return best
+
+
+def sample_order(trial: dict) -> tuple:
+    """A trial's place in the search: Ray's trial ids end in the sample's index (``<experiment>_00003``)."""
+    index = str(trial["trial_id"]).rsplit("_", 1)[-1]
+    return (0, int(index), "") if index.isdigit() else (1, 0, str(trial["trial_id"]))
+
+
+def best_trial(trials: list[dict]) -> dict | None:
+    """The completed trial with the best dev BLEU; ties (common at low BLEU) go to the better dev chrF, then to the
+    trial drawn first, so that a resumed search picks what an uninterrupted one picks."""
+    done = sorted((t for t in trials if t["status"] == "completed"), key=sample_order)
+    return max(done, key=lambda t: (t["dev_bleu"], t["dev_chrf"] or 0.0)) if done else None
 
 
 def max_epochs(cfg, space: dict) -> float:
@@ -206,12 +226,12 @@ def run_tune(cfg, output_dir, *, train_space: dict, decode_grid: list[dict], set
                "pd_epoch": m.get("pd_epoch"), "dev_bleu": m.get("dev_bleu"), "dev_chrf": m.get("dev_chrf"),
                "decode": json.loads(m["decode"]) if m.get("decode") else None, "mlflow_run_id": m.get("mlflow_run_id"),
                "checkpoint": result.checkpoint}
-        if row["mlflow_run_id"] and status != "completed" and not unfinished:
-            setup["trial_runs"].close_if_running(row["mlflow_run_id"], "KILLED" if status == "pruned" else "FAILED",
-                                                 status)
+        if row["mlflow_run_id"] and not unfinished:  # a run its trial's process did not end (pruned, failed, stopped)
+            setup["trial_runs"].close_if_running(row["mlflow_run_id"], {"pruned": "KILLED", "completed": "FINISHED"}
+                                                 .get(status, "FAILED"), status)
         trials.append(row)
-    done = [t for t in trials if t["status"] == "completed"]
-    best = max(done, key=lambda t: t["dev_bleu"]) if done and not unfinished else None
+    trials.sort(key=sample_order)  # the order the searcher drew them in, not the order they ended (a resume changes it)
+    best = best_trial(trials) if not unfinished else None
     return {"trials": trials, "best": best, "unfinished": unfinished, "path": str(storage / name)}
 
 

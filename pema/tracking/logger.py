@@ -126,7 +126,8 @@ class TrialRuns:
         return ClientRunLogger(self.tracking_uri, run_id)
 
     def close_if_running(self, run_id: str, status: str, trial_status: str) -> None:
-        """End a trial's run that was left RUNNING (pruned or failed), tagged with ``pema.trial_status``."""
+        """End a trial's run that was left RUNNING (pruned, failed, or completed and then stopped by Tune after a
+        resume reopened it), tagged with ``pema.trial_status``."""
         client = MlflowClient(tracking_uri=self.tracking_uri)
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_tag(run_id, "pema.trial_status", trial_status)
