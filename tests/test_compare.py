@@ -239,3 +239,8 @@ def test_compare_job_on_smoke_produces_every_row(ray_cluster, tmp_path):
     finished = [r.data.tags["pema.system"] for r in runs if r.info.status == "FINISHED" and "pema.system" in r.data.tags]
     assert sorted(finished) == sorted(SYSTEMS)  # one finished run per system, zero_shot logged again
     assert not (out / STATE).exists()
+
+    # the same command once more (or after a kill that came once the result was recorded): the ledger holds it
+    again = subprocess.run(proc.args, capture_output=True, text=True, timeout=600, env=ray_cluster.env(), cwd=ROOT)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert len(client.search_runs([client.get_experiment_by_name("pema").experiment_id])) == len(runs)

@@ -25,9 +25,10 @@ from pema.stages.decode import SYSTEMS
 LEDGER = "stages.json"
 PREDICTIONS = tuple(f"predictions/{system}.jsonl" for system in SYSTEMS)
 OUTPUTS = {"build_memory": OWNER_BUNDLES, "train": ADAPTER_BUNDLES, "evaluate": PREDICTIONS,
-           "pipeline": OWNER_BUNDLES + ADAPTER_BUNDLES + PREDICTIONS + ("summary.json",), "register": ADAPTER_BUNDLES}
-DOWNSTREAM = {"build_memory": ("train", "evaluate", "register", "pipeline"), "train": ("evaluate", "register",
-              "pipeline"), "evaluate": ("pipeline",), "register": (), "pipeline": ()}
+           "pipeline": OWNER_BUNDLES + ADAPTER_BUNDLES + PREDICTIONS + ("summary.json",), "register": ADAPTER_BUNDLES,
+           "compare": OWNER_BUNDLES + ("summary.json",)}
+DOWNSTREAM = {"build_memory": ("train", "evaluate", "register", "pipeline", "compare"), "train": ("evaluate",
+              "register", "pipeline"), "evaluate": ("pipeline",), "register": (), "pipeline": (), "compare": ()}
 
 
 def config_digest(cfg: PipelineConfig) -> str:
