@@ -46,7 +46,6 @@ from pema.formats.layout import write_text_atomic
 from pema.stages.inputs import split_pairs
 from pema.stages.ledger import Ledger, config_digest
 from pema.tracking.logger import MLflowLogger
-from pema.tracking.orphans import finish_recorded_runs
 from pema.tracking.runs import connect, lineage_tags, stage_run
 
 STATE = "compare_state.json"  # the open compare run's id: a job killed mid-run is finished in that run
@@ -155,10 +154,8 @@ def _killed_run(cfg: PipelineConfig, out: Path) -> tuple[str | None, set[str]]:
 def _compare_run(cfg: PipelineConfig, out: Path, systems, against, progress: bool, log) -> dict:
     from pema.jobs import stages
 
-    ledger, match = Ledger(out), {"systems": list(systems), "against": list(against)}
-    if (entry := ledger.done("compare", cfg, **match)) is not None:  # done: a kill came after its result was recorded
-        connect(out)
-        finish_recorded_runs([entry["run_id"]] if entry.get("run_id") else [])
+    match = {"systems": list(systems), "against": list(against)}
+    if (entry := stages.recorded("compare", cfg, out, **match)) is not None:  # done (a kill after it was recorded)
         return entry["result"]
     run_id, logged = _killed_run(cfg, out)
     with stage_run("compare", cfg, out, run_id=run_id) as parent:
@@ -189,5 +186,5 @@ def _compare_run(cfg: PipelineConfig, out: Path, systems, against, progress: boo
                         "compare_mlflow": {"run_id": parent.info.run_id, "tracking_uri": mlflow.get_tracking_uri()}})
         write_text_atomic(path, json.dumps(summary, indent=2, ensure_ascii=False))
         mlflow.log_artifact(str(path))
-        ledger.record("compare", cfg, summary, parent.info.run_id, **match)  # before the run ends (a kill after it)
+        Ledger(out).record("compare", cfg, summary, parent.info.run_id, **match)  # before the run ends (a kill after it)
     return summary

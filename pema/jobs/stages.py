@@ -36,16 +36,23 @@ __all__ = ["ADAPTER_BUNDLES", "OWNER_BUNDLES", "build", "train", "evaluate", "pi
            "ensure_built", "check_inputs", "log_scores", "significance_metrics", "dev_bleu_of"]
 
 
+def recorded(stage: str, cfg: PipelineConfig, output_dir, **match) -> dict | None:
+    """The ledger's entry of ``stage`` done with this config and ``match`` (outputs in place), with its run ended
+    FINISHED if a kill left it open; None when the stage has to run."""
+    if (entry := Ledger(output_dir).done(stage, cfg, **match)) is not None:
+        connect(output_dir)
+        finish_recorded_runs([entry["run_id"]] if entry.get("run_id") else [])
+    return entry
+
+
 def once(stage: str, cfg: PipelineConfig, output_dir, body, **match):
     """``body(logger)`` as the MLflow run of ``stage``, recorded in the run folder's ledger
     (:mod:`pema.stages.ledger`) before the run ends; when the ledger already holds ``stage`` for this config and
     ``match`` with its outputs in place (a job killed after the work was done), its recorded result instead, and its
     run, if the kill left it open, ended as FINISHED."""
-    ledger = Ledger(output_dir)
-    if (entry := ledger.done(stage, cfg, **match)) is not None:
-        connect(output_dir)
-        finish_recorded_runs([entry["run_id"]] if entry.get("run_id") else [])
+    if (entry := recorded(stage, cfg, output_dir, **match)) is not None:
         return entry["result"]
+    ledger = Ledger(output_dir)
     ledger.forget_after(stage)
     with MLflowLogger(cfg, output_dir).stage(stage) as logger:
         result = body(logger)
