@@ -36,12 +36,15 @@ from pema.formats.tasks import Pair, load_pairs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "jobs" / "configs" / "default.yaml"
-SPLITS = {"dev": ("dev.jsonl", 0), "dev2": ("dev.jsonl", 100), "test": ("test.jsonl", 0)}
+# split: (file, first pair, pairs). "ncdev"/"nctest": the News Commentary held-out splits (data/nc/, in domain);
+# "dev"/"dev2": newstest dev pairs 0-99 / 100-199; "test": the shipped WMT22 test pairs 0-99 (out of domain).
+SPLITS = {"dev": ("wmt22/dev.jsonl", 0, 100), "dev2": ("wmt22/dev.jsonl", 100, 100), "test": ("wmt22/test.jsonl", 0, 100),
+          "ncdev": ("nc/dev.jsonl", 0, 200), "ncdev100": ("nc/dev.jsonl", 0, 100), "nctest": ("nc/test.jsonl", 0, 200)}
 
 
 def split_pairs(split: str) -> list[Pair]:
-    name, offset = SPLITS[split]
-    pairs = load_pairs(ROOT / "data" / "wmt22" / name, limit=offset + 100)[offset:]
+    name, offset, n = SPLITS[split]
+    pairs = load_pairs(ROOT / "data" / name, limit=offset + n)[offset:]
     return [Pair(index=i, source=p.source, target=p.target) for i, p in enumerate(pairs)]
 
 
@@ -51,8 +54,8 @@ def build(args) -> None:
     from pema.stages.build import build_memories, export_head_bundle
 
     cfg, out = load_config(CONFIG), Path(args.out)
-    jobs = {out / "memory" / "dev": split_pairs("dev"), out / "memory" / "dev2": split_pairs("dev2"),
-            out / "memory" / "train": load_pairs(ROOT / cfg.data.train, limit=args.train_pairs)}
+    jobs = {out / "memory" / "dev": split_pairs("ncdev"),
+            out / "memory" / "train": load_pairs(ROOT / "data" / "nc" / "train.jsonl", limit=args.train_pairs)}
     manifests = build_memories(cfg, jobs, InlineExecutor())
     for folder, manifest in zip(jobs, manifests):
         print(f"{folder.name}: {manifest.total_rows} rows", flush=True)
@@ -94,14 +97,22 @@ def train(args) -> None:
     mem = ResidentMemory(mem.key[keep].contiguous(), mem.token[keep].contiguous())
     dev = ResidentMemory.from_reader(MemoryReader(out / "memory" / "dev"), "cpu", torch.float32)
     t, a = cfg.train, cfg.adapter
+    if t.distill_beta > 0:  # the stored neighbours (computed once per memory), as the train stage does
+        from pema.stages.neighbours import distill_targets, ensure_neighbours
+
+        if not bool(keep.all()):
+            raise SystemExit("--pairs must cover the whole memory with train.distill_beta > 0")
+        ensure_neighbours(cfg, out / "memory" / "train")
+        mem = mem.with_extra(**distill_targets(cfg, out / "memory" / "train", 0, len(mem), torch.device("cpu")))
     torch.manual_seed(t.seed)
-    adapter = PemaAdapter(head.d, a.rank, a.alpha, a.dropout)
+    adapter = PemaAdapter(head.d, a.rank, a.alpha, a.dropout, a.mlp_hidden)
     start = time.perf_counter()
     results = run_phases(adapter, head, t, train_batches=lambda e: mem.batches(t.batch_size, seed=t.seed * 1000 + e),
                          train_rows=len(mem), dev_batches=lambda: dev.batches(4096, shuffle=False), progress=False)
     seconds = time.perf_counter() - start
     save_adapter(adapter, out / "adapters" / args.name, {
-        "model_id": head_meta["model_id"], "config": {"rank": a.rank, "alpha": a.alpha, "dropout": a.dropout},
+        "model_id": head_meta["model_id"], "config": {"rank": a.rank, "alpha": a.alpha, "dropout": a.dropout,
+                                                     "mlp_hidden": a.mlp_hidden},
         "target_source_ratio": reader.manifest.target_source_ratio})
     row = {"name": args.name, "pairs": args.pairs, "rows": len(mem), "overrides": args.overrides,
            "train_s": round(seconds, 1), "phases": [{"phase": r.phase, "best_val": r.best_val, "steps": r.steps}
@@ -131,6 +142,14 @@ def decode(args) -> None:
             if spec["adapter"] not in cache:
                 cache[spec["adapter"]] = load_adapter(out / "adapters" / spec["adapter"], head_meta)[0]
             kw.update(adapter=cache[spec["adapter"]], head=head, schedule=ScheduleConfig(**spec["schedule"]))
+            if spec.get("knn_share"):  # the three-way mixture: P_kNN takes knn_share of the non-LM weight
+                from pema.adapter.schedule import interpolate
+
+                cache.setdefault("knn", load_knn(out / "memory" / "train", cfg.knn, head.vocab_size))
+                ad, knn, share = kw.pop("adapter"), cache["knn"], float(spec["knn_share"])
+                kw.pop("head")
+                kw["scorer"] = lambda key, ad=ad, knn=knn, share=share: interpolate(ad.log_probs(key, head), knn(key),
+                                                                                 share)
         elif spec.get("knn"):
             cache.setdefault("knn", load_knn(out / "memory" / "train", cfg.knn, head.vocab_size))
             kw.update(scorer=cache["knn"], schedule=ScheduleConfig(kind="constant", lam=cfg.knn.lam))
@@ -138,7 +157,7 @@ def decode(args) -> None:
         hyps, _ = translate(model, tok, [p.source for p in pairs], cfg, **kw)
         refs = [p.target for p in pairs]
         s = score(hyps, refs)
-        row = {**{k: spec.get(k) for k in ("name", "split", "adapter", "schedule", "decode")},
+        row = {**{k: spec.get(k) for k in ("name", "split", "adapter", "schedule", "decode", "knn_share")},
                **{k: round(s[k], 2) for k in ("bleu", "chrf", "ter")},
                "hyp_ref_chars": round(sum(map(len, hyps)) / sum(map(len, refs)), 3),
                "secs": round(time.perf_counter() - start, 1)}

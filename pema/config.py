@@ -6,43 +6,16 @@ and the allowed range. ``key=value`` overrides use dotted paths (``train.kappa=0
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pema.config_baselines import KnnConfig, LoraConfig
+from pema.config_fields import _check, _choice, _invalid, _is_int, _is_num
 from pema.errors import ConfigError
 from pema.formats.tasks import render_instruction, resolve_template
 from pema.formats.yaml_safe import dotted_leaves as _leaves, load_yaml_file, parse_overrides, set_dotted as _set_dotted
-
-_REPR = reprlib.Repr()  # a value in a message is shown bounded, however large (or aliased) it is
-_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 200, 200, 4
-
-
-def _invalid(name: str, value, allowed: str) -> ConfigError:
-    exc = ConfigError(f"{name}={_REPR.repr(value)} is invalid: expected {allowed}")
-    exc.key, exc.value, exc.allowed = name, value, allowed  # _build renames the key to its full dotted path
-    return exc
-
-
-def _check(cond: bool, name: str, value, allowed: str) -> None:
-    if not cond:
-        raise _invalid(name, value, allowed)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:  # finite: inf and nan are in no range
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v))
-
-
-def _choice(name: str, value, options: tuple) -> None:
-    _check(value in options, name, value, f"one of {options}")
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -67,16 +40,22 @@ class DataConfig:
     source_field: str = "en"
     target_field: str = "du"
     template: str = "wmt22_en_de"
+    ood_test: str | None = None  # a second test set (out of the training domain): the second table of evaluate
     train_limit: int | None = None
     dev_limit: int | None = None
     test_limit: int | None = None
+    ood_test_limit: int | None = None
+    hygiene: bool = True  # drop same-text, source-language and repeated pairs; held-out splits disjoint from train
 
     def __post_init__(self):
-        for name in ("train_limit", "dev_limit", "test_limit"):
+        for name in ("train_limit", "dev_limit", "test_limit", "ood_test_limit"):
             _check((v := getattr(self, name)) is None or (_is_int(v) and v > 0), f"data.{name}", v, "null or an integer > 0")
         for name in ("train", "dev", "test", "source_field", "target_field", "template"):
             _check(isinstance(v := getattr(self, name), str) and bool(v.strip()), f"data.{name}", v,
                    "a non-empty string")
+        _check(self.ood_test is None or isinstance(self.ood_test, str) and bool(self.ood_test.strip()),
+               "data.ood_test", self.ood_test, "null or a non-empty string")
+        _check(isinstance(self.hygiene, bool), "data.hygiene", self.hygiene, "true or false")
         try:
             render_instruction(resolve_template(self.template), "x", source_field=self.source_field)
         except ConfigError:
@@ -103,9 +82,12 @@ class AdapterConfig:
     rank: int = 256
     alpha: float = 256.0  # scale s = alpha / rank
     dropout: float = 0.2
+    mlp_hidden: int = 0  # > 0: the non-linear residual variant, h = B_pd u + W_2 gelu(W_1 k) (W_1: mlp_hidden x d)
 
     def __post_init__(self):
         _check(_is_int(self.rank) and self.rank > 0, "adapter.rank", self.rank, "an integer > 0")
+        _check(_is_int(self.mlp_hidden) and self.mlp_hidden >= 0, "adapter.mlp_hidden", self.mlp_hidden,
+               "an integer >= 0")
         _check(_is_num(self.alpha) and self.alpha > 0, "adapter.alpha", self.alpha, "a number > 0")
         _check(_is_num(self.dropout) and 0.0 <= self.dropout < 1.0, "adapter.dropout", self.dropout,
                "a number in [0, 1)")
@@ -127,6 +109,9 @@ class TrainConfig:
     rct_solver: str = "sgd"  # sgd: the seed's RCT epochs; exact: the closed-form optimum (top-r principal subspace)
     pd_objective: str = "pema"  # pema: CE of P_PEMA (the paper); mixture: NLL of (1 - mixture_lam) P_LM + mixture_lam P_PEMA
     mixture_lam: float = 0.5  # the mixture's lambda in the training objective (pd_objective: mixture)
+    distill_beta: float = 0.0  # kNN-distilled targets: train toward (1 - beta) onehot(y) + beta p_kNN (0: off)
+    distill_k: int = 16  # neighbours per training row (from other examples), stored beside the memory
+    distill_temperature: float = 10.0  # p_kNN's temperature over squared L2 distances (as knn.temperature)
     evals_per_epoch: int = 1
     seed: int = 0
     resident: bool = False  # load the memories onto the device once (bf16 keys on a GPU) instead of streaming
@@ -145,6 +130,12 @@ class TrainConfig:
         _check(_is_num(self.mixture_lam) and 0.0 < self.mixture_lam <= 1.0, "train.mixture_lam", self.mixture_lam,
                "a number in (0, 1]")
         _check(_is_num(self.kappa) and 0.0 <= self.kappa <= 1.0, "train.kappa", self.kappa, "a number in [0, 1]")
+        _check(_is_num(self.distill_beta) and 0.0 <= self.distill_beta <= 1.0, "train.distill_beta",
+               self.distill_beta, "a number in [0, 1]")
+        _check(_is_int(self.distill_k) and 1 <= self.distill_k <= 1024, "train.distill_k", self.distill_k,
+               "an integer in [1, 1024]")
+        _check(_is_num(self.distill_temperature) and self.distill_temperature > 0, "train.distill_temperature",
+               self.distill_temperature, "a number > 0")
         for name in ("rct_epochs", "epochs"):
             _check(_is_int(v := getattr(self, name)) and v >= 0, f"train.{name}", v, "an integer >= 0")
         for name in ("lr", "rct_lr"):
@@ -210,55 +201,15 @@ class DecodeConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     postprocess: bool = False
+    systems: tuple[str, ...] = ("zero_shot", "pema_const", "pema_gu", "pema")  # the evaluate stage's rows, in this order
 
     def __post_init__(self):
         _check(isinstance(self.postprocess, bool), "eval.postprocess", self.postprocess, "true or false")
-
-
-@dataclass(frozen=True)
-class KnnConfig:
-    """kNN-LM baseline over the same external memory: p_kNN from the k nearest keys, mixed with P_LM by ``lam``."""
-    k: int = 16
-    temperature: float = 1.0  # p_kNN(y) ~ sum over neighbours with token y of exp(-distance / temperature)
-    lam: float = 0.25  # constant interpolation weight of p_kNN (kNN-LM's lambda)
-    index: str = "auto"  # exact (torch, every key) | ivfpq (FAISS) | auto: exact up to exact_max_rows
-    exact_max_rows: int = 2_000_000
-    nlist: int = 1024  # IVF cells (capped by the memory size / 39 so that training has enough points)
-    nprobe: int = 32
-    pq_m: int = 32  # PQ sub-quantizers; must divide d (the nearest divisor of d is used otherwise)
-
-    def __post_init__(self):
-        _check(_is_int(self.k) and self.k >= 1, "knn.k", self.k, "an integer >= 1")
-        _check(_is_num(self.temperature) and self.temperature > 0, "knn.temperature", self.temperature, "> 0")
-        _check(_is_num(self.lam) and 0.0 <= self.lam <= 1.0, "knn.lam", self.lam, "a number in [0, 1]")
-        _choice("knn.index", self.index, ("auto", "exact", "ivfpq"))
-        for name in ("exact_max_rows", "nlist", "nprobe", "pq_m"):
-            _check(_is_int(v := getattr(self, name)) and v >= 1, f"knn.{name}", v, "an integer >= 1")
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    """LoRA reference (PEFT) on the PLM's own weights: what a PLM owner could offer instead of PEMA."""
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    epochs: int = 2
-    lr: float = 2e-4
-    batch_size: int = 8
-    seed: int = 0
-
-    def __post_init__(self):
-        _check(_is_int(self.rank) and self.rank >= 1, "lora.rank", self.rank, "an integer >= 1")
-        _check(_is_num(self.alpha) and self.alpha > 0, "lora.alpha", self.alpha, "> 0")
-        _check(_is_num(self.dropout) and 0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "in [0, 1)")
-        _check(isinstance(self.target_modules, tuple) and len(self.target_modules) > 0 and
-               all(isinstance(m, str) and m for m in self.target_modules),
-               "lora.target_modules", self.target_modules, "a non-empty list of module names")
-        _check(_is_int(self.epochs) and self.epochs >= 1, "lora.epochs", self.epochs, "an integer >= 1")
-        _check(_is_num(self.lr) and self.lr > 0, "lora.lr", self.lr, "> 0")
-        _check(_is_int(self.batch_size) and self.batch_size >= 1, "lora.batch_size", self.batch_size, "an integer >= 1")
-        _check(_is_int(self.seed), "lora.seed", self.seed, "an integer")
+        known = ("zero_shot", "pema_const", "pema_gu", "pema")
+        _check(isinstance(self.systems, (list, tuple)) and len(self.systems) > 0
+               and all(isinstance(x, str) and x in known for x in self.systems)
+               and len(set(self.systems)) == len(self.systems), "eval.systems", self.systems,
+               f"a non-empty list of distinct systems from {list(known)}")
 
 
 @dataclass(frozen=True)
@@ -390,4 +341,5 @@ def with_overrides(cfg, values: dict[str, object], cls=PipelineConfig):
 
 def with_absolute_data(cfg: PipelineConfig) -> PipelineConfig:
     """``cfg`` with absolute data paths: Ray workers and Tune trials do not share the driver's working directory."""
-    return with_overrides(cfg, {f"data.{s}": str(Path(getattr(cfg.data, s)).resolve()) for s in ("train", "dev", "test")})
+    return with_overrides(cfg, {f"data.{s}": str(Path(getattr(cfg.data, s)).resolve())
+                                for s in ("train", "dev", "test", "ood_test") if getattr(cfg.data, s) is not None})

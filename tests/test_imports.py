@@ -3,7 +3,7 @@ ones included.
 
 Layers, bottom to top; a module imports ``pema`` modules of its own layer or below only:
 
-0. formats and config: ``pema.config``, ``pema.errors``, ``pema.profiling``, ``pema.formats``
+0. formats and config: ``pema.config`` (with ``config_fields``, ``config_baselines``), ``pema.errors``, ``pema.profiling``, ``pema.formats``
 1. the two parties and the baselines: ``pema.owner``, ``pema.adapter``, ``pema.baselines``
 2. the stages: ``pema.stages``
 3. executors and tracking: ``pema.executors`` (inline, Ray), ``pema.tracking`` (MLflow)
@@ -22,7 +22,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "pema"
-LAYERS = {"pema": 0, "pema.config": 0, "pema.errors": 0, "pema.profiling": 0, "pema.formats": 0,
+LAYERS = {"pema": 0, "pema.config": 0, "pema.config_fields": 0, "pema.config_baselines": 0, "pema.errors": 0,
+          "pema.profiling": 0, "pema.formats": 0,
           "pema.owner": 1, "pema.adapter": 1, "pema.baselines": 1, "pema.stages": 2,
           "pema.executors": 3, "pema.tracking": 3, "pema.jobs": 4}
 APART = [("pema.adapter", "pema.owner"), ("pema.baselines", "pema.owner"), ("pema.owner", "pema.adapter"),

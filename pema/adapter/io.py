@@ -59,7 +59,7 @@ def load_head(bundle_dir: str | os.PathLike) -> tuple[OutputHead, dict]:
 
 def save_adapter(adapter: PemaAdapter, out_dir: str | os.PathLike, meta: dict | None = None) -> None:
     info = {"format": ADAPTER_FORMAT, "version": 1, "d": adapter.d, "rank": adapter.rank, "alpha": adapter.alpha,
-            "dropout": adapter.p, **(meta or {})}
+            "dropout": adapter.p, "mlp_hidden": adapter.mlp_hidden, **(meta or {})}
     write_bundle(out_dir, "adapter", {k: v for k, v in adapter.state_dict().items()}, info)
 
 
@@ -68,11 +68,16 @@ def load_adapter(bundle_dir: str | os.PathLike, head_meta: dict | None = None) -
     tensors, meta = read_bundle(bundle_dir, "adapter", ADAPTER_FORMAT)
     js, fix = Path(bundle_dir) / "adapter.json", RECOVER[ADAPTER_FORMAT]
     check_meta(meta, js, {"d": int, "rank": int, "alpha": _NUM, "dropout": _NUM}, ADAPTER_FORMAT)
-    d, rank = meta["d"], meta["rank"]
+    d, rank, hidden = meta["d"], meta["rank"], meta.get("mlp_hidden", 0)
+    if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 0:
+        raise MemoryFormatError(f"{js}: field 'mlp_hidden'={hidden!r} is not an integer >= 0; {fix}")
     want = {"A": (rank, d), "B_rct": (d, rank), "B_pd": (d, rank)}
+    if hidden:
+        want.update(W_1=(hidden, d), W_2=(d, hidden))
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if got != want:
-        raise MemoryFormatError(f"{js} says d={d}, rank={rank}, so adapter.safetensors should hold {want}, but it "
+        raise MemoryFormatError(f"{js} says d={d}, rank={rank}, mlp_hidden={hidden}, so adapter.safetensors should "
+                                f"hold {want}, but it "
                                 f"holds {got}; {fix}")
     if head_meta is not None:
         if d != head_meta["d"]:
@@ -81,7 +86,7 @@ def load_adapter(bundle_dir: str | os.PathLike, head_meta: dict | None = None) -
             raise MemoryMismatchError(f"adapter {bundle_dir} was trained for model {meta['model_id']!r} but the head "
                                       f"bundle is for {head_meta.get('model_id')!r}")
     try:
-        adapter = PemaAdapter(d, rank, meta["alpha"], meta["dropout"])
+        adapter = PemaAdapter(d, rank, meta["alpha"], meta["dropout"], hidden)
     except ValueError as e:  # d or rank <= 0, dropout outside [0, 1)
         raise MemoryFormatError(f"{js} holds values no adapter has ({e}); {fix}") from e
     adapter.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()})

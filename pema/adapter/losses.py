@@ -35,3 +35,14 @@ def joint_loss(rct: torch.Tensor, pd: torch.Tensor, kappa: float) -> torch.Tenso
     if kappa == 1.0:
         return rct
     return kappa * rct + (1.0 - kappa) * pd
+
+
+def distill_ce(logits: torch.Tensor, nb_token: torch.Tensor, nb_weight: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the kNN distribution of the stored neighbours: mean over rows of
+    ``-sum_j w_j log softmax(logits)[tok_j]`` = ``-sum_y p_kNN(y) log P(y)``, with logits (batch, vocab),
+    nb_token (batch, k) token ids and nb_weight (batch, k) summing to 1 per row (0 for a missing neighbour)."""
+    if nb_token.shape != nb_weight.shape or nb_token.shape[0] != logits.shape[0]:
+        raise ValueError(f"nb_token {tuple(nb_token.shape)}, nb_weight {tuple(nb_weight.shape)} and logits "
+                         f"{tuple(logits.shape)} do not match")
+    logp = torch.log_softmax(logits, dim=-1).gather(1, nb_token.clamp_min(0).long())
+    return -(nb_weight * logp).sum(1).mean()

@@ -98,5 +98,5 @@ def run_phases(adapter: PemaAdapter, head: OutputHead, t: TrainConfig, *,
             dev_batches=dev_batches, epochs=p["epochs"], lr=p["lr"], kappa=p["kappa"], weight_decay=t.weight_decay,
             evals_per_epoch=t.evals_per_epoch, vocab_subset=subset, report=report, progress=progress,
             checkpoint=on_check, resume=state, wrap=wrap, steps_done=steps_done,
-            mixture_lam=t.mixture_lam if t.pd_objective == "mixture" else None))
+            mixture_lam=t.mixture_lam if t.pd_objective == "mixture" else None, distill_beta=t.distill_beta))
     return results

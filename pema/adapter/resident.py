@@ -28,9 +28,11 @@ KEY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class ResidentMemory:
-    """Keys ``(n, d)`` (float32, bfloat16 or float16) and tokens ``(n,)`` int64, both on one device."""
+    """Keys ``(n, d)`` (float32, bfloat16 or float16) and tokens ``(n,)`` int64, both on one device; ``extra``:
+    more row-aligned tensors ``(n, ...)`` that every batch carries under their names (the stored neighbours'
+    ``nb_token`` and ``nb_weight`` of kNN-distilled training)."""
 
-    def __init__(self, key: torch.Tensor, token: torch.Tensor):
+    def __init__(self, key: torch.Tensor, token: torch.Tensor, extra: dict[str, torch.Tensor] | None = None):
         if not isinstance(key, torch.Tensor) or not isinstance(token, torch.Tensor):
             raise TypeError(f"key and token must be torch tensors, got {type(key).__name__} and "
                             f"{type(token).__name__}")
@@ -45,6 +47,16 @@ class ResidentMemory:
             raise ValueError(f"key is on {key.device} but token is on {token.device}; put both on one device")
         self.key = key
         self.token = token.long()
+        self.extra = dict(extra or {})
+        for name, value in self.extra.items():
+            if name in ("key", "token") or not isinstance(value, torch.Tensor) or value.shape[:1] != token.shape \
+                    or value.device != key.device:
+                raise ValueError(f"extra {name!r} must be a tensor of {len(token)} rows on {key.device}, other than "
+                                 "'key' and 'token'")
+
+    def with_extra(self, **extra: torch.Tensor) -> "ResidentMemory":
+        """The same rows with more row-aligned tensors."""
+        return ResidentMemory(self.key, self.token, {**self.extra, **extra})
 
     @classmethod
     def from_reader(cls, reader, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16, *,
@@ -117,7 +129,9 @@ class ResidentMemory:
         for start in range(0, stop, batch_size):
             end = min(start + batch_size, n)
             if perm is None:
-                yield {"key": self.key[start:end], "token": self.token[start:end]}
+                yield {"key": self.key[start:end], "token": self.token[start:end],
+                       **{name: v[start:end] for name, v in self.extra.items()}}
             else:
                 idx = perm[start:end]
-                yield {"key": self.key.index_select(0, idx), "token": self.token.index_select(0, idx)}
+                yield {"key": self.key.index_select(0, idx), "token": self.token.index_select(0, idx),
+                       **{name: v.index_select(0, idx) for name, v in self.extra.items()}}

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pema.adapter.head import OutputHead
-from pema.adapter.losses import joint_loss, pd_loss, rct_loss
+from pema.adapter.losses import distill_ce, joint_loss, pd_loss, rct_loss
 from pema.adapter.model import PemaAdapter
 
 Batches = Callable[[], Iterable[dict]]
@@ -71,11 +71,15 @@ def mixture_nll(logits_pema: torch.Tensor, logits_lm: torch.Tensor, target: torc
 
 def phase_losses(adapter: PemaAdapter, head: OutputHead, batch: dict, phase: str, kappa: float,
                  vocab_subset: torch.Tensor | None = None, remap: torch.Tensor | None = None,
-                 mixture_lam: float | None = None) -> dict[str, torch.Tensor]:
-    """Loss terms of one batch: ``{"loss", "rct"?, "ce"?, "mix_ce"?}``.
+                 mixture_lam: float | None = None, distill_beta: float = 0.0) -> dict[str, torch.Tensor]:
+    """Loss terms of one batch: ``{"loss", "rct"?, "ce"?, "mix_ce"?, "knn_ce"?}``.
 
     ``ce`` is P_PEMA's cross-entropy. With ``mixture_lam`` the prediction term of the loss is ``mix_ce``, the
-    mixture's NLL with P_LM = the head applied to the stored key (:func:`mixture_nll`), instead of ``ce``."""
+    mixture's NLL with P_LM = the head applied to the stored key (:func:`mixture_nll`), instead of ``ce``. With
+    ``distill_beta`` > 0 and a batch that carries its rows' neighbours (``nb_token``, ``nb_weight``: the training
+    memory's, from :func:`pema.baselines.knn.neighbours_outside_group`), the prediction term is
+    ``(1 - beta) ce + beta knn_ce``: the cross-entropy against ``(1 - beta) onehot(y) + beta p_kNN``. A batch
+    without neighbours (the dev memory) is scored on ``ce`` alone, so validation stays P_PEMA's dev CE."""
     device = next(adapter.parameters()).device
     key = torch.as_tensor(batch["key"]).to(device=device, dtype=torch.float32)
     kappa = PHASE_KAPPA.get(phase, kappa)
@@ -95,7 +99,14 @@ def phase_losses(adapter: PemaAdapter, head: OutputHead, batch: dict, phase: str
             with torch.no_grad():
                 logits_lm = head.from_key(key, vocab_subset)
             out["mix_ce"] = mixture_nll(logits, logits_lm, target, mixture_lam)
-    pred = out.get("mix_ce", out.get("ce", torch.zeros(())))
+        if distill_beta > 0 and "nb_token" in batch:
+            nb_token = torch.as_tensor(batch["nb_token"], device=device).long()
+            if remap is not None:
+                nb_token = remap[nb_token.clamp_min(0)]
+            nb_weight = torch.as_tensor(batch["nb_weight"], device=device, dtype=torch.float32)
+            out["knn_ce"] = distill_ce(logits, nb_token, nb_weight)
+            out["distill_ce"] = (1.0 - distill_beta) * out.get("mix_ce", out["ce"]) + distill_beta * out["knn_ce"]
+    pred = out.get("distill_ce", out.get("mix_ce", out.get("ce", torch.zeros(()))))
     out["loss"] = joint_loss(out.get("rct", torch.zeros(())), pred, kappa)
     return out
 
@@ -173,7 +184,8 @@ def train_phase(adapter: PemaAdapter, head: OutputHead, *, phase: str, train_bat
                 save: Callable[[dict, dict], None] | None = None, progress: bool = True,
                 checkpoint: Callable[[PhaseState, dict], None] | None = None, resume: PhaseState | None = None,
                 wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                steps_done: Callable[[int], None] | None = None, mixture_lam: float | None = None) -> PhaseResult:
+                steps_done: Callable[[int], None] | None = None, mixture_lam: float | None = None,
+                distill_beta: float = 0.0) -> PhaseResult:
     """Train the parameters of ``phase`` (``rct``: A, B_rct; ``rct_pd``/``pd``: A, B_pd, B_rct frozen).
 
     Callbacks: ``report(metrics)`` at each validation, ``save(best_state, metrics)`` on each new best,
@@ -181,7 +193,8 @@ def train_phase(adapter: PemaAdapter, head: OutputHead, *, phase: str, train_bat
     :class:`PhaseState` to pass back as ``resume`` after a crash. ``wrap(adapter)`` returns the module the training
     steps run through (a ``DistributedDataParallel`` wrapper for data-parallel workers). ``steps_done(n)`` is told
     how many optimizer steps this call ran (a resumed call runs only the remaining ones). ``mixture_lam``: train
-    and select on the mixture's NLL (:func:`phase_losses`); ignored by the RCT phase.
+    and select on the mixture's NLL (:func:`phase_losses`); ignored by the RCT phase. ``distill_beta``: the weight
+    of the kNN-distilled target in the training loss (:func:`phase_losses`; batches must carry neighbours).
     """
     mixture_lam = None if phase == "rct" else mixture_lam
     if phase not in PHASES:
@@ -190,7 +203,7 @@ def train_phase(adapter: PemaAdapter, head: OutputHead, *, phase: str, train_bat
         raise ValueError("the training memory is empty")
     if resume is not None and resume.phase != phase:
         raise ValueError(f"cannot resume phase {phase!r} from a checkpoint of phase {resume.phase!r}")
-    trainable = PHASES[phase]
+    trainable = PHASES[phase] + (("W_1", "W_2") if phase != "rct" and getattr(adapter, "mlp_hidden", 0) else ())
     for name, param in adapter.named_parameters():
         param.requires_grad_(name in trainable)
     opt = torch.optim.AdamW([getattr(adapter, n) for n in trainable], lr=lr, weight_decay=weight_decay)
@@ -223,7 +236,8 @@ def train_phase(adapter: PemaAdapter, head: OutputHead, *, phase: str, train_bat
         running, running_rows = 0.0, 0
         for batch in itertools.islice(train_batches(st.epoch), st.batches, None):
             n = len(batch["token"])
-            loss = phase_losses(model, head, batch, phase, kappa, vocab_subset, remap, mixture_lam)["loss"]
+            loss = phase_losses(model, head, batch, phase, kappa, vocab_subset, remap, mixture_lam,
+                                distill_beta if phase != "rct" else 0.0)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -142,3 +142,45 @@ class KnnScorer:
         tok = self.tokens[idx.clamp_min(0).to(self.tokens.device)].to(dist.device)
         dist = torch.where(valid.to(dist.device), dist.float(), float("inf"))
         return knn_log_probs(dist, tok, self.vocab_size, self.temperature).to(key.device)
+
+
+def neighbours_outside_group(keys: torch.Tensor, groups: torch.Tensor, k: int, *, block: int = 2048,
+                             chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every row of ``keys`` (N, d): its ``k`` nearest other rows by squared L2 whose ``groups`` (N,) value
+    differs from its own (a key's neighbours never come from its own example, whose later positions would leak its
+    target). Returns ``dist`` (N, k) float32 ascending and ``idx`` (N, k) int64; rows with fewer than k candidates
+    get ``inf`` / -1 in the missing slots. Exact: query blocks of ``block`` rows against key chunks of ``chunk``
+    rows with a running top-k, O(block * (chunk + k)) extra memory."""
+    if keys.dim() != 2 or groups.shape != keys.shape[:1]:
+        raise ValueError(f"keys {tuple(keys.shape)} and groups {tuple(groups.shape)} must be (N, d) and (N,)")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k={k!r} must be an integer >= 1")
+    n = keys.shape[0]
+    sq = (keys.float() ** 2).sum(1)
+    out_d = torch.empty(n, k)
+    out_i = torch.empty(n, k, dtype=torch.long)
+    for qs in range(0, n, block):
+        q, g = keys[qs:qs + block].float(), groups[qs:qs + block]
+        best_d = torch.full((q.shape[0], k), float("inf"))
+        best_i = torch.full((q.shape[0], k), -1, dtype=torch.long)
+        for cs in range(0, n, chunk):
+            c = keys[cs:cs + chunk].float()
+            dist = (sq[qs:qs + block, None] - 2.0 * (q @ c.T) + sq[None, cs:cs + chunk]).clamp_min_(0.0)
+            dist.masked_fill_(g[:, None] == groups[None, cs:cs + chunk], float("inf"))
+            d_c, i_c = torch.topk(dist, min(k, dist.shape[1]), dim=1, largest=False)
+            merged_d, pos = torch.topk(torch.cat([best_d, d_c], 1), k, dim=1, largest=False)
+            best_i = torch.cat([best_i, i_c + cs], 1).gather(1, pos)
+            best_d = merged_d
+        best_i[~torch.isfinite(best_d)] = -1
+        out_d[qs:qs + block], out_i[qs:qs + block] = best_d, best_i
+    return out_d, out_i
+
+
+def neighbour_weights(dist: torch.Tensor, temperature: float) -> torch.Tensor:
+    """p_kNN's weight of each neighbour (rows, k): softmax(-dist / T) over the finite distances (0 elsewhere); a row
+    without a neighbour is all 0."""
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0")
+    logits = torch.where(torch.isfinite(dist), -dist.float() / temperature, float("-inf"))
+    w = torch.softmax(logits, dim=1)
+    return torch.nan_to_num(w, nan=0.0)

@@ -113,7 +113,8 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
                      write_predictions: bool = True, adapter_dir: str | os.PathLike | None = None) -> dict:
     """Decode the ``split`` pairs (``test`` or ``dev``) with each of ``systems`` and score them.
 
-    Reads ``head/`` and ``adapter/`` under ``output_dir`` (or the adapter bundle at ``adapter_dir``); writes ``predictions/<system>.jsonl`` (test split). The
+    Reads ``head/`` and ``adapter/`` under ``output_dir`` (or the adapter bundle at ``adapter_dir``); writes
+    ``predictions/<system>.jsonl`` (the test split; ``predictions/<split>/<system>.jsonl`` for another). The
     PLM (loaded here unless passed in) answers the context queries through the owner's ContextTap, or the owner's
     service does (greedy, on its session steps) when ``resources.owner_url`` is set: no PLM weights are loaded here.
     Returns ``{system: scores, ..., "timings_s": {...}}``. With ``zero_shot`` and at least one other system, each
@@ -121,8 +122,9 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
     module docstring).
     """
 
-    if split not in ("test", "dev") or not set(systems) <= set(SYSTEMS):
-        raise ValueError(f"split={split!r} must be 'test' or 'dev' and systems={systems!r} a subset of {SYSTEMS}")
+    if split not in ("test", "dev", "ood_test") or not set(systems) <= set(SYSTEMS):
+        raise ValueError(f"split={split!r} must be 'test', 'ood_test' or 'dev' and systems={systems!r} a subset of "
+                         f"{SYSTEMS}")
     layout = RunLayout(output_dir)
     timer = Timer()
     pairs = split_pairs(cfg, split)
@@ -147,12 +149,14 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
         summary[system] = score(hyps, refs, result, cfg.eval.postprocess)
         hyps_by_system[system] = hyps
         if write_predictions:
-            save_predictions(layout.prediction(system), pairs, hyps, result.lam_traces)
+            save_predictions(layout.prediction(system, layout.predictions / split if split != "test" else None),
+                             pairs, hyps, result.lam_traces)
     if "zero_shot" in hyps_by_system and len(hyps_by_system) >= 2:
         with timer.stage("significance"):
             for system, sig in significance_against(hyps_by_system, refs, ["zero_shot"]).items():
                 summary[system]["significance"] = sig
     summary["timings_s"] = timer.timings
+    summary["pairs"] = len(pairs)
     return summary
 
 
@@ -164,16 +168,35 @@ def run_evaluate(cfg: PipelineConfig, output_dir: str | os.PathLike, executor, l
     ``resources.device`` is CUDA and the cluster has one); logs the scores, the timings, the predictions and the
     lambda actually used at each generated token. Returns the scores."""
     layout, logger = RunLayout(output_dir), logger or NullLogger()
-    scores = executor.call(decode_and_score, cfg, str(layout.root), progress=progress,
+    scores = executor.call(decode_test_sets, cfg, str(layout.root), progress=progress,
                            num_cpus=cfg.resources.eval_cpus, gpu=cfg.resources.device.startswith("cuda"))
     log_scores(logger, scores)
+    if "ood_test" in scores:
+        log_scores(logger, scores["ood_test"], "ood_test/")
     logger.log_metrics({f"{k}_s": float(v) for k, v in scores["timings_s"].items()})
     logger.log_artifact(layout.predictions, "predictions")
     traces = {}
-    for system in SYSTEMS[1:]:
+    for system in [s for s in cfg.eval.systems if s != "zero_shot"]:
         with open(layout.prediction(system), encoding="utf-8") as f:
             traces[system] = [json.loads(line)["lam"] for line in f]
-    logger.log_figure(plots.lambda_schedules(traces), "lambda_schedule.png")
+    if traces:
+        logger.log_figure(plots.lambda_schedules(traces), "lambda_schedule.png")
+    return scores
+
+
+def decode_test_sets(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progress: bool = True) -> dict:
+    """The ``eval.systems`` on the test pairs and, with ``data.ood_test``, on those too (the PLM loaded once): the
+    test split's scores with the other's under ``"ood_test"`` and both timings under ``"timings_s"``."""
+    model, tokenizer = plm_or_client(cfg)
+    scores = decode_and_score(cfg, output_dir, model=model, tokenizer=tokenizer, progress=progress,
+                              systems=cfg.eval.systems)
+    scores["tables"] = {"test": {"file": cfg.data.test, "pairs": scores.pop("pairs")}}
+    if cfg.data.ood_test is not None:
+        ood = decode_and_score(cfg, output_dir, model=model, tokenizer=tokenizer, progress=progress,
+                               split="ood_test", systems=cfg.eval.systems)
+        scores["timings_s"].update({f"ood_test_{k}": v for k, v in ood.pop("timings_s").items()})
+        scores["tables"]["ood_test"] = {"file": cfg.data.ood_test, "pairs": ood.pop("pairs")}
+        scores["ood_test"] = ood
     return scores
 
 

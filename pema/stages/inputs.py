@@ -6,18 +6,46 @@ import os
 
 from pema.adapter.io import load_adapter, load_head
 from pema.config import PipelineConfig, to_dict
-from pema.errors import ConfigError
+from pema.errors import ConfigError, DataError
+from pema.formats.hygiene import TASK_LANGUAGES, HygieneReport, clean_splits
 from pema.formats.layout import RunLayout
 from pema.formats.memory import MemoryReader, verify_memory
 from pema.formats.tasks import Pair, check_pairs, load_pairs
 
 
-def split_pairs(cfg: PipelineConfig, split: str) -> list[Pair]:
-    """The pairs of ``data.<split>`` (``train``, ``dev`` or ``test``), limited by ``data.<split>_limit``; a bad file
-    raises a DataError naming ``<path>:<line>``."""
+SPLITS = ("train", "dev", "test", "ood_test")  # hygiene's order: a later split is kept disjoint from the earlier
+
+
+def _raw_pairs(cfg: PipelineConfig, split: str) -> list[Pair]:
     d = cfg.data
     return load_pairs(getattr(d, split), limit=getattr(d, f"{split}_limit"), source_field=d.source_field,
                       target_field=d.target_field)
+
+
+def cleaned_splits(cfg: PipelineConfig, upto: str = "ood_test") -> tuple[dict[str, list[Pair]], HygieneReport]:
+    """The configured splits up to ``upto`` (in :data:`SPLITS` order), each limited by ``data.<split>_limit`` and
+    then cleaned (:mod:`pema.formats.hygiene`; nothing is dropped with ``data.hygiene: false``), with the report.
+    A split left without pairs is a DataError naming its file."""
+    names = [s for s in SPLITS[:SPLITS.index(upto) + 1] if getattr(cfg.data, s) is not None]
+    raw = {s: _raw_pairs(cfg, s) for s in names}
+    if not cfg.data.hygiene:
+        return raw, HygieneReport(kept={s: len(p) for s, p in raw.items()})
+    kept, report = clean_splits(raw, TASK_LANGUAGES.get(cfg.data.template))
+    for s in names:
+        if not kept[s]:
+            raise DataError(f"{getattr(cfg.data, s)}: every pair of data.{s} was dropped by the pair hygiene "
+                            f"({'; '.join(report.lines())}); fix the file or set data.hygiene=false")
+    return kept, report
+
+
+def split_pairs(cfg: PipelineConfig, split: str) -> list[Pair]:
+    """The pairs of ``data.<split>`` (``train``, ``dev``, ``test`` or ``ood_test``), limited by
+    ``data.<split>_limit`` and cleaned (:func:`cleaned_splits`); a bad file raises a DataError naming
+    ``<path>:<line>``."""
+    if split not in SPLITS or getattr(cfg.data, split) is None:
+        raise ConfigError(f"split {split!r} is not one of the configured splits "
+                          f"{[s for s in SPLITS if getattr(cfg.data, s) is not None]}")
+    return cleaned_splits(cfg, split)[0][split]
 
 
 def check_inputs(cfg: PipelineConfig, output_dir: str | os.PathLike | None = None, *,
@@ -27,6 +55,8 @@ def check_inputs(cfg: PipelineConfig, output_dir: str | os.PathLike | None = Non
     that does not exist) and the ``bundles`` files under ``output_dir`` (FileNotFoundError naming the jobs that
     make them; a damaged or edited memory, head or adapter: the reader's named error)."""
     d = cfg.data
+    if "test" in splits and d.ood_test is not None:
+        splits = (*splits, "ood_test")
     for split in splits:  # in constant memory: a file of 10^6 lines is read, not kept
         check_pairs(getattr(d, split), limit=getattr(d, f"{split}_limit"), source_field=d.source_field,
                     target_field=d.target_field)

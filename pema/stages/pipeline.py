@@ -17,7 +17,7 @@ from pema.config import PipelineConfig, to_dict
 from pema.formats.layout import RunLayout, write_text_atomic
 from pema.stages.build import run_build
 from pema.stages.decode import SYSTEMS, log_scores, run_evaluate
-from pema.stages.inputs import check_inputs
+from pema.stages.inputs import check_inputs, cleaned_splits
 from pema.stages.ledger import Ledger
 from pema.stages.logger import MetricLogger, NullLogger
 from pema.stages.scoring import format_interval, format_p
@@ -31,6 +31,9 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, executor, l
     (:mod:`pema.stages.ledger`), a stage it holds as done with this config is not run again (its recorded result
     is used), and each stage, then the pipeline, is recorded as it completes."""
     check_inputs(cfg, splits=("train", "dev", "test"), model=True)
+    _, hygiene = cleaned_splits(cfg)
+    for line in hygiene.lines():
+        log(f"[data] {line}")
     layout, logger = RunLayout(output_dir), logger or NullLogger()
     layout.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(layout.config, json.dumps(to_dict(cfg), indent=2))
@@ -66,6 +69,7 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, executor, l
         summary["train"] = [{"phase": p["phase"], "best_val": p["best_val"], "steps": p["steps"],
                              "rows_per_s": p["rows_per_s"]} for p in trained["phases"]]
         summary["memory_rows"] = built["train_rows"]
+        summary["hygiene"] = hygiene.to_dict()
         summary["executor"] = {"name": executor.name, "train_workers": trained["workers"]}
         if info := run.info():
             summary["mlflow"] = info
@@ -85,8 +89,26 @@ def _phase_figure(p: dict) -> str:
 
 
 def format_table(summary: dict, baseline: str = "zero_shot") -> str:
-    """The systems in ``summary`` (in :data:`SYSTEMS` order): BLEU and chrF with their 95% bootstrap interval and
-    p-value against ``baseline`` (when ``significance`` is there), TER; then the stage timings."""
+    """The test table (the systems in ``summary``, in :data:`SYSTEMS` order): BLEU and chrF with their 95% bootstrap
+    interval and p-value against ``baseline`` (when ``significance`` is there), TER; with ``summary["ood_test"]``
+    the second test set's table the same way, each under a title naming its pairs; then the stage timings."""
+    tables = []
+    for key, title in (("test", "test"), ("ood_test", "ood_test")):
+        scores = summary if key == "test" else summary.get(key)
+        if isinstance(scores, dict):
+            info = summary.get("tables", {}).get(key)
+            if info and "ood_test" in summary:
+                tables.append(f"{title}: {info['pairs']} pairs of {info['file']}")
+            tables.append(_score_table(scores, baseline))
+            tables.append("")
+    lines = tables
+    lines.append(f"{'stage':<20} {'seconds':>8}")
+    for stage, sec in summary["timings_s"].items():
+        lines.append(f"{stage:<20} {sec:>8.1f}")
+    return "\n".join(lines)
+
+
+def _score_table(summary: dict, baseline: str) -> str:
     systems = [s for s in SYSTEMS if isinstance(summary.get(s), dict)]
     w = max([12, *map(len, systems)])
     p_head = f"p vs {baseline}"
@@ -100,8 +122,4 @@ def format_table(summary: dict, baseline: str = "zero_shot") -> str:
                      f"{format_interval(chrf, s['chrf']):>24} {format_p(chrf):>{len(p_head)}} {s['ter']:>7.2f}")
     if any("significance" in summary[s] for s in systems):
         lines.append(f"(sacreBLEU paired bootstrap: 95% interval around the bootstrap mean, p against {baseline})")
-    lines.append("")
-    lines.append(f"{'stage':<20} {'seconds':>8}")
-    for stage, sec in summary["timings_s"].items():
-        lines.append(f"{stage:<20} {sec:>8.1f}")
     return "\n".join(lines)

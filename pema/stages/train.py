@@ -43,6 +43,7 @@ from pema.formats.layout import RunLayout, replace_dir, write_text_atomic
 from pema.stages import plots
 from pema.stages.inputs import adapter_meta, open_bundles
 from pema.stages.logger import MetricLogger, NullLogger
+from pema.stages.neighbours import distill_targets, ensure_neighbours
 
 FINAL = "final.json"  # marks the last checkpoint: the trained adapter bundle sits beside it in adapter/
 
@@ -70,10 +71,14 @@ def train_worker(config: dict, ctx: TrainContext) -> None:
     dtype = torch.bfloat16 if t.resident and device.type == "cuda" else torch.float32
     mem_device = device if t.resident else torch.device("cpu")
     train_mem = ResidentMemory.from_reader(train_reader.rows(rank * share, (rank + 1) * share), mem_device, dtype)
+    if t.distill_beta > 0:  # the stored neighbours of this worker's rows (ensure_neighbours ran on the driver)
+        train_mem = train_mem.with_extra(**distill_targets(cfg, train_reader.mem_dir, rank * share,
+                                                          (rank + 1) * share, mem_device))
     dev_mem = ResidentMemory.from_reader(dev_reader, mem_device, dtype)
     local_batch = t.batch_size // world
     torch.manual_seed(t.seed)
-    adapter = PemaAdapter(head.d, cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.dropout).to(device)
+    a = cfg.adapter
+    adapter = PemaAdapter(head.d, a.rank, a.alpha, a.dropout, a.mlp_hidden).to(device)
     head = head.to(device)
     wrap = None
     if world > 1:
@@ -120,6 +125,7 @@ def worker_config(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progres
     """What :func:`train_worker` is given; opening the bundles here fails fast, before any worker starts."""
     layout = RunLayout(output_dir)
     _, head_meta, train_reader, _ = open_bundles(layout.root)
+    ensure_neighbours(cfg, layout.memory("train"), log=print if progress else (lambda *_: None))
     return {"cfg": to_dict(cfg), "output_dir": str(layout.root), "progress": progress,
             "adapter_meta": adapter_meta(cfg, head_meta, train_reader)}
 
