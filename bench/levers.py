@@ -123,6 +123,39 @@ def train(args) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+@torch.no_grad()
+def knn_dev(args) -> None:
+    """Teacher-forced kNN-LM on the dev memory (queries: dev keys; memory: the train memory): the CE of
+    (1 - lam) P_LM + lam p_kNN, and with ``--adapter`` of the three-way mixture at each (lam, share)."""
+    from pema.baselines.knn_index import load_knn
+
+    cfg, out = load_config(CONFIG, args.overrides), Path(args.out)
+    head, head_meta = load_head(out / "head")
+    knn = load_knn(out / "memory" / "train", cfg.knn, head.vocab_size)
+    dev = ResidentMemory.from_reader(MemoryReader(out / "memory" / "dev"), "cpu", torch.float32)
+    adapter = load_adapter(out / "adapters" / args.adapter, head_meta)[0] if args.adapter else None
+    g_lm, g_knn, g_pe = [], [], []
+    for b in dev.batches(2048, shuffle=False):
+        k, y = b["key"].float(), b["token"][:, None]
+        g_lm.append(torch.log_softmax(head.from_key(k), -1).gather(1, y)[:, 0])
+        g_knn.append(knn(k).gather(1, y)[:, 0])
+        if adapter is not None:
+            g_pe.append(adapter.log_probs(k, head).gather(1, y)[:, 0])
+    lm, kn = torch.cat(g_lm), torch.cat(g_knn)
+    row = {"k": cfg.knn.k, "temperature": cfg.knn.temperature, "lm_ce": -lm.mean().item()}
+    for lam in (0.1, 0.2, 0.3, 0.4, 0.5):
+        row[f"knn_mix_ce_{lam}"] = -torch.logaddexp(lm + math.log(1 - lam), kn + math.log(lam)).mean().item()
+    if adapter is not None:
+        pe = torch.cat(g_pe)
+        for lam in (0.5, 0.7, 0.9):
+            for share in (0.0, 0.2, 0.4, 0.6):
+                other = torch.logaddexp(pe + math.log(1 - share), kn + math.log(share)) if share else pe
+                row[f"pema_knn_ce_{lam}_{share}"] = -torch.logaddexp(lm + math.log(1 - lam),
+                                                                    other + math.log(lam)).mean().item()
+    row = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+    print(json.dumps({"adapter": args.adapter, **row}), flush=True)
+
+
 def decode(args) -> None:
     from pema.baselines.knn_index import load_knn
     from pema.owner.plm import load_plm
@@ -142,6 +175,20 @@ def decode(args) -> None:
             if spec["adapter"] not in cache:
                 cache[spec["adapter"]] = load_adapter(out / "adapters" / spec["adapter"], head_meta)[0]
             kw.update(adapter=cache[spec["adapter"]], head=head, schedule=ScheduleConfig(**spec["schedule"]))
+            if spec.get("pema_temp"):  # P_PEMA sharpened (< 1) or flattened (> 1) before mixing
+                ad, tau = kw.pop("adapter"), float(spec["pema_temp"])
+                kw.pop("head")
+                kw["scorer"] = lambda key, ad=ad, tau=tau: torch.log_softmax(
+                    head(ad.pd_hidden(ad.u(key), key)) / tau, -1)
+            if spec.get("pema_topk"):  # P_PEMA kept on its top-k tokens only (renormalized): a sparse re-ranker
+                ad, topk = kw.pop("adapter"), int(spec["pema_topk"])
+                kw.pop("head")
+
+                def sparse(key, ad=ad, topk=topk):
+                    logits = head(ad.pd_hidden(ad.u(key), key))
+                    kth = logits.topk(topk, dim=-1).values[:, -1:]
+                    return torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
+                kw["scorer"] = sparse
             if spec.get("knn_share"):  # the three-way mixture: P_kNN takes knn_share of the non-LM weight
                 from pema.adapter.schedule import interpolate
 
@@ -152,12 +199,14 @@ def decode(args) -> None:
                                                                                  share)
         elif spec.get("knn"):
             cache.setdefault("knn", load_knn(out / "memory" / "train", cfg.knn, head.vocab_size))
-            kw.update(scorer=cache["knn"], schedule=ScheduleConfig(kind="constant", lam=cfg.knn.lam))
+            kw.update(scorer=cache["knn"], schedule=ScheduleConfig(kind="constant", lam=spec.get("knn_lam",
+                                                                                               cfg.knn.lam)))
         start = time.perf_counter()
         hyps, _ = translate(model, tok, [p.source for p in pairs], cfg, **kw)
         refs = [p.target for p in pairs]
         s = score(hyps, refs)
-        row = {**{k: spec.get(k) for k in ("name", "split", "adapter", "schedule", "decode", "knn_share")},
+        row = {**{k: spec.get(k) for k in ("name", "split", "adapter", "schedule", "decode", "knn_share",
+                                          "pema_temp", "knn_lam", "pema_topk")},
                **{k: round(s[k], 2) for k in ("bleu", "chrf", "ter")},
                "hyp_ref_chars": round(sum(map(len, hyps)) / sum(map(len, refs)), 3),
                "secs": round(time.perf_counter() - start, 1)}
@@ -180,11 +229,14 @@ def main(argv=None) -> int:
     t.add_argument("overrides", nargs="*")
     d = sub.add_parser("decode")
     d.add_argument("--specs", required=True)
-    for p in (b, t, d):
+    k = sub.add_parser("knn")
+    k.add_argument("--adapter")
+    k.add_argument("overrides", nargs="*")
+    for p in (b, t, d, k):
         p.add_argument("--out", default="bench_out/levers")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    {"build": build, "train": train, "decode": decode}[args.cmd](args)
+    {"build": build, "train": train, "decode": decode, "knn": knn_dev}[args.cmd](args)
     return 0
 
 

@@ -180,6 +180,7 @@ class DecodeConfig:
     const: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(kind="constant"))
     gu: ScheduleConfig = field(default_factory=ScheduleConfig)
     pema: ScheduleConfig = field(default_factory=ScheduleConfig)  # the recommended schedule (the `pema` row)
+    pema_knn: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(kind="constant", lam=0.6))  # non-LM weight
     seed: int = 0
 
     def __post_init__(self):

@@ -16,12 +16,15 @@ class KnnConfig:
     nlist: int = 1024  # IVF cells (capped by the memory size / 39 so that training has enough points)
     nprobe: int = 32
     pq_m: int = 32  # PQ sub-quantizers; must divide d (the nearest divisor of d is used otherwise)
+    pema_share: float = 0.5  # pema_knn: p_kNN's share of the non-LM weight decode.pema_knn (the rest is P_PEMA's)
 
     def __post_init__(self):
         _check(_is_int(self.k) and self.k >= 1, "knn.k", self.k, "an integer >= 1")
         _check(_is_num(self.temperature) and self.temperature > 0, "knn.temperature", self.temperature, "> 0")
         _check(_is_num(self.lam) and 0.0 <= self.lam <= 1.0, "knn.lam", self.lam, "a number in [0, 1]")
         _choice("knn.index", self.index, ("auto", "exact", "ivfpq"))
+        _check(_is_num(self.pema_share) and 0.0 <= self.pema_share <= 1.0, "knn.pema_share", self.pema_share,
+               "a number in [0, 1]")
         for name in ("exact_max_rows", "nlist", "nprobe", "pq_m"):
             _check(_is_int(v := getattr(self, name)) and v >= 1, f"knn.{name}", v, "an integer >= 1")
 

@@ -89,7 +89,7 @@ def test_significance_metrics_names():
 
 
 def test_systems_are_checked_and_ordered():
-    assert check_systems("all") == SYSTEMS and len(SYSTEMS) == 8
+    assert check_systems("all") == SYSTEMS and len(SYSTEMS) == 9 and SYSTEMS[-1] == "pema_knn"
     assert check_systems("pema_gu, zero_shot") == ("zero_shot", "pema_gu")  # always in table order
     assert check_systems(["lora"]) == ("lora",)
     assert check_systems("pema") == ("pema",)
@@ -182,6 +182,8 @@ def test_compare_job_on_smoke_produces_every_row(ray_cluster, tmp_path):
             assert lams and all(x == 1.0 for x in lams)
         elif system == "knn_lm":
             assert lams and all(x == cfg.knn.lam for x in lams)
+        elif system == "pema_knn":  # P_LM against the blend of P_PEMA and p_kNN, at decode.pema_knn's lambda
+            assert lams and all(x == cfg.decode.pema_knn.lam for x in lams)
         elif system in ("zero_shot", "lora"):
             assert lams == []
     z, lora = summary["zero_shot"], summary["lora"]

@@ -268,3 +268,21 @@ def test_decode_arguments_are_checked(plm, memory):
         generate(model, [[5, 6]], scorer=scorer, adapter=object(), head=object(), **kw)
     with pytest.raises(ValueError, match="scorer"):
         generate(model, [[5, 6]], scorer=scorer, schedule=Schedule("constant", lam=0.5), **kw)
+
+
+def test_pema_knn_blend_is_the_weighted_sum_of_both_distributions():
+    from pema.stages.compare import DEFINITIONS, SYSTEMS, blended_scorer, decode_schedule
+    from pema.config import load_config
+
+    class FixedAdapter:
+        def log_probs(self, key, head):
+            return torch.log_softmax(key @ torch.ones(key.shape[1], 5), 1) * 0 + torch.log(torch.tensor(
+                [[0.1, 0.2, 0.3, 0.4, 0.0]]).expand(key.shape[0], 5))
+
+    knn = lambda key: torch.log(torch.tensor([[0.5, 0.0, 0.0, 0.0, 0.5]]).expand(key.shape[0], 5))
+    out = blended_scorer(FixedAdapter(), None, knn, 0.25)(torch.zeros(2, 3)).exp()
+    want = torch.tensor([0.75 * 0.1 + 0.25 * 0.5, 0.15, 0.225, 0.3, 0.125])
+    assert torch.allclose(out, want.expand(2, 5), atol=1e-6)
+    cfg = load_config(None, ["decode.pema_knn.lam=0.8"])
+    assert "pema_knn" in SYSTEMS and "knn.pema_share" in DEFINITIONS["pema_knn"]
+    assert decode_schedule("pema_knn", cfg).lam == 0.8

@@ -30,7 +30,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
-    cfg = load_config(SMOKE, [f"data.{s}={ROOT / 'data' / 'wmt22' / (s + '.jsonl')}" for s in ("train", "dev", "test")])
+    cfg = load_config(SMOKE, [f"data.{s}={ROOT / 'data' / 'wmt22' / (s + '.jsonl')}" for s in ("train", "dev", "test")]
+                      + [f"data.ood_test={ROOT / 'data' / 'nc' / 'test.jsonl'}", "data.ood_test_limit=4"])
     logger, lines = RecordingLogger(), []
     summary = run_pipeline(cfg, out, InlineExecutor(), logger, progress=False, log=lines.append)
     return out, summary, logger, lines
@@ -48,12 +49,17 @@ def test_smoke_summary_contract(smoke_run):
         assert on_disk["timings_s"][stage] >= 0
     predictions = (out / "predictions" / "pema_gu.jsonl").read_text().splitlines()
     assert len(predictions) == 6  # smoke.yaml: test_limit 6
-    for system in SYSTEMS:  # sacreBLEU's paired bootstrap against zero_shot, for every system
-        sig = on_disk[system]["significance"]["zero_shot"]
+    ood = (out / "predictions" / "ood_test" / "pema_gu.jsonl").read_text().splitlines()
+    assert len(ood) == 4  # the second table's pairs: data.ood_test, ood_test_limit 4
+    assert on_disk["tables"] == {"test": {"file": str(ROOT / "data/wmt22/test.jsonl"), "pairs": 6},
+                                 "ood_test": {"file": str(ROOT / "data/nc/test.jsonl"), "pairs": 4}}
+    assert on_disk["hygiene"]["ood_test"] == {"kept": 4, "dropped": {}}
+    for system, scores in [(s, on_disk) for s in SYSTEMS] + [(s, on_disk["ood_test"]) for s in SYSTEMS]:
+        sig = scores[system]["significance"]["zero_shot"]
         assert (sig["baseline"], sig["n_samples"], sig["seed"]) == ("zero_shot", 1000, 12345)
         for metric in ("bleu", "chrf", "ter"):
             m = sig[metric]
-            assert m["score"] == pytest.approx(on_disk[system][metric])
+            assert m["score"] == pytest.approx(scores[system][metric])
             assert m["ci_low"] <= m["mean"] <= m["ci_high"]
             assert (m["p_value"] is None) == (system == "zero_shot")
             assert system == "zero_shot" or 0 < m["p_value"] <= 1
@@ -152,8 +158,10 @@ def test_stages_log_through_the_logger_and_the_console(smoke_run):
     assert {"manifest.json", "train_history.json", "predictions", "summary.json"} <= artifacts
     assert {c[1] for c in logger.calls if c[0] == "figure"} == {"loss_curves.png", "lambda_schedule.png"}
     # the console: one line as each stage starts and one as it ends, with its key figure
-    assert [line.split("]")[0] for line in lines] == ["[build_memory", "[build_memory", "[train", "[train",
-                                                      "[evaluate", "[evaluate"]
+    assert [line.split("]")[0] for line in lines] == ["[data"] * 4 + ["[build_memory", "[build_memory", "[train",
+                                                                    "[train", "[evaluate", "[evaluate"]
+    assert lines[0] == "[data] train: kept 16 pairs, dropped none"  # the pair hygiene, one line per split
+    lines = lines[4:]
     assert f"{summary['memory_rows']:,} train rows" in lines[1] and "best val loss" in lines[3]
     assert "pema chrF" in lines[5]
     assert not (out / "train_checkpoints").exists() or (out / "train_checkpoints" / "latest" / "final.json").is_file()
@@ -215,3 +223,23 @@ def test_format_table_shows_intervals_and_p_values():
     assert max(map(len, lines)) <= 120
     plain = format_table({"pema_gu": {"bleu": 1.0, "chrf": 2.0, "ter": 3.0}, "timings_s": {}})  # no significance
     assert "pema_gu" in plain and "1.00" in plain and "[" not in plain.splitlines()[1]
+
+
+def test_format_table_prints_the_second_test_set_under_its_own_title():
+    from pema.stages.pipeline import format_table
+
+    def row(chrf, p):
+        return {"bleu": 1.0, "chrf": chrf, "ter": 100.0,
+                "significance": {"zero_shot": {"chrf": _sig(chrf, chrf - 1, chrf + 1, p)}}}
+
+    summary = {"zero_shot": row(17.0, None), "pema": row(20.0, 0.001),
+               "ood_test": {"zero_shot": row(15.0, None), "pema": row(16.0, 0.2)},
+               "tables": {"test": {"file": "data/nc/test.jsonl", "pairs": 200},
+                          "ood_test": {"file": "data/wmt22/test.jsonl", "pairs": 100}},
+               "timings_s": {"decode_pema": 1.0}}
+    lines = format_table(summary).splitlines()
+    first, second = lines.index("test: 200 pairs of data/nc/test.jsonl"), \
+        lines.index("ood_test: 100 pairs of data/wmt22/test.jsonl")
+    assert first == 0 and "20.00 [19.00, 21.00]" in lines[3] and "0.001" in lines[3]
+    assert second > first and "16.00 [15.00, 17.00]" in lines[second + 3] and "0.200" in lines[second + 3]
+    assert lines[-1].startswith("decode_pema")

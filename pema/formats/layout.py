@@ -5,11 +5,12 @@
     <output-dir>/
       config.json            the config the run used (the pipeline; the tune job writes the winner's)
       memory/{train,dev}/    the owner's memories: Parquet parts + manifest.json      (build)
+      memory/train/neighbours.{safetensors,json}  each row's neighbours from other examples (train, distill)
       head/                  the owner's output head: head.safetensors + head.json     (build)
       adapter/               the data owner's adapter: adapter.safetensors + .json   (train, tune)
       train_history.json     every validation of the training phases                   (train)
       train_checkpoints/     the inline executor's last training checkpoint            (train, inline)
-      predictions/<system>.jsonl                                                      (evaluate)
+      predictions/<system>.jsonl, predictions/ood_test/<system>.jsonl  the two test sets   (evaluate)
       summary.json           scores, intervals and timings                             (pipeline)
       mlflow.db, mlartifacts/  the embedded MLflow store and its artifacts (no MLFLOW_TRACKING_URI)
       ray_train/, ray_tune/  Ray's own run folders (checkpoints, results)

@@ -25,6 +25,9 @@ def job_parser(doc: str, *, splits: tuple[str, ...] = ("train", "dev", "test")) 
     parser.add_argument("--output-dir", default="outputs/run", help="the run's folder: memory/, head/, adapter/, ...")
     for split in splits:
         parser.add_argument(f"--{split}", help=f"{split} pairs JSONL (overrides data.{split})")
+    if "test" in splits:
+        parser.add_argument("--ood-test", dest="ood_test", help="a second test set, out of the training domain: "
+                            "its own table (overrides data.ood_test)")
     parser.set_defaults(input_splits=splits)  # the JSONL files run_job checks (unless the job names others)
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -56,7 +59,7 @@ def job_config(args: argparse.Namespace) -> PipelineConfig:
     """The config file with the overrides, then the ``--train/--dev/--test`` paths as given (paths, not YAML: a
     file named ``null`` or ``a: b.jsonl`` is that file)."""
     cfg = load_config(args.config, args.overrides)
-    paths = {f"data.{split}": getattr(args, split) for split in ("train", "dev", "test")
+    paths = {f"data.{split}": getattr(args, split) for split in ("train", "dev", "test", "ood_test")
              if getattr(args, split, None) is not None}
     return with_overrides(cfg, paths) if paths else cfg
 

@@ -15,6 +15,8 @@ the same ``decode.*`` settings through :func:`pema.stages.decode.translate`, and
   what the PD head has learnt by itself.
 - ``pema_no_rct``: an adapter trained WITHOUT reconstruction (``train.method = pd``, ``b_pd_init = random``: there
   is no B_rct to copy), decoded with ``decode.gu``.
+- ``pema_knn``: the three-way mixture of P_LM, the same adapter's P_PEMA and kNN-LM's p_kNN:
+  ``(1 - lam) P_LM + lam ((1 - s) P_PEMA + s p_kNN)``, lam from ``decode.pema_knn``, s = ``knn.pema_share``.
 
 Everything runs in ONE Ray task (:func:`run_compare_stage`; GPUs: one when ``resources.device`` is CUDA and the cluster
 has one) that loads the PLM once; the work itself is :func:`pema.stages.compare.run_systems`.

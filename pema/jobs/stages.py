@@ -23,7 +23,7 @@ from pema.executors.ray_executor import RayExecutor
 from pema.formats.layout import ADAPTER_BUNDLES, OWNER_BUNDLES, RunLayout, write_text_atomic
 from pema.stages.build import run_build
 from pema.stages.decode import decode_and_score, log_scores, run_evaluate, significance_metrics  # noqa: F401
-from pema.stages.inputs import check_inputs
+from pema.stages.inputs import check_inputs, cleaned_splits
 from pema.stages.ledger import Ledger
 from pema.stages.pipeline import run_pipeline
 from pema.stages.train import run_train
@@ -60,8 +60,10 @@ def once(stage: str, cfg: PipelineConfig, output_dir, body, **match):
     return result
 
 
-def build(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
+def build(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> dict:
     check_inputs(cfg, splits=("train", "dev"), model=True)  # before the run (and its store in output_dir) exists
+    for line in cleaned_splits(cfg, "dev")[1].lines():  # what the pair hygiene kept and dropped, per split
+        log(f"[data] {line}")
     return once("build_memory", cfg, output_dir,
                 lambda logger: run_build(cfg, output_dir, RayExecutor(progress), logger, progress=progress))
 

@@ -36,7 +36,7 @@ from pema.stages.inputs import adapter_meta, open_bundles, plm_or_client, split_
 from pema.stages.train import train_local
 from pema.profiling import PeakMemory
 
-SYSTEMS = ("zero_shot", "knn_lm", "lora", "pema_pd_only", "pema_no_rct", "pema_const", "pema_gu", "pema")
+SYSTEMS = ("zero_shot", "knn_lm", "lora", "pema_pd_only", "pema_no_rct", "pema_const", "pema_gu", "pema", "pema_knn")
 DEFINITIONS = {
     "zero_shot": "the PLM alone",
     "knn_lm": "kNN-LM over the train memory: constant lam = knn.lam, k = knn.k, temperature knn.temperature",
@@ -47,9 +47,12 @@ DEFINITIONS = {
     "pema_const": "the PEMA adapter (train.*), decoded with decode.const (constant lambda)",
     "pema_gu": "the PEMA adapter (train.*), decoded with decode.gu (Gradual Unrolling)",
     "pema": "the PEMA adapter (train.*), decoded with decode.pema (the recommended schedule, chosen on dev)",
+    "pema_knn": "three-way mixture: (1 - lam) P_LM + lam ((1 - s) P_PEMA + s p_kNN), lam from decode.pema_knn, "
+                "s = knn.pema_share, p_kNN as in knn_lm",
 }
 PD_ONLY = ScheduleConfig(kind="constant", lam=1.0)  # log P = log P_PEMA exactly (interpolate handles lam = 1)
 MAIN_ADAPTER = ("pema_pd_only", "pema_const", "pema_gu", "pema")  # the systems that share the cfg.train adapter
+# (pema_knn shares it too, decoded with the kNN scorer blended in)
 
 
 def _known_names(value: Iterable[str] | str, key: str, hint: str = "") -> list[str]:
@@ -100,7 +103,14 @@ def decode_schedule(system: str, cfg: PipelineConfig) -> ScheduleConfig | None:
     """The lambda schedule ``system`` decodes with (None: the model alone, no mixing)."""
     return {"knn_lm": ScheduleConfig(kind="constant", lam=cfg.knn.lam), "pema_pd_only": PD_ONLY,
             "pema_no_rct": cfg.decode.gu, "pema_const": cfg.decode.const, "pema_gu": cfg.decode.gu,
-            "pema": cfg.decode.pema}.get(system)
+            "pema": cfg.decode.pema, "pema_knn": cfg.decode.pema_knn}.get(system)
+
+
+def blended_scorer(adapter, head, knn, share: float):
+    """``key -> log((1 - share) P_PEMA + share p_kNN)``: the non-LM part of the ``pema_knn`` mixture."""
+    from pema.adapter.schedule import interpolate
+
+    return lambda key: interpolate(adapter.log_probs(key, head), knn(key), share)
 
 
 def pema_trainable_params(adapter: torch.nn.Module, t: TrainConfig) -> int:
@@ -177,7 +187,7 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
         decode("zero_shot", model, {"train_s": 0.0, "peak_train_mem_mb": 0.0, "memory_kind": "none",
                                     "trainable_params": 0, "total_params": plm_params})
 
-    plans = {"pema": cfg} if set(MAIN_ADAPTER) & set(systems) else {}
+    plans = {"pema": cfg} if set(MAIN_ADAPTER + ("pema_knn",)) & set(systems) else {}
     if "pema_no_rct" in systems:
         plans["pema_no_rct"] = no_rct_config(cfg)
     for name, pcfg in plans.items():
@@ -197,6 +207,11 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
         for system in (MAIN_ADAPTER if name == "pema" else ("pema_no_rct",)):
             if system in systems:
                 decode(system, model, cost, adapter=adapter, head=head, ratio=ratio)
+        if name == "pema" and "pema_knn" in systems:
+            knn = load_knn(RunLayout(out).memory("train"), cfg.knn, head_meta["vocab_size"], model_device,
+                           d=head_meta["d"])
+            decode("pema_knn", model, cost, scorer=blended_scorer(adapter, head, knn, cfg.knn.pema_share))
+            del knn
         del adapter
 
     if "knn_lm" in systems:

@@ -187,9 +187,12 @@ def run_evaluate(cfg: PipelineConfig, output_dir: str | os.PathLike, executor, l
 def decode_test_sets(cfg: PipelineConfig, output_dir: str | os.PathLike, *, progress: bool = True) -> dict:
     """The ``eval.systems`` on the test pairs and, with ``data.ood_test``, on those too (the PLM loaded once): the
     test split's scores with the other's under ``"ood_test"`` and both timings under ``"timings_s"``."""
-    model, tokenizer = plm_or_client(cfg)
+    timer = Timer()
+    with timer.stage("load_model"):
+        model, tokenizer = plm_or_client(cfg)
     scores = decode_and_score(cfg, output_dir, model=model, tokenizer=tokenizer, progress=progress,
                               systems=cfg.eval.systems)
+    scores["timings_s"] = {**timer.timings, **scores["timings_s"]}
     scores["tables"] = {"test": {"file": cfg.data.test, "pairs": scores.pop("pairs")}}
     if cfg.data.ood_test is not None:
         ood = decode_and_score(cfg, output_dir, model=model, tokenizer=tokenizer, progress=progress,
