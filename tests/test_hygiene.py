@@ -94,3 +94,22 @@ def test_shipped_news_commentary_splits_are_clean_and_disjoint():
     assert len(kept["dev"]) >= 200 and len(kept["test"]) >= 200
     seen = {normalize(p.source) for p in kept["train"]}
     assert not seen & {normalize(p.source) for p in kept["test"]}
+
+
+def test_split_heldout_reproduces_the_shipped_splits_and_refuses_bad_input(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("split_heldout", root / "jobs" / "split_heldout.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    monkeypatch.chdir(root)  # split.json records the input path as given
+    assert job.main(["data/wmt22/train.jsonl", str(tmp_path / "nc"), "--dev", "200", "--test", "200"]) == 0
+    for name in ("train.jsonl", "dev.jsonl", "test.jsonl", "split.json"):
+        assert (tmp_path / "nc" / name).read_bytes() == (root / "data/nc" / name).read_bytes(), name
+    assert job.main([str(tmp_path / "missing.jsonl"), str(tmp_path / "x")]) == 2
+    small = _write(tmp_path / "small.jsonl", [("A cat sat.", "Eine Katze saß."), ("A dog.", "Ein Hund.")])
+    assert job.main([small, str(tmp_path / "y"), "--dev", "1", "--test", "1"]) == 2
+    assert "fewer than --dev 1 + --test 1 + 1 training pair" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
