@@ -115,3 +115,39 @@ def test_stored_neighbours_round_trip_and_go_stale_with_the_memory(tmp_path):
     manifest.write_text(manifest.read_text() + " ")  # the memory changed after them
     with pytest.raises(MemoryFormatError, match="stale"):
         load_neighbours(mem, 4)
+
+
+def test_faiss_neighbours_above_exact_max_rows_leave_out_the_own_example(tmp_path):
+    from pema.config import load_config
+    from pema.stages.neighbours import ensure_neighbours
+
+    mem = _memory(tmp_path, rows=600, d=8)
+    cfg = load_config(None, ["train.distill_beta=0.5", "train.distill_k=4", "knn.exact_max_rows=100",
+                             "knn.nprobe=64"])
+    assert ensure_neighbours(cfg, mem, log=lambda *_: None)
+    meta = __import__("json").loads((mem / "neighbours.json").read_text())
+    assert meta["search"] == "ivfpq" and meta["k"] == 4
+    dist, idx = load_neighbours(mem, 4)
+    groups = torch.arange(600) // 5
+    assert not (groups[idx.clamp_min(0)] == groups[:, None])[idx >= 0].any()
+    data = __import__("pema.formats.memory", fromlist=["MemoryReader"]).MemoryReader(mem).read_all()
+    _, exact = neighbours_outside_group(torch.from_numpy(data["key"]), torch.from_numpy(data["example"]), 4)
+    recall = (idx[:, :1] == exact[:, :1]).float().mean().item()
+    assert recall >= 0.5, recall  # PQ codes approximate the distances; the nearest one is found at least half the time
+    assert not ensure_neighbours(cfg, mem, log=lambda *_: None)  # fresh ones are kept
+
+
+def test_the_train_stage_distills_from_stored_neighbours(tmp_path):
+    from pema.config import load_config
+    from pema.executors.inline import InlineExecutor
+    from pema.stages.build import run_build
+    from pema.stages.train import run_train
+
+    cfg = load_config("jobs/configs/smoke.yaml", ["train.distill_beta=0.5", "train.distill_k=4"])
+    run_build(cfg, tmp_path, InlineExecutor(), progress=False)
+    assert neighbours_status(tmp_path / "memory" / "train", 4) == "none stored"
+    info = run_train(cfg, tmp_path, InlineExecutor(), progress=False)
+    assert neighbours_status(tmp_path / "memory" / "train", 4) is None  # computed once, before the workers
+    assert info["phases"][-1]["phase"] == "rct_pd" and info["phases"][-1]["steps"] > 0
+    plain = run_train(load_config("jobs/configs/smoke.yaml"), tmp_path, InlineExecutor(), progress=False)
+    assert plain["phases"][-1]["best_val"] != info["phases"][-1]["best_val"]  # the distilled loss trained another adapter

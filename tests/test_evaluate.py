@@ -184,3 +184,16 @@ def test_significance_against_several_baselines_and_formatting():
     assert format_interval(m) == "0.83 [0.51, 1.20]" and format_interval(None, 1.0) == "1.00"
     assert format_p(m) == "0.042" and format_p({"p_value": None}) == "-" and format_p(None) == "-"
     assert format_p({"p_value": 1 / 10001}) == "<0.001"
+
+
+def test_scores_compare_texts_in_one_unicode_normal_form():
+    import unicodedata
+
+    from pema.stages.scoring import paired_significance, score
+
+    ref = "Das Café ist geöffnet."
+    decomposed = unicodedata.normalize("NFD", ref)
+    assert decomposed != ref
+    assert score([ref], [decomposed])["bleu"] == pytest.approx(100.0)  # NFC on both sides: the same sentence
+    sig = paired_significance({"zero_shot": [decomposed], "pema": [ref]}, [ref], n_samples=10)
+    assert sig["pema"]["bleu"]["score"] == pytest.approx(100.0) and sig["pema"]["bleu"]["tied"]

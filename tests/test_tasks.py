@@ -257,3 +257,16 @@ def test_parallel_to_jsonl_cli(tmp_path):
     bad = subprocess.run([sys.executable, str(job), str(tmp_path / "a.en"), str(tmp_path / "b.de"),
                           str(tmp_path / "bad.jsonl")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and not (tmp_path / "bad.jsonl").exists()
+
+
+def test_a_field_of_invisible_characters_is_empty(tmp_path):
+    from pema.errors import DataError
+    from pema.formats.tasks import load_pairs
+
+    path = tmp_path / "zw.jsonl"
+    path.write_text('{"en": "A cat.", "du": "Eine Katze."}\n{"en": "A dog.", "du": "\\u200b\\u200d \\u2060"}\n',
+                    encoding="utf-8")
+    with pytest.raises(DataError, match=r"zw\.jsonl:2: field 'du' is empty: .*U\+200B"):
+        load_pairs(path)
+    path.write_text('{"en": "A cat.", "du": "Eine\\u00adKatze \\u200b."}\n', encoding="utf-8")
+    assert load_pairs(path)[0].target == "Eine\u00adKatze \u200b."  # visible text with a soft hyphen stays as it is

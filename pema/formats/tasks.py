@@ -13,6 +13,7 @@ import json
 import os
 import re
 import string
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,12 @@ def render_instruction(template: str, source: str, *, source_field: str) -> str:
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
 _SURROGATE = re.compile("[\ud800-\udfff]")  # in a decoded JSON string: an unpaired "\ud800" escape, not text
 MAX_LINE_CHARS = 1 << 20  # a longer line is refused: no example is that long, and a line is read whole
+
+
+def _visible(text: str) -> bool:
+    """Whether ``text`` has a character that shows: not whitespace, not a format or control character (zero-width
+    spaces and joiners, word joiners, BOMs, soft hyphens)."""
+    return any(not c.isspace() and unicodedata.category(c) not in ("Cf", "Cc") for c in text)
 
 
 def _open_text(path: Path):
@@ -166,6 +173,10 @@ def iter_pairs(path, *, source_field: str = "en", target_field: str = "du", limi
                                 f"got {type(value).__name__}")
             if not value.strip():
                 raise DataError(f"{path}:{lineno}: field {field!r} is empty; remove the line or fill it")
+            if not _visible(value):
+                shown = ", ".join(sorted({f"U+{ord(c):04X}" for c in value if not c.isspace()}))
+                raise DataError(f"{path}:{lineno}: field {field!r} is empty: it holds only invisible characters "
+                                f"({shown}); remove the line or fill it")
             if bad := _SURROGATE.search(value):
                 raise DataError(f"{path}:{lineno}: field {field!r} holds an unpaired surrogate "
                                 f"(\\u{ord(bad.group()):04x}), which is not text; fix the escape")

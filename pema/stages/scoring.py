@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import unicodedata
 from contextlib import contextmanager
 
 from sacrebleu.metrics import BLEU, CHRF, TER
@@ -68,8 +69,15 @@ def postprocess(text: str) -> str:
 _postprocess_text = postprocess  # evaluate() has a keyword argument of the same name
 
 
+def nfc(texts: list[str]) -> list[str]:
+    """Every text in Unicode normal form NFC: a reference saved decomposed (NFD, as some macOS tools write) and a
+    composed hypothesis are the same characters to every metric."""
+    return [unicodedata.normalize("NFC", t) for t in texts]
+
+
 def score(hypotheses: list[str], references: list[str]) -> dict:
-    """Corpus BLEU, chrF and TER (sacrebleu defaults, one reference per hypothesis) with signatures."""
+    """Corpus BLEU, chrF and TER (sacrebleu defaults, one reference per hypothesis, both sides in NFC) with
+    signatures."""
     hypotheses, references = list(hypotheses), list(references)
     if len(hypotheses) != len(references):
         raise ValueError(
@@ -81,6 +89,7 @@ def score(hypotheses: list[str], references: list[str]) -> dict:
         for i, item in enumerate(items):
             if not isinstance(item, str):
                 raise ValueError(f"{name}[{i}] is {type(item).__name__}, not str")
+    hypotheses, references = nfc(hypotheses), nfc(references)
     result: dict = {}
     signatures: dict[str, str] = {}
     for name, metric in (("bleu", BLEU()), ("chrf", CHRF()), ("ter", TER())):
@@ -167,6 +176,7 @@ def paired_significance(hyps_by_system: dict[str, list[str]], references: list[s
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{label}={value!r} must be an integer >= 1")
 
+    systems, references = {name: nfc(hyps) for name, hyps in systems.items()}, nfc(references)
     order = [baseline, *(s for s in systems if s != baseline)]
     metrics = {"bleu": BLEU(), "chrf": CHRF(), "ter": TER()}
     with _sacrebleu_seed(seed):
