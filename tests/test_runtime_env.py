@@ -112,6 +112,7 @@ def test_yaml_excludes_alone_suffice(tmp_path):
         (tmp_path / junk).mkdir(parents=True)
         (tmp_path / junk / "f").write_bytes(b"x" * 1024)
     (tmp_path / "mlflow.db").write_bytes(b"x")
+    (tmp_path / "owner_tokens.json").write_text('{"acme": "secret"}')  # a secret: never uploaded
 
     excludes = yaml.safe_load(RUNTIME_ENV_YAML.read_text())["excludes"]
     target = tmp_path.parent / f"{tmp_path.name}.zip"
