@@ -190,13 +190,10 @@ def decode(args) -> None:
                     return torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
                 kw["scorer"] = sparse
             if spec.get("knn_share"):  # the three-way mixture: P_kNN takes knn_share of the non-LM weight
-                from pema.adapter.schedule import interpolate
+                from pema.stages.compare import blended_scorer
 
                 cache.setdefault("knn", load_knn(out / "memory" / "train", cfg.knn, head.vocab_size))
-                ad, knn, share = kw.pop("adapter"), cache["knn"], float(spec["knn_share"])
-                kw.pop("head")
-                kw["scorer"] = lambda key, ad=ad, knn=knn, share=share: interpolate(ad.log_probs(key, head), knn(key),
-                                                                                 share)
+                kw["scorer"] = blended_scorer(kw.pop("adapter"), kw.pop("head"), cache["knn"], float(spec["knn_share"]))
         elif spec.get("knn"):
             cache.setdefault("knn", load_knn(out / "memory" / "train", cfg.knn, head.vocab_size))
             kw.update(scorer=cache["knn"], schedule=ScheduleConfig(kind="constant", lam=spec.get("knn_lam",

@@ -17,6 +17,7 @@ returns it (sacreBLEU's paired bootstrap: 95% intervals of BLEU, chrF and TER, p
 from __future__ import annotations
 
 import gc
+import math
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -107,10 +108,14 @@ def decode_schedule(system: str, cfg: PipelineConfig) -> ScheduleConfig | None:
 
 
 def blended_scorer(adapter, head, knn, share: float):
-    """``key -> log((1 - share) P_PEMA + share p_kNN)``: the non-LM part of the ``pema_knn`` mixture."""
-    from pema.adapter.schedule import interpolate
-
-    return lambda key: interpolate(adapter.log_probs(key, head), knn(key), share)
+    """``key -> log((1 - share) P_PEMA + share p_kNN)``: the non-LM part of the ``pema_knn`` mixture, a plain
+    weighted sum in log space (a token either distribution gives mass keeps it; share 0 and 1 are exact)."""
+    def scorer(key):
+        log_pema, log_knn = adapter.log_probs(key, head), knn(key)
+        if share <= 0.0 or share >= 1.0:
+            return log_knn if share >= 1.0 else log_pema
+        return torch.logaddexp(log_pema + math.log1p(-share), log_knn + math.log(share))
+    return scorer
 
 
 def pema_trainable_params(adapter: torch.nn.Module, t: TrainConfig) -> int:
