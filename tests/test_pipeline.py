@@ -121,6 +121,7 @@ def test_main_job_on_smollm2(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(ROOT / "jobs/configs/default.yaml"),
            "--output-dir", str(out), "--no-progress", "data.train_limit=12", "data.dev_limit=4", "data.test_limit=4",
+           "data.ood_test_limit=4",
            "train.rct_epochs=2", "train.epochs=1", "decode.max_new_tokens=24", "adapter.rank=32", "adapter.alpha=32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -128,7 +129,9 @@ def test_main_job_on_smollm2(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     head = json.loads((out / "head" / "head.json").read_text())
     assert (head["d"], head["vocab_size"], head["norm_type"]) == (576, 49152, "rms")
-    assert set(SYSTEMS) <= set(summary) and "BLEU" in proc.stdout
+    systems = load_config(ROOT / "jobs/configs/default.yaml").eval.systems  # the default's rows, both tables
+    assert set(systems) <= set(summary) and set(systems) <= set(summary["ood_test"]) and "BLEU" in proc.stdout
+    assert "ood_test: 4 pairs of data/wmt22/test.jsonl" in proc.stdout
     zero_shot = [json.loads(line)["hypothesis"] for line in (out / "predictions" / "zero_shot.jsonl").open()]
     assert any(h.strip() for h in zero_shot)  # the chat template makes SmolLM2 answer (raw template: empty output)
 

@@ -20,6 +20,7 @@ from pema.config import load_config
 from pema.errors import ConfigError, DataError, MemoryFormatError
 from pema.formats.memory import MANIFEST_NAME, VERIFIED_NAME, MemoryReader, read_manifest, verify_memory
 from pema.formats.tasks import load_pairs, resolve_template, use_chat_template
+from pema.stages.inputs import split_pairs
 
 pytestmark = pytest.mark.ray
 
@@ -187,8 +188,7 @@ def test_sigkill_then_rerun_resumes(ray_client, smollm2_tokenizer, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     cfg = load_config(SMOKE, overrides)
-    train = ROOT / cfg.data.train
-    total = expected_rows(smollm2_tokenizer, cfg, load_pairs(train, limit=200))
+    total = expected_rows(smollm2_tokenizer, cfg, split_pairs(cfg, "train"))  # after the pair hygiene (6 dropped)
     manifest = verify_memory(out / "memory" / "train")
     assert manifest.total_rows == result["train_rows"] == total and len(manifest.parts) > 20
     assert_one_row_per_target(MemoryReader(out / "memory" / "train").read_all(), total)
