@@ -178,14 +178,13 @@ def decode(args) -> None:
             if spec.get("pema_temp"):  # P_PEMA sharpened (< 1) or flattened (> 1) before mixing
                 ad, tau = kw.pop("adapter"), float(spec["pema_temp"])
                 kw.pop("head")
-                kw["scorer"] = lambda key, ad=ad, tau=tau: torch.log_softmax(
-                    head(ad.pd_hidden(ad.u(key), key)) / tau, -1)
+                kw["scorer"] = lambda key, ad=ad, tau=tau: torch.log_softmax(ad.logits(key, head) / tau, -1)
             if spec.get("pema_topk"):  # P_PEMA kept on its top-k tokens only (renormalized): a sparse re-ranker
                 ad, topk = kw.pop("adapter"), int(spec["pema_topk"])
                 kw.pop("head")
 
                 def sparse(key, ad=ad, topk=topk):
-                    logits = head(ad.pd_hidden(ad.u(key), key))
+                    logits = ad.logits(key, head)
                     kth = logits.topk(topk, dim=-1).values[:, -1:]
                     return torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
                 kw["scorer"] = sparse

@@ -84,6 +84,10 @@ class PemaAdapter(nn.Module):
         u = self.u(key)
         return (self.reconstruct(u) if rct else None), (self.pd_hidden(u, key) if pd else None)
 
+    def logits(self, key: torch.Tensor, head: nn.Module) -> torch.Tensor:
+        """P_PEMA's logits (batch, vocab) for keys (batch, d): the head applied to the prediction branch."""
+        return head(self.pd_hidden(self.u(key), key))
+
     def log_probs(self, key: torch.Tensor, head: nn.Module) -> torch.Tensor:
         """log P_PEMA (batch, vocab) for keys (batch, d)."""
-        return torch.log_softmax(head(self.pd_hidden(self.u(key), key)), dim=-1)
+        return torch.log_softmax(self.logits(key, head), dim=-1)

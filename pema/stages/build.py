@@ -52,7 +52,7 @@ from pema.owner.build import prepare_examples
 from pema.owner.encode import EncodeExample, MemoryEncoder, length_batches
 from pema.owner.export import export_head
 from pema.owner.plm import head_modules, load_plm, load_tokenizer
-from pema.stages.inputs import owner_client, owner_token, split_pairs, tokenizer_of
+from pema.stages.inputs import cleaned_splits, owner_client, owner_token, tokenizer_of
 from pema.stages.logger import MetricLogger, NullLogger
 
 PLAN_NAME = "plan.json"
@@ -349,7 +349,8 @@ def run_build(cfg: PipelineConfig, output_dir, executor, logger: MetricLogger | 
     """The PLM owner's stage: ``memory/{train,dev}`` and ``head/`` under ``output_dir``; logs row and part counts,
     seconds and rows/s and the manifests; returns the counts and seconds."""
     layout, logger = RunLayout(output_dir), logger or NullLogger()
-    train_pairs, dev_pairs = split_pairs(cfg, "train"), split_pairs(cfg, "dev")
+    kept, _ = cleaned_splits(cfg, "dev")  # one read and one cleaning for both splits
+    train_pairs, dev_pairs = kept["train"], kept["dev"]
     start = time.perf_counter()
     train, dev = build_memories(cfg, {layout.memory("train"): train_pairs, layout.memory("dev"): dev_pairs},
                                 executor, progress=progress)

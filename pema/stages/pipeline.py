@@ -92,16 +92,13 @@ def format_table(summary: dict, baseline: str = "zero_shot") -> str:
     """The test table (the systems in ``summary``, in :data:`SYSTEMS` order): BLEU and chrF with their 95% bootstrap
     interval and p-value against ``baseline`` (when ``significance`` is there), TER; with ``summary["ood_test"]``
     the second test set's table the same way, each under a title naming its pairs; then the stage timings."""
-    tables = []
-    for key, title in (("test", "test"), ("ood_test", "ood_test")):
-        scores = summary if key == "test" else summary.get(key)
+    lines = []
+    for key, scores in (("test", summary), ("ood_test", summary.get("ood_test"))):
         if isinstance(scores, dict):
             info = summary.get("tables", {}).get(key)
-            if info and "ood_test" in summary:
-                tables.append(f"{title}: {info['pairs']} pairs of {info['file']}")
-            tables.append(_score_table(scores, baseline))
-            tables.append("")
-    lines = tables
+            if info and "ood_test" in summary:  # a title only where there are two tables
+                lines.append(f"{key}: {info['pairs']} pairs of {info['file']}")
+            lines += [_score_table(scores, baseline), ""]
     lines.append(f"{'stage':<20} {'seconds':>8}")
     for stage, sec in summary["timings_s"].items():
         lines.append(f"{stage:<20} {sec:>8.1f}")
