@@ -46,6 +46,8 @@ class DataConfig:
     test_limit: int | None = None
     ood_test_limit: int | None = None
     hygiene: bool = True  # drop same-text, source-language and repeated pairs; held-out splits disjoint from train
+    max_tokens: int = 512  # a source or target text over this many tokens: an error, or truncated (data.overlength)
+    overlength: str = "error"  # error (named DataError, exit 2) | truncate (cut to max_tokens, counted in the output)
 
     def __post_init__(self):
         for name in ("train_limit", "dev_limit", "test_limit", "ood_test_limit"):
@@ -56,6 +58,8 @@ class DataConfig:
         _check(self.ood_test is None or isinstance(self.ood_test, str) and bool(self.ood_test.strip()),
                "data.ood_test", self.ood_test, "null or a non-empty string")
         _check(isinstance(self.hygiene, bool), "data.hygiene", self.hygiene, "true or false")
+        _check(_is_int(self.max_tokens) and self.max_tokens > 0, "data.max_tokens", self.max_tokens, "an integer > 0")
+        _choice("data.overlength", self.overlength, ("error", "truncate"))
         try:
             render_instruction(resolve_template(self.template), "x", source_field=self.source_field)
         except ConfigError:
