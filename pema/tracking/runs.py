@@ -207,6 +207,9 @@ def stage_run(stage: str, cfg: PipelineConfig, output_dir: str | os.PathLike, *,
         if (checksum := memory_sha256(output_dir)) is not None:  # the build stage has just made the memory
             mlflow.set_tag("pema.memory_sha256", checksum)
         status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl+C or SIGTERM (pema.jobs.guard): the user stopped it
+        status = "KILLED"
+        raise
     except Exception as exc:
         if _is_tracking_failure(exc):
             raise TrackingError(f"MLflow at {uri} failed during the {stage!r} run: {exc}; the stage's files in "
