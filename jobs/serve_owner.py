@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                           else None, audit_path=str(Path(args.audit).resolve()))
         return serve_until_stopped(url, f"the PLM owner's service (audit: {args.audit})", args.once)
 
-    return run_job(args, stage)
+    return run_job(args, stage, lock=False)  # a service reads the folder; jobs may run on it meanwhile
 
 
 if __name__ == "__main__":

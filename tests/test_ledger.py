@@ -8,7 +8,8 @@ from pathlib import Path
 
 from pema.config import load_config, with_absolute_data
 from pema.executors.inline import InlineExecutor
-from pema.stages.ledger import LEDGER, Ledger
+from pema.formats.layout import source_of
+from pema.stages.ledger import LEDGER, Ledger, snapshot_inputs, stage_inputs
 from pema.stages.logger import RecordingLogger
 from pema.stages.pipeline import run_pipeline
 
@@ -62,7 +63,61 @@ def test_a_rerun_pipeline_skips_the_stages_it_finished(tmp_path):
     again, lines = RecordingLogger(), []
     rerun = run_pipeline(cfg, tmp_path, InlineExecutor(), again, progress=False, log=lines.append, ledger=ledger)
     assert [c[1] for c in again.calls if c[0] == "stage"] == ["pipeline", "evaluate"]  # build and train: done
-    assert any(line.startswith("[build_memory] done earlier") for line in lines)
+    assert any(line.startswith("[build_memory] skipped: done earlier with the same config and inputs") for line in lines)
     for system in ("zero_shot", "pema"):
         assert rerun[system]["chrf"] == summary[system]["chrf"]
     assert rerun["memory_rows"] == summary["memory_rows"]
+
+    # the same command after the test file changed under the same path: build and train are skipped, evaluate
+    # runs again and says why (before the gate knew the data, the old table came back in seconds)
+    data = tmp_path / "data"
+    data.mkdir()
+    lines_of = {s: Path(getattr(cfg.data, s)).read_text(encoding="utf-8").splitlines(keepends=True)
+                for s in ("train", "dev", "test")}
+    for split, text in lines_of.items():
+        (data / f"{split}.jsonl").write_text("".join(text), encoding="utf-8")
+    moved = with_absolute_data(load_config(SMOKE, [f"data.{s}={data / s}.jsonl" for s in lines_of]))
+    same, lines = RecordingLogger(), []  # other paths, the same bytes: nothing runs
+    run_pipeline(moved, tmp_path, InlineExecutor(), same, progress=False, log=lines.append, ledger=Ledger(tmp_path))
+    assert [c[1] for c in same.calls if c[0] == "stage"] == []
+    assert any(line.startswith("[pipeline] skipped") for line in lines)
+    (data / "test.jsonl").write_text("".join(lines_of["test"][::-1]), encoding="utf-8")  # other pairs' order
+    changed, lines = RecordingLogger(), []
+    run_pipeline(moved, tmp_path, InlineExecutor(), changed, progress=False, log=lines.append, ledger=Ledger(tmp_path))
+    assert [c[1] for c in changed.calls if c[0] == "stage"] == ["pipeline", "evaluate"]
+    assert any(line.startswith("[evaluate] redone: data.test changed (sha256 ") for line in lines), lines
+    (data / "train.jsonl").write_text("".join(lines_of["train"][1:]), encoding="utf-8")  # one pair fewer
+    changed, lines = RecordingLogger(), []
+    run_pipeline(moved, tmp_path, InlineExecutor(), changed, progress=False, log=lines.append, ledger=Ledger(tmp_path))
+    assert [c[1] for c in changed.calls if c[0] == "stage"] == ["pipeline", "build_memory", "train", "evaluate"]
+    assert any(line.startswith("[build_memory] redone: data.train changed") for line in lines), lines
+
+
+def test_the_verdict_names_what_changed(tmp_path):
+    cfg = load_config(SMOKE)
+    ledger = Ledger(tmp_path)
+    touch(tmp_path, "head/head.json", "adapter/adapter.json")
+    ledger.record("train", cfg, {}, "run-1", inputs={"memory/train/manifest.json": "a" * 64})
+    assert ledger.verdict("train", load_config(SMOKE, ["train.kappa=0.3"]))[1] == \
+        "the config changed (train.kappa 0.2 -> 0.3)"
+    assert ledger.verdict("train", cfg, {"memory/train/manifest.json": "b" * 64})[1] == \
+        f"memory/train/manifest.json changed (sha256 {'a' * 12} -> {'b' * 12})"
+    assert ledger.verdict("train", cfg, {"memory/train/manifest.json": "a" * 64})[0] is not None
+    assert ledger.verdict("evaluate", cfg)[1] == "not done before in this folder"
+
+
+def test_the_inputs_are_read_once_into_the_folder(tmp_path):
+    """The job's edge copies each split it reads into <output-dir>/inputs/, named by its content: a file replaced
+    while the job runs changes nothing the job reads, and the digests the gate records are of those copies."""
+    cfg = load_config(SMOKE)
+    snap = snapshot_inputs(cfg, tmp_path / "out", ("train", "dev"))
+    copy = Path(snap.data.train)
+    assert copy.parent == tmp_path / "out" / "inputs" and copy.read_bytes() == Path(cfg.data.train).read_bytes()
+    assert snap.data.test == cfg.data.test  # not read by this job: not copied
+    digests = stage_inputs(snap, tmp_path / "out", "build_memory")
+    assert copy.name == f"train-{digests['data.train'][:16]}.jsonl" and set(digests) == {"data.train", "data.dev",
+                                                                                           "model"}
+    assert source_of(snap.data.train) == cfg.data.train  # what the tables and messages show
+    again = snapshot_inputs(cfg, tmp_path / "out", ("train",))  # the dev copy is no longer named: removed
+    assert sorted(p.name for p in (tmp_path / "out" / "inputs").iterdir()) == sorted([Path(again.data.train).name,
+                                                                                    "sources.json"])

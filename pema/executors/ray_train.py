@@ -15,6 +15,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from pema.errors import full_disk
 from pema.executors.ray_progress import bars_on_driver, relayed_bars
 from pema.stages.logger import NullLogger
 
@@ -68,6 +69,39 @@ def train_on_ray(body, config: dict, *, cfg, layout, run_name: str = "train", pr
         yield from _fit(body, {**config, "device": r.device, "relay": relay}, t, r, use_gpu, layout, run_name)
 
 
+def fit_in_thread(trainer):
+    """``trainer.fit()`` in a helper thread, the driver's main thread waiting on it. Called from the main thread,
+    Ray Train installs a SIGINT handler of its own that outlives ``fit()`` and turns Ctrl+C into a "graceful abort"
+    that returns as if training had ended; from another thread it installs none, so the job's own handlers
+    (:mod:`pema.jobs.guard`) stay in force: a signal raises in the main thread, the job unwinds and Ray's shutdown
+    at exit takes the training actors with it."""
+    import threading
+
+    done: dict = {}
+
+    def target():
+        try:
+            done["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            done["error"] = exc
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in done:
+        raise done["error"]
+    return done["result"]
+
+
+def _no_room(error, layout) -> OSError | None:
+    """A full disk behind Ray Train's error (a worker's, or the controller's writing its checkpoints: pyarrow's error
+    names no file) as an OSError naming the file, or else Ray Train's folder; not retried: the job exits 2 naming
+    it. None for any other error."""
+    disk = full_disk(error)
+    return None if disk is None else OSError(disk.errno, disk.strerror, disk.filename or str(layout.ray_train))
+
+
 CONTROLLER_RETRIES = 2  # whole-run restarts after a controller error (the worker group lost outside a step)
 
 
@@ -80,7 +114,14 @@ def _fit(body, config, t, r, use_gpu, layout, run_name):
             run_config=RunConfig(name=run_name, storage_path=str(layout.ray_train),
                                  failure_config=FailureConfig(max_failures=t.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)))
-        result = trainer.fit()
+        try:
+            result = fit_in_thread(trainer)
+        except Exception as exc:  # Ray Train raises the run's error from fit()
+            if (disk := _no_room(exc, layout)) is not None:
+                raise disk from exc
+            raise
+        if (disk := _no_room(result.error, layout)) is not None:
+            raise disk from result.error
         # Ray Train retries failed workers (train.max_failures), not a controller that lost its worker group
         # (seen when a job is rerun right after its driver was killed, while Ray removes the old job's placement
         # groups): the run starts again from its last checkpoint, which the workers resume from

@@ -25,6 +25,7 @@ then does it replace ``dest``, so a stage killed at any instant leaves the old f
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -161,3 +162,18 @@ def replace_dir(dest: str | os.PathLike, fill: Callable[[Path], object],
         shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
     os.replace(staging, dest)
     return result
+
+
+SNAPSHOTS, SOURCES = "inputs", "sources.json"  # a job's copies of the JSONL files it read, and where they came from
+
+
+def source_of(path: str | os.PathLike) -> str:
+    """The file a job's copy of its input (``<output-dir>/inputs/<split>-<sha256>.jsonl``) was read from, as the
+    user named it (``inputs/sources.json``); any other path as it is."""
+    path = Path(path)
+    if path.parent.name == SNAPSHOTS:
+        try:
+            return str(json.loads((path.parent / SOURCES).read_text(encoding="utf-8"))[path.name])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return str(path)

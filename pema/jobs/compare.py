@@ -46,7 +46,7 @@ from pema.stages.compare import (DEFINITIONS, SYSTEMS, check_against, check_syst
 from pema.stages.decode import significance_metrics
 from pema.formats.layout import write_text_atomic
 from pema.stages.inputs import split_pairs
-from pema.stages.ledger import Ledger, config_digest
+from pema.stages.ledger import Ledger, config_digest, stage_inputs
 from pema.tracking.logger import MLflowLogger
 from pema.tracking.runs import connect, lineage_tags, stage_run
 
@@ -157,6 +157,7 @@ def _compare_run(cfg: PipelineConfig, out: Path, systems, against, progress: boo
     from pema.jobs import stages
 
     match = {"systems": list(systems), "against": list(against)}
+    inputs = stage_inputs(cfg, out, "compare")  # what this run reads, hashed once, recorded with its result
     if (entry := stages.recorded("compare", cfg, out, **match)) is not None:  # done (a kill after it was recorded)
         return entry["result"]
     run_id, logged = _killed_run(cfg, out)
@@ -188,5 +189,5 @@ def _compare_run(cfg: PipelineConfig, out: Path, systems, against, progress: boo
                         "compare_mlflow": {"run_id": parent.info.run_id, "tracking_uri": mlflow.get_tracking_uri()}})
         write_text_atomic(path, json.dumps(summary, indent=2, ensure_ascii=False))
         mlflow.log_artifact(str(path))
-        Ledger(out).record("compare", cfg, summary, parent.info.run_id, **match)  # before the run ends (a kill after it)
+        Ledger(out).record("compare", cfg, summary, parent.info.run_id, inputs=inputs, **match)  # before the run ends (a kill after it)
     return summary

@@ -24,7 +24,7 @@ from pema.formats.layout import ADAPTER_BUNDLES, OWNER_BUNDLES, RunLayout, write
 from pema.stages.build import run_build
 from pema.stages.decode import decode_and_score, log_scores, run_evaluate, significance_metrics  # noqa: F401
 from pema.stages.inputs import check_inputs, cleaned_splits
-from pema.stages.ledger import Ledger
+from pema.stages.ledger import Ledger, gated, stage_inputs
 from pema.stages.pipeline import run_pipeline
 from pema.stages.train import run_train
 from pema.tracking.logger import MLflowLogger, TrialRuns
@@ -36,63 +36,56 @@ __all__ = ["ADAPTER_BUNDLES", "OWNER_BUNDLES", "build", "train", "evaluate", "pi
            "ensure_built", "check_inputs", "log_scores", "significance_metrics", "dev_bleu_of"]
 
 
-def recorded(stage: str, cfg: PipelineConfig, output_dir, **match) -> dict | None:
-    """The ledger's entry of ``stage`` done with this config and ``match`` (outputs in place), with its run ended
-    FINISHED if a kill left it open; None when the stage has to run."""
-    if (entry := Ledger(output_dir).done(stage, cfg, **match)) is not None:
+def finish_run(entry: dict, output_dir) -> None:
+    """End the run of a recorded stage as FINISHED when a kill left it open (the work was done and recorded)."""
+    if entry.get("run_id"):
         connect(output_dir)
-        finish_recorded_runs([entry["run_id"]] if entry.get("run_id") else [])
+        finish_recorded_runs([entry["run_id"]])
+
+
+def recorded(stage: str, cfg: PipelineConfig, output_dir, **match) -> dict | None:
+    """The ledger's entry of ``stage`` done with this config, its inputs and ``match`` (outputs in place), with
+    its run ended FINISHED if a kill left it open; None when the stage has to run."""
+    ledger = Ledger(output_dir)
+    if (entry := ledger.done(stage, cfg, stage_inputs(cfg, output_dir, stage), **match)) is not None:
+        finish_run(entry, output_dir)
     return entry
 
 
-def once(stage: str, cfg: PipelineConfig, output_dir, body, **match):
-    """``body(logger)`` as the MLflow run of ``stage``, recorded in the run folder's ledger
-    (:mod:`pema.stages.ledger`) before the run ends; when the ledger already holds ``stage`` for this config and
-    ``match`` with its outputs in place (a job killed after the work was done), its recorded result instead, and its
-    run, if the kill left it open, ended as FINISHED."""
-    if (entry := recorded(stage, cfg, output_dir, **match)) is not None:
-        return entry["result"]
-    ledger = Ledger(output_dir)
-    ledger.forget_after(stage)
-    with MLflowLogger(cfg, output_dir).stage(stage) as logger:
-        result = body(logger)
-        ledger.record(stage, cfg, result, logger.info().get("run_id"), **match)
-    return result
+def once(stage: str, cfg: PipelineConfig, output_dir, body, *, log=print, figure=lambda result: "", **match):
+    """``body(logger)`` as the MLflow run of ``stage``, through the stage gate (:func:`pema.stages.ledger.gated`):
+    skipped, with its recorded result, when the folder's ledger holds it as done with this config, these inputs and
+    ``match`` with its outputs in place (a job killed after the work was done: its run, if the kill left it open,
+    is ended as FINISHED); the console says which and why."""
+    return gated(Ledger(output_dir), stage, cfg, MLflowLogger(cfg, output_dir).stage, body, log=log, figure=figure,
+                 on_skip=lambda entry: finish_run(entry, output_dir), **match)[0]
 
 
 def build(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> dict:
-    check_inputs(cfg, splits=("train", "dev"), model=True)  # before the run (and its store in output_dir) exists
     for line in cleaned_splits(cfg, "dev")[1].lines():  # what the pair hygiene kept and dropped, per split
         log(f"[data] {line}")
     return once("build_memory", cfg, output_dir,
-                lambda logger: run_build(cfg, output_dir, RayExecutor(progress), logger, progress=progress))
+                lambda logger: run_build(cfg, output_dir, RayExecutor(progress), logger, progress=progress), log=log)
 
 
-def train(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
-    check_inputs(cfg, output_dir, bundles=OWNER_BUNDLES)  # the data owner's inputs; it never loads the PLM
+def train(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> dict:
     return once("train", cfg, output_dir,
-                lambda logger: run_train(cfg, output_dir, RayExecutor(progress), logger, progress=progress))
+                lambda logger: run_train(cfg, output_dir, RayExecutor(progress), logger, progress=progress), log=log)
 
 
-def evaluate(cfg: PipelineConfig, output_dir, *, progress: bool = True) -> dict:
-    check_inputs(cfg, output_dir, splits=("test",), model=True, bundles=ADAPTER_BUNDLES)
+def evaluate(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> dict:
     return once("evaluate", cfg, output_dir,
-                lambda logger: run_evaluate(cfg, output_dir, RayExecutor(progress), logger, progress=progress))
+                lambda logger: run_evaluate(cfg, output_dir, RayExecutor(progress), logger, progress=progress),
+                log=log)
 
 
 def pipeline(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> dict:
-    """All stages as child runs of one ``pipeline`` run; writes and logs ``summary.json``. ``run_pipeline`` checks
-    the inputs before it writes ``config.json``; the logger opens the run only after that."""
+    """All stages as child runs of one ``pipeline`` run, each through the stage gate; writes and logs
+    ``summary.json``. The job's edge (:func:`pema.jobs.cli.run_job`) has checked the inputs."""
     out = RunLayout(output_dir).root
     ledger = Ledger(out)
-    if ledger.entries():  # runs that a kill left open after their stage had recorded its result
-        check_inputs(cfg, splits=("train", "dev", "test"), model=True)
-        connect(out)
-        finish_recorded_runs(ledger.run_ids())
-    if (entry := ledger.done("pipeline", cfg)) is not None:
-        return entry["result"]
     return run_pipeline(cfg, out, RayExecutor(progress), MLflowLogger(cfg, out), progress=progress, log=log,
-                        ledger=ledger)
+                        ledger=ledger, checked=True, on_skip=lambda entry: finish_run(entry, out))
 
 
 def ensure_built(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> float | None:

@@ -12,52 +12,60 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import nullcontext
 
 from pema.config import PipelineConfig, to_dict
 from pema.formats.layout import RunLayout, write_text_atomic
 from pema.stages.build import run_build
 from pema.stages.decode import SYSTEMS, log_scores, run_evaluate
 from pema.stages.inputs import check_inputs, cleaned_splits
-from pema.stages.ledger import Ledger
+from pema.stages.ledger import Ledger, gated
 from pema.stages.logger import MetricLogger, NullLogger
 from pema.stages.scoring import format_interval, format_p
 from pema.stages.train import run_train
 
 
 def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, executor, logger: MetricLogger | None = None, *,
-                 progress: bool = True, log=print, ledger: Ledger | None = None) -> dict:
+                 progress: bool = True, log=print, ledger: Ledger | None = None, checked: bool = False,
+                 on_skip=lambda entry: None) -> dict:
     """Every stage in turn; returns the summary (also written to ``summary.json`` and logged). The inputs are
-    checked first: a bad file or model path leaves ``output_dir`` as it was. With ``ledger``
-    (:mod:`pema.stages.ledger`), a stage it holds as done with this config is not run again (its recorded result
-    is used), and each stage, then the pipeline, is recorded as it completes."""
-    check_inputs(cfg, splits=("train", "dev", "test"), model=True)
+    checked first (unless the job's edge has ``checked`` them): a bad file or model path leaves ``output_dir`` as
+    it was. With ``ledger``, every stage and the pipeline itself go through the stage gate
+    (:func:`pema.stages.ledger.gated`): one done with this config and these inputs is not run again (its recorded
+    result is used, and ``on_skip(entry)`` is called), and the console says which ran, which were skipped and why."""
+    if not checked:
+        check_inputs(cfg, splits=("train", "dev", "test"), model=True)
     _, hygiene = cleaned_splits(cfg)
     for line in hygiene.lines():
         log(f"[data] {line}")
     layout, logger = RunLayout(output_dir), logger or NullLogger()
     layout.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(layout.config, json.dumps(to_dict(cfg), indent=2))
+    if ledger is None:
+        return _stages(cfg, layout, executor, logger.stage("pipeline"), None, hygiene, progress, log, on_skip)
+    return gated(ledger, "pipeline", cfg, logger.stage,
+                 lambda run: _stages(cfg, layout, executor, nullcontext(run), ledger, hygiene, progress, log, on_skip),
+                 log=log, on_skip=on_skip)[0]
+
+
+def _stages(cfg: PipelineConfig, layout: RunLayout, executor, parent, ledger: Ledger | None, hygiene, progress: bool,
+            log, on_skip) -> dict:
     timings: dict[str, float] = {}
 
     def stage(name: str, body, figure):
-        if ledger is not None and (entry := ledger.done(name, cfg)) is not None:
-            timings[name] = entry.get("seconds", 0.0)
-            log(f"[{name}] done earlier (run {entry.get('run_id')}): {figure(entry['result'])}")
-            return entry["result"]
-        if ledger is not None:
-            ledger.forget_after(name)
-        log(f"[{name}] started")
         start = time.perf_counter()
-        with run.stage(name) as stage_logger:
-            result = body(stage_logger)
-            if ledger is not None:
-                ledger.record(name, cfg, result, stage_logger.info().get("run_id"),
-                              seconds=round(time.perf_counter() - start, 2))
-        timings[name] = round(time.perf_counter() - start, 2)
-        log(f"[{name}] done in {timings[name]:.0f} s: {figure(result)}")
+        if ledger is None:
+            log(f"[{name}] started")
+            with run.stage(name) as stage_logger:
+                result, skipped = body(stage_logger), None
+        else:
+            result, skipped = gated(ledger, name, cfg, run.stage, body, log=log, figure=figure, on_skip=on_skip)
+        timings[name] = skipped.get("seconds", 0.0) if skipped else round(time.perf_counter() - start, 2)
+        if not skipped:
+            log(f"[{name}] done in {timings[name]:.0f} s: {figure(result)}")
         return result
 
-    with logger.stage("pipeline") as run:
+    with parent as run:
         built = stage("build_memory", lambda lg: run_build(cfg, layout.root, executor, lg, progress=progress),
                       lambda b: f"{b['train_rows']:,} train rows, {b['dev_rows']:,} dev rows")
         trained = stage("train", lambda lg: run_train(cfg, layout.root, executor, lg, progress=progress),
@@ -77,8 +85,6 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, executor, l
         log_scores(run, summary)
         run.log_metrics({f"{k}_s": float(v) for k, v in summary["timings_s"].items()})
         run.log_artifact(layout.summary)
-        if ledger is not None:
-            ledger.record("pipeline", cfg, summary, run.info().get("run_id"))
     return summary
 
 
