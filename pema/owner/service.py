@@ -23,7 +23,6 @@ and the latency. Never the text, never the ids themselves.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 import threading
@@ -36,17 +35,10 @@ import numpy as np
 import torch
 from safetensors.numpy import save as save_numpy
 
-from pema.errors import ConfigError
+# load_tokens is named here too: the owner's jobs and tests import it from this module
+from pema.formats.access import RequestError, bearer_tenant, json_object, load_tokens  # noqa: F401
 from pema.owner.encode import EncodeExample, MemoryEncoder
 from pema.owner.plm import head_modules
-
-
-class RequestError(Exception):
-    """An answer other than 200: ``status`` and a message naming what was wrong."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -56,26 +48,6 @@ class Limits:
     max_body_bytes: int = 16 << 20
     max_sessions: int = 64
     session_ttl_s: float = 300.0
-
-
-def load_tokens(path: str | os.PathLike | None = None, env: str = "PEMA_OWNER_TOKENS") -> dict[str, str]:
-    """``{token: tenant}`` from a JSON file ``{"tenant": "token", ...}`` or ``$PEMA_OWNER_TOKENS`` (``tenant:token``
-    pairs, comma-separated); ConfigError when neither gives a token (a service without tokens would answer anyone)."""
-    pairs: dict[str, str] = {}
-    if path is not None:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or not all(isinstance(v, str) and v for v in data.values()):
-            raise ConfigError(f"{path}: expected a JSON object {{\"tenant\": \"token\", ...}}")
-        pairs = dict(data)
-    elif os.environ.get(env):
-        for item in os.environ[env].split(","):
-            tenant, sep, token = item.strip().partition(":")
-            if not sep or not tenant or not token:
-                raise ConfigError(f"${env}: {item!r} is not tenant:token")
-            pairs[tenant] = token
-    if not pairs:
-        raise ConfigError(f"no access tokens: pass a tokens file or set ${env}=tenant:token")
-    return {token: tenant for tenant, token in pairs.items()}
 
 
 def _ids(body: dict, field: str, where: str, vocab: int) -> list[int]:
@@ -128,7 +100,7 @@ class OwnerService:
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, str, bytes]:
         start, tenant, record = time.perf_counter(), None, {"rows": 0, "tokens_in": 0, "ids_sha256": None}
         try:
-            tenant = self._tenant(headers)
+            tenant = bearer_tenant(headers, self.tokens)
             if len(body) > self.limits.max_body_bytes:
                 raise RequestError(413, f"body of {len(body)} bytes is over the limit of "
                                         f"{self.limits.max_body_bytes}")
@@ -137,14 +109,6 @@ class OwnerService:
             status, ctype, out, sent = exc.status, "application/json", json.dumps({"error": str(exc)}).encode(), {}
         self._audit(tenant, method, path, status, record, sent, len(out), time.perf_counter() - start)
         return status, ctype, out
-
-    def _tenant(self, headers: dict[str, str]) -> str:
-        auth = {k.lower(): v for k, v in headers.items()}.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        for known, tenant in self.tokens.items():
-            if scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), known):
-                return tenant
-        raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
 
     def _route(self, method, path, body, record):
         if method == "GET" and path == "/health":
@@ -170,15 +134,7 @@ class OwnerService:
             return 200, "application/json", b'{"closed": true}', {}
         raise RequestError(404, f"no endpoint {method} {path}")
 
-    @staticmethod
-    def _json(body: bytes) -> dict:
-        try:
-            data = json.loads(body or b"null")
-        except ValueError as exc:
-            raise RequestError(400, f"body is not JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise RequestError(400, "body must be a JSON object")
-        return data
+    _json = staticmethod(json_object)
 
     def _head_file(self) -> bytes:
         from safetensors.torch import load as load_torch
