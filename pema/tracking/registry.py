@@ -14,11 +14,15 @@ the registered model is served from an environment that has it (``--env-manager 
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import re
 import shutil
 import tempfile
 import tomllib
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import yaml
@@ -49,7 +53,7 @@ def champion(name: str) -> tuple[str | None, float | None]:
         mv = client.get_model_version_by_alias(name, ALIAS)
     except mlflow.exceptions.MlflowException:
         return None, None
-    return mv.version, float(mv.tags.get("dev_bleu", "-inf"))
+    return str(mv.version), float(mv.tags.get("dev_bleu", "-inf"))
 
 
 def schedule_tag(cfg: PipelineConfig) -> str:
@@ -67,6 +71,38 @@ def adapter_digest(output_dir) -> str:
         if path.is_file():
             h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
+
+
+def lock_path(name: str, uri: str | None = None) -> Path:
+    """The lock file of ``name``'s champion: next to the tracking store (a sqlite database's folder, a file store's
+    folder), or for a tracking server in this host's temporary folder, keyed by the server's URI."""
+    uri = uri or mlflow.get_tracking_uri()
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        db = Path(uri[len("sqlite:///"):].split("?")[0]) if uri.startswith("sqlite:///") else Path("mlflow.db")
+        return db.parent / f"{db.name}.{safe}.champion.lock"
+    if parsed.scheme in ("", "file"):
+        store = Path(parsed.path or uri).resolve()
+        return store.parent / f"{store.name}.{safe}.champion.lock"
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "pema-locks" / f"{key}.{safe}.champion.lock"
+
+
+@contextmanager
+def champion_lock(name: str):
+    """Hold an exclusive lock (``fcntl.flock``) on ``name``'s :func:`lock_path` for the body: registers of one model
+    name run one at a time, so each reads the champion after the last one moved it. The kernel drops the lock when
+    its holder dies (a killed register never blocks the next). With a tracking server the lock file is on this
+    host: registers of one name from two hosts are not serialised (run them from one host)."""
+    path = lock_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _version_of(name: str, tags: dict):
@@ -90,12 +126,21 @@ def register_adapter(cfg: PipelineConfig, output_dir, name: str, *, dev_bleu: fl
 
     A version is registered with its tags in one call, among them ``adapter_sha256`` (:func:`adapter_digest`): the
     same adapter registered again with the same schedule and dev BLEU (a job rerun after a kill) gets that version
-    back instead of a second one."""
+    back instead of a second one.
+
+    All of it runs under :func:`champion_lock`: of two registers of ``name`` at once, the second reads the champion
+    the first left, so the better dev BLEU ends as champion and only a version that beats the one before it
+    reports ``champion: true``."""
     layout = RunLayout(output_dir)
     mlflow.log_metric("dev_bleu", dev_bleu)
     digest = adapter_digest(output_dir)
     tags = {"dev_bleu": str(dev_bleu), "schedule": schedule_tag(cfg), "base_model": cfg.model.model_id,
             "adapter_sha256": digest}
+    with champion_lock(name):  # the version check, the register and the champion's read-compare-move, as one
+        return _register_locked(cfg, layout, name, dev_bleu, tags)
+
+
+def _register_locked(cfg: PipelineConfig, layout: RunLayout, name: str, dev_bleu: float, tags: dict) -> dict:
     mv = _version_of(name, tags)
     if mv is None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -110,8 +155,8 @@ def register_adapter(cfg: PipelineConfig, output_dir, name: str, *, dev_bleu: fl
         mv = mlflow.register_model(info.model_uri, name, tags=tags)
     version = str(mv.version)
     client = MlflowClient()
-    previous, previous_bleu = champion(name)
-    promoted = previous is None or str(previous) == version or dev_bleu > previous_bleu
+    previous, previous_bleu = champion(name)  # read under the lock: another register's move is seen here
+    promoted = previous is None or previous == version or dev_bleu > previous_bleu
     if promoted:
         client.set_registered_model_alias(name, ALIAS, version)
     mlflow.set_tags({"pema.registered_model": name, "pema.model_version": version,
