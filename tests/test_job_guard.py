@@ -109,3 +109,35 @@ def test_a_signal_stops_the_job_and_the_rerun_finishes(tmp_path, sig, stage_line
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[build_memory] skipped: done earlier" in again.stdout
     assert "RUNNING" not in run_statuses(out)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_the_owner_service_stops_the_same_way(tmp_path, sig, code):
+    """The service runs until Ctrl+C or SIGTERM: then it exits 130 / 143 with the rerun line, without a traceback
+    or Ray's "SIGTERM received" banner, and its processes go with it."""
+    from local_ray import free_port
+
+    tokens, tag = tmp_path / "tokens.json", uuid.uuid4().hex
+    tokens.write_text('{"acme": "t-0123456789abcdef"}')
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "PEMA_OWNER"))},
+           "PYTHONUNBUFFERED": "1", "PEMA_FAULT_TAG": tag}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "serve_owner.py"), "--config", str(SMOKE),
+                             "--output-dir", str(tmp_path / "run"), "--tokens", str(tokens), "--port",
+                             str(free_port()), "--audit", str(tmp_path / "audit.jsonl")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if " at http://" in line:
+                os.killpg(proc.pid, sig)
+                break
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == code, stderr[-3000:]
+    assert "rerun the same command" in stderr and "Traceback" not in stderr and "SIGTERM received" not in stderr
+    for _ in range(30):
+        if not tagged_processes(tag):
+            break
+        time.sleep(1)
+    assert tagged_processes(tag) == []
