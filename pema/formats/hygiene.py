@@ -55,10 +55,11 @@ def guess_language(text: str, languages=("en", "de")) -> str | None:
 @dataclass
 class HygieneReport:
     """What :func:`clean_splits` kept and dropped, per split: ``dropped[split][reason]`` = 0-based input
-    positions (pairs' original ``index``)."""
+    positions (pairs' original ``index``); ``truncated[split]``: texts cut to ``data.max_tokens`` when read."""
 
     kept: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    truncated: dict[str, int] = field(default_factory=dict)
 
     def total_dropped(self, split: str) -> int:
         return sum(len(v) for v in self.dropped.get(split, {}).values())
@@ -68,11 +69,13 @@ class HygieneReport:
         out = []
         for split, kept in self.kept.items():
             reasons = ", ".join(f"{len(v)} {r}" for r, v in sorted(self.dropped.get(split, {}).items()) if v)
-            out.append(f"{split}: kept {kept:,} pairs" + (f", dropped {reasons}" if reasons else ", dropped none"))
+            cut = f"; {n:,} texts over data.max_tokens cut to it" if (n := self.truncated.get(split)) else ""
+            out.append(f"{split}: kept {kept:,} pairs" + (f", dropped {reasons}" if reasons else ", dropped none") + cut)
         return out
 
     def to_dict(self) -> dict:
-        return {s: {"kept": k, "dropped": {r: len(v) for r, v in self.dropped.get(s, {}).items() if v}}
+        return {s: {"kept": k, "dropped": {r: len(v) for r, v in self.dropped.get(s, {}).items() if v},
+                    **({"truncated": self.truncated[s]} if self.truncated.get(s) else {})}
                 for s, k in self.kept.items()}
 
 

@@ -113,23 +113,24 @@ def _text_lines(path: Path):
 
 
 def load_pairs(
-    path, *, source_field: str = "en", target_field: str = "du", limit: int | None = None
+    path, *, source_field: str = "en", target_field: str = "du", limit: int | None = None, cap=None
 ) -> list[Pair]:
     """Read a JSONL file of ``{source_field: ..., target_field: ...}`` objects into Pairs.
 
     Blank lines are skipped; ``limit`` keeps the first N pairs.  Any malformed line (bad JSON or UTF-8, a missing
     or empty field, a line over MAX_LINE_CHARS) raises DataError naming ``<path>:<lineno>``, and so does a file
-    without pairs; FileNotFoundError passes through.
+    without pairs; FileNotFoundError passes through. ``cap``: a :class:`TokenCap` for the texts' token length.
     """
-    pairs = list(iter_pairs(path, source_field=source_field, target_field=target_field, limit=limit))
+    pairs = list(iter_pairs(path, source_field=source_field, target_field=target_field, limit=limit, cap=cap))
     if not pairs:
         raise _no_pairs(path, source_field, target_field)
     return pairs
 
 
-def check_pairs(path, *, source_field: str = "en", target_field: str = "du", limit: int | None = None) -> int:
+def check_pairs(path, *, source_field: str = "en", target_field: str = "du", limit: int | None = None,
+                cap=None) -> int:
     """:func:`load_pairs`' checks in constant memory (nothing is kept); returns the number of pairs."""
-    n = sum(1 for _ in iter_pairs(path, source_field=source_field, target_field=target_field, limit=limit))
+    n = sum(1 for _ in iter_pairs(path, source_field=source_field, target_field=target_field, limit=limit, cap=cap))
     if not n:
         raise _no_pairs(path, source_field, target_field)
     return n
@@ -140,8 +141,10 @@ def _no_pairs(path, source_field: str, target_field: str) -> DataError:
                      f"with fields {source_field!r} and {target_field!r}")
 
 
-def iter_pairs(path, *, source_field: str = "en", target_field: str = "du", limit: int | None = None):
-    """The Pairs of a JSONL file, lazily (see :func:`load_pairs`; an empty file yields nothing)."""
+def iter_pairs(path, *, source_field: str = "en", target_field: str = "du", limit: int | None = None,
+               cap: "TokenCap | None" = None):
+    """The Pairs of a JSONL file, lazily (see :func:`load_pairs`; an empty file yields nothing). With ``cap``, every
+    source and target meets ``data.max_tokens`` (:class:`TokenCap`: an OverlengthError, or the text cut)."""
     if limit is not None and limit < 1:
         raise ConfigError(f"limit={limit!r} must be a positive integer or None")
     path = Path(path)
@@ -180,7 +183,7 @@ def iter_pairs(path, *, source_field: str = "en", target_field: str = "du", limi
             if bad := _SURROGATE.search(value):
                 raise DataError(f"{path}:{lineno}: field {field!r} holds an unpaired surrogate "
                                 f"(\\u{ord(bad.group()):04x}), which is not text; fix the escape")
-            texts.append(value)
+            texts.append(value if cap is None else cap.apply(value, f"{path}:{lineno}", len(texts), field))
         yield Pair(index=n, source=texts[0], target=texts[1])
         n += 1
         if limit is not None and n >= limit:
@@ -278,6 +281,102 @@ def target_ids(tokenizer, target: str, *, chat: bool, stop_id: int | None = None
 def source_token_count(tokenizer, source: str) -> int:
     """Number of tokens in ``source`` without special tokens."""
     return len(tokenizer(source, add_special_tokens=False)["input_ids"])
+
+
+OVERLENGTH = ("error", "truncate")  # data.overlength
+PROMPT_MARGIN = 8  # tokens that may merge differently where a source meets its template's text
+
+
+class OverlengthError(DataError):
+    """A text over ``data.max_tokens`` (with ``data.overlength: error``), or a prompt or teacher-forced sequence over
+    the bound that follows from it (:func:`prompt_token_bound`) where it is used."""
+
+
+class TokenCap:
+    """``data.max_tokens`` and ``data.overlength`` for the texts read from files (:func:`iter_pairs`).
+
+    The rule: a text's length is the number of tokens the model's tokenizer makes of the text alone, without special
+    tokens (:func:`source_token_count`): the source as written in the file, not the rendered prompt; the target
+    without its stop token. Over ``max_tokens``, ``error`` raises an OverlengthError naming ``<path>:<line>``, and
+    ``truncate`` cuts the text (:func:`cut_to_tokens`) and counts it in ``truncated``.
+
+    Built with ``tokenizer``, it counts every text. Built with ``load`` (a function that returns the tokenizer), a
+    text of b UTF-8 bytes with b + 1 <= max_tokens is under the cap without counting, and the tokenizer is loaded
+    only for a longer text (seconds for a GGUF file, saved at a job's edge). That bound holds for the tokenizers
+    the project loads: byte-level BPE (SmolLM2, GPT-2, Llama 3: every token covers at least one byte) and
+    SentencePiece with byte fallback (Llama 2: the same, plus one dummy-prefix token); a character count is no bound
+    (one CJK character is up to 3 tokens, an emoji up to 4). A tokenizer whose normalizer expands text (NFKC) can
+    break it, which the stages catch: they count every text with the tokenizer they hold.
+    """
+
+    def __init__(self, max_tokens: int, overlength: str = "error", *, tokenizer=None, load=None):
+        if overlength not in OVERLENGTH:
+            raise ConfigError(f"data.overlength={overlength!r} is not one of {OVERLENGTH}")
+        if (tokenizer is None) == (load is None):
+            raise ValueError("TokenCap needs either tokenizer (count every text) or load (count past the byte bound)")
+        self.max_tokens, self.overlength, self.exact = int(max_tokens), overlength, tokenizer is not None
+        self._tok, self._load, self.truncated = tokenizer, load, 0
+
+    def tokenizer(self):
+        if self._tok is None:
+            self._tok = self._load()
+        return self._tok
+
+    def count(self, text: str) -> int | None:
+        """The tokens of ``text``; None when the byte bound puts it under the cap without counting."""
+        if not self.exact and len(text.encode("utf-8", "surrogatepass")) + 1 <= self.max_tokens:
+            return None
+        return source_token_count(self.tokenizer(), text)
+
+    def apply(self, text: str, where: str, side: int, field: str) -> str:
+        """``text`` (side 0: the source, 1: the target, in ``field`` of ``where`` = ``<path>:<line>``) under the
+        cap: as it is, cut, or an OverlengthError."""
+        n = self.count(text)
+        if n is None or n <= self.max_tokens:
+            return text
+        what = (f"{where}: the {('source', 'target')[side]} (field {field!r}) has {n:,} tokens, over "
+                f"data.max_tokens={self.max_tokens}")
+        if self.overlength == "error":
+            raise OverlengthError(f"{what}; raise data.max_tokens, set data.overlength=truncate to cut such texts to "
+                                  f"{self.max_tokens} tokens (counted in the output), or shorten the text")
+        self.truncated += 1
+        return cut_to_tokens(self.tokenizer(), text, self.max_tokens, what)
+
+
+def cut_to_tokens(tokenizer, text: str, max_tokens: int, what: str = "a text") -> str:
+    """The longest prefix of ``text`` that ends where one of its first ``max_tokens`` tokens ends and, trailing
+    whitespace removed, has at most ``max_tokens`` tokens of its own (:func:`source_token_count`). A tokenizer
+    without character offsets: the decoded first tokens instead. OverlengthError (``what``) when every such prefix
+    is empty or invisible."""
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        candidates = (text[:end] for end in sorted({int(e) for _, e in offsets[:max_tokens]}, reverse=True))
+    except (NotImplementedError, KeyError, TypeError, ValueError):
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:max_tokens]
+        candidates = (tokenizer.decode(ids[:k]) for k in range(len(ids), 0, -1))
+    for cut in candidates:
+        cut = cut.rstrip()
+        if _visible(cut) and source_token_count(tokenizer, cut) <= max_tokens:
+            return cut
+    raise OverlengthError(f"{what}, and no prefix of it within {max_tokens} tokens is visible text; raise "
+                          "data.max_tokens or shorten the text")
+
+
+def context_window(model) -> int | None:
+    """The longest sequence a model's config declares (``max_position_embeddings``, ``n_positions``), or None."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        if isinstance(n := getattr(config, name, None), int) and n > 0:
+            return n
+    return None
+
+
+def prompt_token_bound(tokenizer, template: str, max_tokens: int, *, source_field: str, chat: bool) -> int:
+    """The most tokens the prompt of a source within ``max_tokens`` may have: the prompt of an empty source, plus
+    ``max_tokens``, plus :data:`PROMPT_MARGIN`. Decoding refuses a longer prompt, and the memory build a longer
+    teacher-forced sequence (this bound plus ``max_tokens``), before anything sized by it is allocated."""
+    empty = source_prompt_ids(tokenizer, template, "", source_field=source_field, chat=chat)
+    return len(empty) + int(max_tokens) + PROMPT_MARGIN
 
 
 def tokenizer_hash(tokenizer) -> str:

@@ -2,6 +2,7 @@
 output folder, and the data owner's view of them (the head and both memories, checked against each other)."""
 from __future__ import annotations
 
+import functools
 import os
 
 from pema.adapter.io import load_adapter, load_head
@@ -10,27 +11,46 @@ from pema.errors import ConfigError, DataError
 from pema.formats.hygiene import TASK_LANGUAGES, HygieneReport, clean_splits
 from pema.formats.layout import RunLayout
 from pema.formats.memory import MemoryReader, verify_memory
-from pema.formats.tasks import Pair, check_pairs, load_pairs
+from pema.formats.tasks import Pair, TokenCap, check_pairs, load_pairs
 
 
 SPLITS = ("train", "dev", "test", "ood_test")  # hygiene's order: a later split is kept disjoint from the earlier
 
 
-def _raw_pairs(cfg: PipelineConfig, split: str) -> list[Pair]:
+def token_cap(cfg: PipelineConfig, tokenizer=None) -> TokenCap:
+    """``data.max_tokens`` / ``data.overlength`` as a :class:`~pema.formats.tasks.TokenCap`: counting every text with
+    ``tokenizer``, or (None) past the byte bound with the model's tokenizer, loaded only if a text needs it."""
+    if tokenizer is not None:
+        return TokenCap(cfg.data.max_tokens, cfg.data.overlength, tokenizer=tokenizer)
+
+    def load():
+        if not cfg.resources.owner_url:
+            check_model_id(cfg.model.model_id)  # a named error, not the loader's, for a wrong model path
+        return tokenizer_of(cfg)
+
+    return TokenCap(cfg.data.max_tokens, cfg.data.overlength, load=load)
+
+
+def _raw_pairs(cfg: PipelineConfig, split: str, cap: TokenCap) -> list[Pair]:
     d = cfg.data
     return load_pairs(getattr(d, split), limit=getattr(d, f"{split}_limit"), source_field=d.source_field,
-                      target_field=d.target_field)
+                      target_field=d.target_field, cap=cap)
 
 
-def cleaned_splits(cfg: PipelineConfig, upto: str = "ood_test") -> tuple[dict[str, list[Pair]], HygieneReport]:
-    """The configured splits up to ``upto`` (in :data:`SPLITS` order), each limited by ``data.<split>_limit`` and
-    then cleaned (:mod:`pema.formats.hygiene`; nothing is dropped with ``data.hygiene: false``), with the report.
-    A split left without pairs is a DataError naming its file."""
+def cleaned_splits(cfg: PipelineConfig, upto: str = "ood_test", *,
+                   tokenizer=None) -> tuple[dict[str, list[Pair]], HygieneReport]:
+    """The configured splits up to ``upto`` (in :data:`SPLITS` order), each limited by ``data.<split>_limit``, its
+    texts held to ``data.max_tokens`` (:func:`token_cap` with ``tokenizer``: an OverlengthError, or cut and counted
+    in the report's ``truncated``) and then cleaned (:mod:`pema.formats.hygiene`; nothing is dropped with
+    ``data.hygiene: false``), with the report. A split left without pairs is a DataError naming its file."""
     names = [s for s in SPLITS[:SPLITS.index(upto) + 1] if getattr(cfg.data, s) is not None]
-    raw = {s: _raw_pairs(cfg, s) for s in names}
+    caps = {s: token_cap(cfg, tokenizer) for s in names}
+    raw = {s: _raw_pairs(cfg, s, caps[s]) for s in names}
+    truncated = {s: cap.truncated for s, cap in caps.items()}
     if not cfg.data.hygiene:
-        return raw, HygieneReport(kept={s: len(p) for s, p in raw.items()})
+        return raw, HygieneReport(kept={s: len(p) for s, p in raw.items()}, truncated=truncated)
     kept, report = clean_splits(raw, TASK_LANGUAGES.get(cfg.data.template))
+    report.truncated = truncated
     for s in names:
         if not kept[s]:
             raise DataError(f"{getattr(cfg.data, s)}: every pair of data.{s} was dropped by the pair hygiene "
@@ -38,28 +58,30 @@ def cleaned_splits(cfg: PipelineConfig, upto: str = "ood_test") -> tuple[dict[st
     return kept, report
 
 
-def split_pairs(cfg: PipelineConfig, split: str) -> list[Pair]:
+def split_pairs(cfg: PipelineConfig, split: str, *, tokenizer=None) -> list[Pair]:
     """The pairs of ``data.<split>`` (``train``, ``dev``, ``test`` or ``ood_test``), limited by
-    ``data.<split>_limit`` and cleaned (:func:`cleaned_splits`); a bad file raises a DataError naming
-    ``<path>:<line>``."""
+    ``data.<split>_limit``, held to ``data.max_tokens`` and cleaned (:func:`cleaned_splits`); a bad file raises a
+    DataError naming ``<path>:<line>``."""
     if split not in SPLITS or getattr(cfg.data, split) is None:
         raise ConfigError(f"split {split!r} is not one of the configured splits "
                           f"{[s for s in SPLITS if getattr(cfg.data, s) is not None]}")
-    return cleaned_splits(cfg, split)[0][split]
+    return cleaned_splits(cfg, split, tokenizer=tokenizer)[0][split]
 
 
 def check_inputs(cfg: PipelineConfig, output_dir: str | os.PathLike | None = None, *,
                  splits: tuple[str, ...] = (), model: bool = False, bundles: tuple[str, ...] = ()) -> None:
     """Check what a stage reads before it writes anything: the JSONL pairs of ``splits`` (DataError naming
-    ``<path>:<line>``, FileNotFoundError), ``model.model_id`` when ``model`` (ConfigError when it names a path
+    ``<path>:<line>``, FileNotFoundError; with ``data.overlength: error`` an OverlengthError for a text over
+    ``data.max_tokens``, the tokenizer loaded only if a text is past the byte bound), ``model.model_id`` when ``model`` (ConfigError when it names a path
     that does not exist) and the ``bundles`` files under ``output_dir`` (FileNotFoundError naming the jobs that
     make them; a damaged or edited memory, head or adapter: the reader's named error)."""
     d = cfg.data
     if "test" in splits and d.ood_test is not None:
         splits = (*splits, "ood_test")
+    cap = token_cap(cfg) if d.overlength == "error" else None  # truncate: the stage cuts and counts
     for split in splits:  # in constant memory: a file of 10^6 lines is read, not kept
         check_pairs(getattr(d, split), limit=getattr(d, f"{split}_limit"), source_field=d.source_field,
-                    target_field=d.target_field)
+                    target_field=d.target_field, cap=cap)
     if model:
         check_model_id(cfg.model.model_id)
     if bundles and (missing := RunLayout(output_dir).missing(bundles)):
@@ -139,9 +161,16 @@ def tokenizer_of(cfg: PipelineConfig):
     """The tokenizer alone: from the owner's service with ``resources.owner_url``, else from the model's files."""
     if cfg.resources.owner_url:
         return owner_client(cfg).tokenizer()
+    return local_tokenizer(cfg.model.model_id, cfg.model.revision)
+
+
+@functools.lru_cache(maxsize=2)
+def local_tokenizer(model_id: str, revision: str | None):
+    """The model's tokenizer, loaded once per process (seconds for a GGUF file): the check at a job's edge and the
+    build's plan in the same driver share it."""
     from pema.owner.plm import load_tokenizer
 
-    return load_tokenizer(cfg.model.model_id, cfg.model.revision)
+    return load_tokenizer(model_id, revision)
 
 
 def owner_client(cfg: PipelineConfig):
