@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         scores = stages.evaluate(cfg, args.output_dir, progress=not args.no_progress)
         path = Path(args.output_dir) / "scores.json"
         path.write_text(json.dumps(scores, indent=2, ensure_ascii=False))
-        return f"{format_table(scores)}\nscores: {path}"
+        cut = [f"[data] {split}: {n:,} texts over data.max_tokens={cfg.data.max_tokens} cut to it"
+               for split, n in scores.get("truncated", {}).items() if n]
+        return "\n".join([*cut, format_table(scores), f"scores: {path}"])
 
     from pema.jobs.stages import ADAPTER_BUNDLES
 

@@ -24,6 +24,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from pema.adapter.head import OutputHead
 from pema.adapter.model import PemaAdapter
 from pema.adapter.schedule import Schedule, interpolate, own_stop
+from pema.formats.tasks import OverlengthError, context_window
 
 
 class KeySource(Protocol):
@@ -156,14 +157,16 @@ def generate(model, prompts: Sequence[Sequence[int]], *, stop_token_id: int, pad
              head: OutputHead | None = None, key_source: KeySource | None = None, schedule: Schedule | None = None,
              horizons: torch.Tensor | None = None, progress: bool = True, desc: str = "decode",
              scorer: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             length_caps: torch.Tensor | None = None) -> GenerationResult:
+             length_caps: torch.Tensor | None = None, max_prompt_tokens: int | None = None) -> GenerationResult:
     """Generate for every prompt (token ids). Without ``adapter`` or ``scorer`` this is the PLM alone (zero-shot).
 
     ``adapter`` + ``head`` mix in P_PEMA; ``scorer(key (rows, d) float32) -> log-probs (rows, vocab)`` instead mixes
     in any other distribution of the owner's key (the kNN-LM baseline). Either needs ``key_source``, ``schedule``
     and ``horizons`` (one per prompt). Prompts are sorted by length and left-padded per batch; results come back
     in input order. ``length_caps`` (one per prompt): the most tokens a row may generate before its stop token
-    is forced (:class:`LengthCapProcessor`), with or without mixing.
+    is forced (:class:`LengthCapProcessor`), with or without mixing. ``max_prompt_tokens``: the longest prompt
+    decoded (:func:`pema.formats.tasks.prompt_token_bound` of ``data.max_tokens``; by default the model's context
+    window less ``max_new_tokens``); a longer one is an OverlengthError before any batch is allocated.
     """
     if scorer is not None and (adapter is not None or head is not None):
         raise ValueError("pass either adapter and head (PEMA) or scorer (e.g. kNN-LM), not both")
@@ -178,6 +181,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, stop_token_id: int, pad
         raise ValueError(f"length_caps needs one cap >= 1 per prompt, got {len(length_caps)} for {len(prompts)}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    check_prompts(model, prompts, max_prompt_tokens, settings.max_new_tokens)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -220,6 +224,20 @@ def generate(model, prompts: Sequence[Sequence[int]], *, stop_token_id: int, pad
         bar.update(len(idx))
     bar.close()
     return GenerationResult(outputs, time.perf_counter() - start, total_tokens, traces)
+
+
+def check_prompts(model, prompts: Sequence[Sequence[int]], bound: int | None, max_new_tokens: int) -> None:
+    """OverlengthError naming the first prompt over ``bound`` (None: the model's context window, when its config
+    declares one, less ``max_new_tokens``), before anything is sized by it."""
+    what = "data.max_tokens"
+    if bound is None:
+        if (window := context_window(model)) is None:
+            return
+        bound, what = max(1, window - max_new_tokens), f"the model's context window of {window} less max_new_tokens"
+    if over := [i for i, p in enumerate(prompts) if len(p) > bound]:
+        raise OverlengthError(f"prompt {over[0]} has {len(prompts[over[0]]):,} tokens, over the {bound:,} that "
+                              f"{what} allows ({len(over)} prompt(s) over it); shorten or cut the text "
+                              "(data.overlength=truncate) or raise data.max_tokens; nothing was decoded")
 
 
 class _null:

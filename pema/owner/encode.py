@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pema.formats.keys import normalize
+from pema.formats.tasks import OverlengthError, context_window
 from pema.owner.respond import ContextTap
 
 
@@ -74,6 +75,16 @@ class TeacherForcedInputs:
     target_len: np.ndarray
 
 
+def check_lengths(examples: Sequence[EncodeExample], max_length: int | None, what: str = "") -> None:
+    """OverlengthError naming the first example whose teacher-forced sequence (``input_length``) is over
+    ``max_length`` (None: no bound); ``what`` says where the bound comes from."""
+    if max_length is not None and (over := [e for e in examples if e.input_length > max_length]):
+        e = over[0]
+        raise OverlengthError(f"example {e.example}: its teacher-forced sequence has {e.input_length:,} tokens "
+                              f"(prompt {len(e.prompt_ids):,} + target {len(e.target_ids):,} - 1), over the bound of "
+                              f"{max_length:,}{what} ({len(over)} example(s) over it); nothing was encoded")
+
+
 def teacher_forced_inputs(examples: Sequence[EncodeExample], pad_id: int) -> TeacherForcedInputs:
     if not examples:
         raise ValueError("encode called with no examples")
@@ -96,11 +107,17 @@ class MemoryEncoder:
     Rows come example by example in the order given, positions 0..T-1 within each. Keys are gathered at the target
     positions on the device in one indexing op, normalized in float32, cast to ``key_dtype`` there (float16 halves
     the device-to-host copy) and copied through pinned memory when the model is on a GPU.
+
+    ``max_length``: the longest teacher-forced sequence encoded (the build passes the one that follows from
+    ``data.max_tokens``); by default the model's context window. A longer one is an OverlengthError before anything
+    is allocated for it.
     """
 
-    def __init__(self, model: nn.Module, pad_id: int = 0, key_dtype: str = "float32"):
+    def __init__(self, model: nn.Module, pad_id: int = 0, key_dtype: str = "float32", max_length: int | None = None):
         if key_dtype not in ("float16", "float32"):
             raise ValueError(f"key_dtype {key_dtype!r} must be 'float16' or 'float32'")
+        self.max_length = max_length if max_length is not None else context_window(model)
+        self.bound_from = " (data.max_tokens)" if max_length is not None else " (the model's context window)"
         self.model = model
         self.base = model.base_model  # the decoder stack without the LM head
         self.tap = ContextTap(model)
@@ -110,6 +127,7 @@ class MemoryEncoder:
 
     @torch.no_grad()
     def __call__(self, examples: Sequence[EncodeExample]) -> dict[str, np.ndarray]:
+        check_lengths(examples, self.max_length, self.bound_from)
         layout = teacher_forced_inputs(examples, self.pad_id)
         ids, mask, rows, cols = layout.ids, layout.mask, layout.rows, layout.cols
         with self.tap:

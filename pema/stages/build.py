@@ -47,12 +47,13 @@ from pema.formats.keys import KEY_DEFINITION
 from pema.formats.layout import RunLayout, replace_dir, staging_dir
 from pema.formats.memory import (MANIFEST_NAME, SCHEMA_VERSION, MemoryManifest, PartInfo, file_sha256, verify_memory,
                                  write_part)
-from pema.formats.tasks import Pair, resolve_template, stop_token_id, tokenizer_hash, use_chat_template
+from pema.formats.tasks import (Pair, prompt_token_bound, resolve_template, stop_token_id, tokenizer_hash,
+                                 use_chat_template)
 from pema.owner.build import prepare_examples
-from pema.owner.encode import EncodeExample, MemoryEncoder, length_batches
+from pema.owner.encode import EncodeExample, MemoryEncoder, check_lengths, length_batches
 from pema.owner.export import export_head
-from pema.owner.plm import head_modules, load_plm, load_tokenizer
-from pema.stages.inputs import cleaned_splits, owner_client, owner_token, tokenizer_of
+from pema.owner.plm import head_modules, load_plm
+from pema.stages.inputs import cleaned_splits, local_tokenizer, owner_client, owner_token, tokenizer_of
 from pema.stages.logger import MetricLogger, NullLogger
 
 PLAN_NAME = "plan.json"
@@ -85,9 +86,14 @@ def _read_json(path: Path):
         return None
 
 
-@functools.lru_cache(maxsize=2)
-def _tokenizer(model_id: str, revision: str | None):
-    return load_tokenizer(model_id, revision)
+_tokenizer = local_tokenizer  # loaded once per process, shared with the check at the job's edge
+
+
+def sequence_bound(cfg: PipelineConfig, tokenizer, template: str, chat: bool) -> int:
+    """The longest teacher-forced sequence (prompt + target + stop - 1) of a pair within ``data.max_tokens``: the
+    prompt's bound (:func:`~pema.formats.tasks.prompt_token_bound`) plus ``data.max_tokens``."""
+    return prompt_token_bound(tokenizer, template, cfg.data.max_tokens, source_field=cfg.data.source_field,
+                              chat=chat) + cfg.data.max_tokens
 
 
 class _MemoryBuild:
@@ -104,6 +110,9 @@ class _MemoryBuild:
         template, chat = resolve_template(cfg.data.template), use_chat_template(tokenizer, cfg.model.prompt_format)
         examples, self.source_tokens = prepare_examples(tokenizer, pairs, template=template,
                                                         source_field=cfg.data.source_field, chat=chat)
+        self.max_length = sequence_bound(cfg, tokenizer, template, chat)
+        check_lengths(examples, self.max_length, f" that data.max_tokens={cfg.data.max_tokens} allows, in "
+                      f"{self.out_dir}")  # in the plan, before any shard is sent out
         self.num_examples = len(examples)
         self.shards = plan_shards(examples, cfg.memory.batch_tokens, cfg.memory.rows_per_part)
         self.shard_rows = [sum(len(e.target_ids) for batch in shard for e in batch) for shard in self.shards]
@@ -227,11 +236,13 @@ class ShardEncoder:
     """Loads the PLM once; turns one shard (``{"memory", "shard", "batches"}``) into its memory rows, one length
     batch at a time, each row tagged with its memory, shard, d and vocabulary size."""
 
-    def __init__(self, model_id: str, revision: str | None, dtype: str, key_dtype: str, device: str):
+    def __init__(self, model_id: str, revision: str | None, dtype: str, key_dtype: str, device: str,
+                 max_length: int | None = None):
         model, tokenizer = load_plm(model_id, dtype=dtype, device=device, revision=revision)
         heads = head_modules(model)
         self.d, self.vocab_size = int(heads.norm.weight.shape[0]), int(heads.lm_head.weight.shape[0])
-        self.encoder = MemoryEncoder(model, pad_id=tokenizer.pad_token_id or 0, key_dtype=key_dtype)
+        self.encoder = MemoryEncoder(model, pad_id=tokenizer.pad_token_id or 0, key_dtype=key_dtype,
+                                     max_length=max_length)
 
     def __call__(self, item: dict):
         for length_batch in json.loads(item["batches"]):
@@ -257,19 +268,22 @@ class RemoteShardEncoder:
             yield {**rows, **{k: np.full(n, v, np.int64) for k, v in tags.items()}}
 
 
-def shard_encoder(cfg: PipelineConfig):
+def shard_encoder(cfg: PipelineConfig, max_length: int | None = None):
     """``factory(device) -> encoder`` for this config (picklable, so a Ray actor can call it): the PLM in the
-    worker, or the owner's service when ``resources.owner_url`` is set."""
+    worker, or the owner's service when ``resources.owner_url`` is set. ``max_length``: the longest teacher-forced
+    sequence the worker encodes (:func:`sequence_bound`)."""
     if cfg.resources.owner_url:
         return functools.partial(RemoteShardEncoder, cfg.resources.owner_url, owner_token(cfg), cfg.memory.dtype)
-    return functools.partial(ShardEncoder, cfg.model.model_id, cfg.model.revision, cfg.model.dtype, cfg.memory.dtype)
+    return functools.partial(ShardEncoder, cfg.model.model_id, cfg.model.revision, cfg.model.dtype, cfg.memory.dtype,
+                             max_length=max_length)
 
 
-def build_memories(cfg: PipelineConfig, jobs: dict, executor, *, progress: bool = True) -> list[MemoryManifest]:
+def build_memories(cfg: PipelineConfig, jobs: dict, executor, *, progress: bool = True,
+                   tokenizer=None) -> list[MemoryManifest]:
     """Build several memories (``{out_dir: pairs}``) in one pass of ``executor.encode``; returns their manifests in
-    order (see the module docstring)."""
+    order (see the module docstring). ``tokenizer``: the model's, when the caller holds it already."""
     executor.check_encode(cfg)  # resources the cluster cannot give fail here, before anything is staged
-    tokenizer = tokenizer_of(cfg) if cfg.resources.owner_url else _tokenizer(cfg.model.model_id, cfg.model.revision)
+    tokenizer = tokenizer if tokenizer is not None else tokenizer_of(cfg)
     builds = [_MemoryBuild(cfg, tokenizer, pairs, out_dir) for out_dir, pairs in jobs.items()]
     results: list[MemoryManifest | None] = [b.existing() for b in builds]
     todo = [b for b, r in zip(builds, results) if r is None]
@@ -282,7 +296,7 @@ def build_memories(cfg: PipelineConfig, jobs: dict, executor, *, progress: bool 
         with tqdm(total=total, initial=initial, desc="build memory", unit="row", disable=not progress,
                   dynamic_ncols=True) as bar:
             arrived = encoded = 0
-            for batch in executor.encode(shard_encoder(cfg), items, cfg=cfg):
+            for batch in executor.encode(shard_encoder(cfg, builds[0].max_length), items, cfg=cfg):
                 if "encoded" in batch:  # the executor's count of rows encoded but not handed over yet
                     encoded = batch["encoded"]
                 else:
@@ -349,17 +363,20 @@ def run_build(cfg: PipelineConfig, output_dir, executor, logger: MetricLogger | 
     """The PLM owner's stage: ``memory/{train,dev}`` and ``head/`` under ``output_dir``; logs row and part counts,
     seconds and rows/s and the manifests; returns the counts and seconds."""
     layout, logger = RunLayout(output_dir), logger or NullLogger()
-    kept, _ = cleaned_splits(cfg, "dev")  # one read and one cleaning for both splits
+    tokenizer = tokenizer_of(cfg)  # every text counted against data.max_tokens with it, then the plan
+    kept, report = cleaned_splits(cfg, "dev", tokenizer=tokenizer)  # one read and one cleaning for both splits
     train_pairs, dev_pairs = kept["train"], kept["dev"]
     start = time.perf_counter()
     train, dev = build_memories(cfg, {layout.memory("train"): train_pairs, layout.memory("dev"): dev_pairs},
-                                executor, progress=progress)
+                                executor, progress=progress, tokenizer=tokenizer)
     built = time.perf_counter()
     export_head_bundle(cfg, layout.head, executor, tokenizer_hash=train.tokenizer_hash)
     info = {"train_rows": train.total_rows, "dev_rows": dev.total_rows, "train_parts": len(train.parts),
             "dev_parts": len(dev.parts), "build_s": round(built - start, 2),
             "head_s": round(time.perf_counter() - built, 2)}
-    logger.log_metrics({**{k: float(v) for k, v in info.items()},
+    info["truncated"] = {s: report.truncated.get(s, 0) for s in ("train", "dev")}  # texts cut (data.overlength)
+    logger.log_metrics({**{k: float(v) for k, v in info.items() if k != "truncated"},
+                        **{f"truncated/{s}": float(n) for s, n in info["truncated"].items()},
                         "build_rows_per_s": (info["train_rows"] + info["dev_rows"]) / max(info["build_s"], 1e-9)})
     for split in ("train", "dev"):
         logger.log_artifact(layout.memory(split) / MANIFEST_NAME, f"memory/{split}")

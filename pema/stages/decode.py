@@ -28,9 +28,10 @@ from pema.config import PipelineConfig, ScheduleConfig
 from pema.formats.layout import RunLayout, write_text_atomic
 from pema.formats.memory import read_manifest
 from pema.profiling import Timer
-from pema.formats.tasks import resolve_template, source_prompt_ids, source_token_count, stop_token_id, use_chat_template
+from pema.formats.tasks import (OverlengthError, prompt_token_bound, resolve_template, source_prompt_ids,
+                                 source_token_count, stop_token_id, use_chat_template)
 from pema.stages import plots
-from pema.stages.inputs import plm_or_client, split_pairs
+from pema.stages.inputs import cleaned_splits, plm_or_client
 from pema.stages.logger import MetricLogger, NullLogger
 from pema.stages.scoring import evaluate, significance_against
 
@@ -72,10 +73,19 @@ def translate(model, tokenizer, sources: list[str], cfg: PipelineConfig, *, adap
     ``ratio`` (target/source tokens of the training memory) sets the Gradual Unrolling horizons; a constant schedule
     does not use them and takes ratio 1.0 when it is None. Returns the hypotheses and the
     :class:`~pema.adapter.decode.GenerationResult` (lambda traces, timing). ``model`` may be an
-    :class:`~pema.adapter.remote.OwnerClient`: the PLM's answers then come from the owner's service (greedy)."""
+    :class:`~pema.adapter.remote.OwnerClient`: the PLM's answers then come from the owner's service (greedy).
+
+    Every source must be within ``data.max_tokens`` (the files' texts are held to it when read, cut or refused as
+    ``data.overlength`` says): one over it is an OverlengthError, and so is a prompt over the bound that follows
+    from it (:func:`~pema.formats.tasks.prompt_token_bound`), before anything is decoded."""
     d, dc = cfg.data, cfg.decode
     chat = use_chat_template(tokenizer, cfg.model.prompt_format)
     template = resolve_template(d.template)
+    source_tokens = [source_token_count(tokenizer, src) for src in sources]
+    if over := [i for i, n in enumerate(source_tokens) if n > d.max_tokens]:
+        raise OverlengthError(f"source {over[0]} of {len(sources)} has {source_tokens[over[0]]:,} tokens, over "
+                              f"data.max_tokens={d.max_tokens} ({len(over)} source(s) over it); cut it to "
+                              "data.max_tokens (pema.formats.tasks.cut_to_tokens) or raise data.max_tokens")
     prompts = [source_prompt_ids(tokenizer, template, src, source_field=d.source_field, chat=chat) for src in sources]
     settings = GenerationSettings(**{f.name: getattr(dc, f.name) for f in dataclasses.fields(GenerationSettings)})
     stop = stop_token_id(tokenizer, chat=chat)
@@ -87,7 +97,7 @@ def translate(model, tokenizer, sources: list[str], cfg: PipelineConfig, *, adap
     if mixing and ratio is None and schedule is not None and schedule.kind != "constant":
         raise ValueError(f"ratio=None: schedule kind {schedule.kind!r} needs the training memory's "
                          "target/source token ratio (manifest.target_source_ratio) for its horizons")
-    horizons = estimate_horizons([source_token_count(tokenizer, src) for src in sources], ratio or 1.0)
+    horizons = estimate_horizons(source_tokens, ratio or 1.0)
     if dc.length_cap is not None:  # every system alike, zero-shot included
         mix_kw["length_caps"] = length_caps(horizons, dc.length_cap)
     if mixing:
@@ -102,7 +112,12 @@ def translate(model, tokenizer, sources: list[str], cfg: PipelineConfig, *, adap
 
             mix_kw["key_source"] = ContextTap(model)
         mix_kw.update(dict(adapter=adapter, head=head) if scorer is None else dict(scorer=scorer))
-    decoder = generate_remote if isinstance(model, OwnerClient) else generate
+    if isinstance(model, OwnerClient):
+        decoder = generate_remote
+    else:
+        decoder = generate
+        mix_kw["max_prompt_tokens"] = prompt_token_bound(tokenizer, template, d.max_tokens,
+                                                         source_field=d.source_field, chat=chat)
     result = decoder(model, prompts, stop_token_id=stop, pad_token_id=pad, settings=settings, progress=progress,
                      desc=desc, **mix_kw)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result.token_ids], result
@@ -117,9 +132,9 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
     ``predictions/<system>.jsonl`` (the test split; ``predictions/<split>/<system>.jsonl`` for another). The
     PLM (loaded here unless passed in) answers the context queries through the owner's ContextTap, or the owner's
     service does (greedy, on its session steps) when ``resources.owner_url`` is set: no PLM weights are loaded here.
-    Returns ``{system: scores, ..., "timings_s": {...}}``. With ``zero_shot`` and at least one other system, each
-    system's scores get ``significance`` against ``zero_shot`` (paired bootstrap on the raw hypotheses; see the
-    module docstring).
+    Returns ``{system: scores, ..., "timings_s": {...}, "pairs": n, "truncated": texts of the split cut to
+    ``data.max_tokens``}``. With ``zero_shot`` and at least one other system, each system's scores get
+    ``significance`` against ``zero_shot`` (paired bootstrap on the raw hypotheses; see the module docstring).
     """
 
     if split not in ("test", "dev", "ood_test") or not set(systems) <= set(SYSTEMS):
@@ -127,12 +142,13 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
                          f"{SYSTEMS}")
     layout = RunLayout(output_dir)
     timer = Timer()
-    pairs = split_pairs(cfg, split)
     head, head_meta = load_head(layout.head)
     adapter, adapter_meta = load_adapter(adapter_dir if adapter_dir is not None else layout.adapter, head_meta)
     if model is None:  # the PLM here, or the owner's service (resources.owner_url): no PLM weights here
         with timer.stage("load_model"):
             model, tokenizer = plm_or_client(cfg)
+    kept, report = cleaned_splits(cfg, split, tokenizer=tokenizer)  # every text counted with the model's tokenizer
+    pairs = kept[split]
     remote = isinstance(model, OwnerClient)
     model_device = "cpu" if remote else next(model.parameters()).device  # where the PLM's scores are
     adapter, head = adapter.to(model_device), head.to(model_device)
@@ -156,7 +172,7 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
             for system, sig in significance_against(hyps_by_system, refs, ["zero_shot"]).items():
                 summary[system]["significance"] = sig
     summary["timings_s"] = timer.timings
-    summary["pairs"] = len(pairs)
+    summary["pairs"], summary["truncated"] = len(pairs), report.truncated.get(split, 0)
     return summary
 
 
@@ -173,7 +189,8 @@ def run_evaluate(cfg: PipelineConfig, output_dir: str | os.PathLike, executor, l
     log_scores(logger, scores)
     if "ood_test" in scores:
         log_scores(logger, scores["ood_test"], "ood_test/")
-    logger.log_metrics({f"{k}_s": float(v) for k, v in scores["timings_s"].items()})
+    logger.log_metrics({**{f"{k}_s": float(v) for k, v in scores["timings_s"].items()},
+                        **{f"truncated/{s}": float(n) for s, n in scores.get("truncated", {}).items()}})
     logger.log_artifact(layout.predictions, "predictions")
     traces = {}
     for system in [s for s in cfg.eval.systems if s != "zero_shot"]:
@@ -194,11 +211,13 @@ def decode_test_sets(cfg: PipelineConfig, output_dir: str | os.PathLike, *, prog
                               systems=cfg.eval.systems)
     scores["timings_s"] = {**timer.timings, **scores["timings_s"]}
     scores["tables"] = {"test": {"file": cfg.data.test, "pairs": scores.pop("pairs")}}
+    scores["truncated"] = {"test": scores.pop("truncated")}  # texts cut to data.max_tokens (data.overlength)
     if cfg.data.ood_test is not None:
         ood = decode_and_score(cfg, output_dir, model=model, tokenizer=tokenizer, progress=progress,
                                split="ood_test", systems=cfg.eval.systems)
         scores["timings_s"].update({f"ood_test_{k}": v for k, v in ood.pop("timings_s").items()})
         scores["tables"]["ood_test"] = {"file": cfg.data.ood_test, "pairs": ood.pop("pairs")}
+        scores["truncated"]["ood_test"] = ood.pop("truncated")
         scores["ood_test"] = ood
     return scores
 
