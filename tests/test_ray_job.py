@@ -152,34 +152,3 @@ def test_pipeline_job_exits_2_on_the_issues_bad_inputs_and_writes_nothing(extra,
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["latin1.jsonl"]
 
 
-def test_stages_check_their_inputs_before_writing_anything(tmp_path, monkeypatch):
-    from pema.config import load_config
-    from pema.errors import ConfigError, DataError
-    from pema.jobs import stages
-    from pema.jobs.stages import register
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(ROOT)
-    bad = latin1_file(tmp_path)
-    no_model = load_config(SMOKE, [f"model.model_id={MISSING_MODEL}"])
-    out = tmp_path / "o"
-    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not valid UTF-8"):
-        stages.pipeline(load_config(SMOKE, [f"data.test={bad}"]), out)
-    for call in (lambda: stages.pipeline(no_model, out), lambda: stages.build(no_model, out),
-                 lambda: stages.tune(no_model, out, train_space={}, decode_grid=[], num_samples=1)):
-        with pytest.raises(ConfigError, match="no such file or folder"):
-            call()
-    for stage in (stages.train, stages.evaluate):  # the bundles of the earlier stages are missing
-        with pytest.raises(FileNotFoundError, match="lacks"):
-            stage(load_config(SMOKE), out)
-    assert not out.exists()  # no folder, no config.json, no mlflow.db
-
-    for bundle in ("adapter/adapter.json", "head/head.json"):  # register: bundles there, the base model is not
-        (out / bundle).parent.mkdir(parents=True)
-        (out / bundle).write_text("{}")
-    before = snapshot(out)
-    with pytest.raises(ConfigError, match="no such file or folder"):
-        register(no_model, out, "m", dev_bleu=1.0)
-    with pytest.raises(DataError, match=r"latin1\.jsonl:2"):
-        register(load_config(SMOKE, [f"data.dev={bad}"]), out, "m")
-    assert snapshot(out) == before

@@ -230,6 +230,14 @@ def test_pure_parts_refuse_bad_input():
     assert exc.value.status == 413
     cut, truncated, _ = cap_texts([text], tokenizer, 4, "truncate")
     assert len(tokenizer(cut[0], add_special_tokens=False)["input_ids"]) == 4 and truncated[0]["tokens"] == 5
+    emoji = "Grüße 🙂🙂🙂 日本"  # a cut by token ids alone can end inside a character, and count longer again
+    for cap in range(1, len(tokenizer(emoji, add_special_tokens=False)["input_ids"])):
+        try:
+            cut, _, _ = cap_texts([emoji], tokenizer, cap, "truncate")
+        except RequestError as exc:  # no visible prefix fits: named, never a longer text
+            assert exc.status == 413
+            continue
+        assert len(tokenizer(cut[0], add_special_tokens=False)["input_ids"]) <= cap and emoji.startswith(cut[0])
     for body in (b"", b"[]", b'{"adapter": 3, "texts": []}', b'{"adapter": "a/1", "texts": [1]}'):
         with pytest.raises(RequestError) as exc:
             parse_request(body)

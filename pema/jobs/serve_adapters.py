@@ -44,6 +44,7 @@ from starlette.responses import JSONResponse
 
 from pema.errors import ConfigError, DataError, OwnerRequestError, OwnerUnavailableError, PemaError
 from pema.formats.access import RequestError, bearer_tenant, json_object, load_tokens
+from pema.formats.tasks import OverlengthError, cut_to_tokens
 
 ROUTE = "/adapters"
 MAX_ADAPTERS = 4  # adapters kept per replica (least recently used out beyond it)
@@ -78,7 +79,10 @@ def cap_texts(texts: list[str], tokenizer, max_tokens: int, overlength: str) -> 
         if len(ids) <= max_tokens:
             out.append(text)
         elif overlength == "truncate":
-            out.append(tokenizer.decode(ids[:max_tokens]))
+            try:  # the longest prefix that still fits when counted again (a cut inside a character may not)
+                out.append(cut_to_tokens(tokenizer, text, max_tokens, f"texts[{i}]"))
+            except OverlengthError as exc:
+                raise RequestError(413, str(exc)) from None
             truncated.append({"index": i, "tokens": len(ids), "max_tokens": max_tokens})
         else:
             raise RequestError(413, f"texts[{i}] has {len(ids)} tokens, over the cap of {max_tokens} "

@@ -8,9 +8,10 @@
 - ``register``: the dev BLEU of the ``pema`` system (a Ray task), then the Model Registry.
 - ``tune``: the search as one parent run (:mod:`pema.executors.ray_tune`), each trial a child run.
 
-Every job checks its inputs (:func:`~pema.stages.inputs.check_inputs`) before it writes anything: a bad JSONL file,
-a model path that does not exist or a missing bundle leaves the output folder as it was (no ``mlflow.db``, no
-``config.json``).
+Every job's inputs are checked once, at its edge (:func:`pema.jobs.cli.run_job`, with
+:func:`~pema.stages.inputs.check_inputs`), before it writes anything: a bad JSONL file, a model path that does not
+exist or a missing bundle leaves the output folder as it was (no ``mlflow.db``, no ``config.json``). The functions
+here trust that check and do not repeat it.
 """
 from __future__ import annotations
 
@@ -112,7 +113,6 @@ def tune(cfg: PipelineConfig, output_dir, *, train_space: dict, decode_grid: lis
 
     layout = RunLayout(output_dir)
     out = layout.root
-    check_inputs(cfg, splits=("train", "dev"), model=True)  # before the folder and the run exist
     cfg = with_absolute_data(cfg)  # trials run in their own folders
     state_path = layout.tune_state
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
@@ -166,7 +166,6 @@ def register(cfg: PipelineConfig, output_dir, name: str, *, dev_bleu: float | No
     """Register ``output_dir/adapter`` as a new version of ``name`` (the ``register`` run); returns the version, its
     dev BLEU and whether it became the champion. ``dev_bleu`` is measured on the dev pairs unless given (a Tune
     trial has it)."""
-    check_inputs(cfg, output_dir, splits=("dev",) if dev_bleu is None else (), model=True, bundles=ADAPTER_BUNDLES)
 
     def body(logger) -> dict:
         bleu = dev_bleu_of(cfg, output_dir, progress=progress, logger=logger) if dev_bleu is None else dev_bleu
