@@ -25,7 +25,7 @@ from pema.adapter.remote_decode import generate_remote
 from pema.adapter.io import load_adapter, load_head
 from pema.adapter.schedule import Schedule, estimate_horizons, length_caps
 from pema.config import PipelineConfig, ScheduleConfig
-from pema.formats.layout import RunLayout, write_text_atomic
+from pema.formats.layout import RunLayout, source_of, write_text_atomic
 from pema.formats.memory import read_manifest
 from pema.profiling import Timer
 from pema.formats.tasks import (OverlengthError, prompt_token_bound, resolve_template, source_prompt_ids,
@@ -210,13 +210,13 @@ def decode_test_sets(cfg: PipelineConfig, output_dir: str | os.PathLike, *, prog
     scores = decode_and_score(cfg, output_dir, model=model, tokenizer=tokenizer, progress=progress,
                               systems=cfg.eval.systems)
     scores["timings_s"] = {**timer.timings, **scores["timings_s"]}
-    scores["tables"] = {"test": {"file": cfg.data.test, "pairs": scores.pop("pairs")}}
+    scores["tables"] = {"test": {"file": source_of(cfg.data.test), "pairs": scores.pop("pairs")}}
     scores["truncated"] = {"test": scores.pop("truncated")}  # texts cut to data.max_tokens (data.overlength)
     if cfg.data.ood_test is not None:
         ood = decode_and_score(cfg, output_dir, model=model, tokenizer=tokenizer, progress=progress,
                                split="ood_test", systems=cfg.eval.systems)
         scores["timings_s"].update({f"ood_test_{k}": v for k, v in ood.pop("timings_s").items()})
-        scores["tables"]["ood_test"] = {"file": cfg.data.ood_test, "pairs": ood.pop("pairs")}
+        scores["tables"]["ood_test"] = {"file": source_of(cfg.data.ood_test), "pairs": ood.pop("pairs")}
         scores["truncated"]["ood_test"] = ood.pop("truncated")
         scores["ood_test"] = ood
     return scores
