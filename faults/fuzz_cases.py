@@ -41,6 +41,7 @@ class Case:
     files: dict[str, object] = field(default_factory=dict)  # under @IN@: bytes, a callable making them, or DIR
     out_state: str = "absent"  # absent | user (a file of the user's) | bundles (fake bundles + the user's file)
     expect: str = "error"  # error: a named error, exit 2; accept: the job gets past its checks (a valid input)
+    setup: str = ""  # what the harness arranges around the case (faults.fuzz_setup): "" | holder | read_only[_parent]
     id: int = 0
 
     def describe(self) -> dict:
@@ -48,7 +49,7 @@ class Case:
                  for k, v in self.files.items()}
         return {"id": self.id, "family": self.family, "kind": self.kind, "job": self.job, "detail": self.detail,
                 "args": self.args, "names": self.names, "files": files, "out_state": self.out_state,
-                "expect": self.expect}
+                "expect": self.expect, **({"setup": self.setup} if self.setup else {})}
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,14 @@ def kind(family: str, name: str, jobs: tuple[str, ...] = JOBS, heavy: bool = Fal
 
 
 def generate(seed: int, count: int, *, heavy: bool = True, families: tuple[str, ...] | None = None,
-             jobs: tuple[str, ...] = JOBS) -> list[Case]:
-    """``count`` cases from ``seed``: the kinds in a shuffled round (each once per round), the jobs in rotation."""
+             jobs: tuple[str, ...] = JOBS, kinds: tuple[str, ...] | None = None) -> list[Case]:
+    """``count`` cases from ``seed``: the kinds in a shuffled round (each once per round), the jobs in rotation;
+    ``kinds``: only these (by name)."""
+    if kinds is not None and (unknown := set(kinds) - {k.name for k in KINDS}):
+        raise ValueError(f"unknown kinds {sorted(unknown)}; choose from {sorted({k.name for k in KINDS})}")
     rng = random.Random(seed)
     kinds = [k for k in KINDS if (heavy or not k.heavy) and (families is None or k.family in families)
-             and set(k.jobs) & set(jobs)]
+             and set(k.jobs) & set(jobs) and (kinds is None or k.name in kinds)]
     order: list[Kind] = []
     rota = deque(rng.sample(jobs, len(jobs)))
     cases = []
@@ -215,4 +219,4 @@ def bomb(levels: int = 9, width: int = 9, mapping: bool = False) -> str:
     return "[" + ", ".join(items) + "]"
 
 
-from faults import fuzz_kinds, fuzz_kinds_cli  # noqa: E402,F401  (they register the kinds in KINDS)
+from faults import fuzz_kinds, fuzz_kinds_cli, fuzz_kinds_user  # noqa: E402,F401  (they register the kinds in KINDS)

@@ -14,8 +14,13 @@ holding a file of the user's and, for the jobs that read them, fake bundles). Ra
 - the case's folder is as it was (nothing new, removed or changed under ``out/``, ``cwd/`` or ``inputs/``; nothing
   new in the work folder, and no run file such as ``mlruns`` or ``mlflow.db`` in the repository), and the
   process's peak memory did not grow by more than ``--max-rss-growth-mb``;
-- or, for the few valid inputs among them (a UTF-8 BOM, which is accepted as standard), the job gets past its
-  checks, again without writing anything.
+- or, for the few valid inputs among them (a UTF-8 BOM, which is accepted as standard; a text over the cap with
+  ``data.overlength=truncate``), the job gets past its checks, having written nothing but what a job that starts
+  writes first: its lock (``.pema.lock``) and its read-once copies of the inputs (``inputs/``).
+
+Some cases need more than files (``Case.setup``, :mod:`faults.fuzz_setup`): another process holding the output
+folder's lock, or a folder that cannot be written (for root, by the immutable attribute). ``--kinds`` runs a sample
+of chosen kinds only, e.g. ``--kinds overlength_text,invisible_only_field,output_dir_read_only,folder_held``.
 
 Exit code 0 when every case passes, 1 otherwise; the JSON report lists each failure with its reasons.
 """
@@ -47,6 +52,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from faults.fuzz_cases import DIR, JOBS, KINDS, LOOP, Case, base_config, dump, generate, valid_jsonl  # noqa: E402
+from faults.fuzz_setup import Unavailable, arranged  # noqa: E402
 
 # what a job writes, watched for in the repository too (a path anchored there instead of in --output-dir); other
 # new names there are not counted: the tree may be shared with other work
@@ -204,9 +210,30 @@ def peak_rss_mb() -> float:
 
 def run_case(case: Case, jobs: dict, work: Path, *, timeout: float = 0, max_rss_growth_mb: float = 512,
              keep: bool = False) -> dict:
-    """Run one case; returns its result: exit code, how it was refused, the error line, leftovers, reasons."""
+    """Run one case; returns its result: exit code, how it was refused, the error line, leftovers, reasons. The
+    case's ``setup`` (:mod:`faults.fuzz_setup`: a process holding the folder, a read-only folder) is arranged around
+    the run; one that cannot be made real here is reported as skipped, with the reason."""
     arena = work / f"case{case.id:05d}"
     subs = prepare(case, arena)
+    try:
+        with arranged(case.setup, subs) as (more, note):
+            result = _run_prepared(case, jobs, work, arena, {**subs, **more}, timeout, max_rss_growth_mb)
+            result["setup_note"] = note
+    except Unavailable as exc:
+        result = {**case.describe(), "argv": case.args, "exit_code": None, "how": "skipped", "error": "",
+                  "leftovers": [], "seconds": 0.0, "rss_growth_mb": 0.0, "reasons": [], "passed": False,
+                  "skipped": str(exc)}
+    if not keep:
+        shutil.rmtree(arena, ignore_errors=True)
+    return result
+
+
+# what a job that got past its checks has written by then: its lock and its read-once copies of the JSONL inputs
+JOB_START = re.compile(r"^new out/(\.pema\.lock|inputs(/[^/]+)?)$")
+
+
+def _run_prepared(case: Case, jobs: dict, work: Path, arena: Path, subs: dict[str, str], timeout: float,
+                  max_rss_growth_mb: float) -> dict:
     argv = [fill(a, subs) for a in case.args]
     patterns = [fill(p, {k: re.escape(v) for k, v in subs.items()}) for p in case.names]
     before, around = snapshot(arena), (set(os.listdir(ROOT)), set(os.listdir(work)))
@@ -232,6 +259,8 @@ def run_case(case: Case, jobs: dict, work: Path, *, timeout: float = 0, max_rss_
     seconds = time.perf_counter() - t0
     err = stderr.getvalue()
     leftovers = changes(before, snapshot(arena))
+    if accepted and case.expect == "accept":  # a valid input: the job took the folder and read its inputs
+        leftovers = [p for p in leftovers if not JOB_START.match(p)]
     leftovers += [f"new {p} in the repository" for p in sorted(set(os.listdir(ROOT)) - around[0]) if p in RUN_FILES]
     leftovers += [f"new {p} in the work folder" for p in sorted(set(os.listdir(work)) - around[1])]
     error = err[err.find("error:"):].strip() if "error:" in err else ""
@@ -259,8 +288,6 @@ def run_case(case: Case, jobs: dict, work: Path, *, timeout: float = 0, max_rss_
     growth = max(0.0, peak_rss_mb() - rss0)
     if growth > max_rss_growth_mb:
         reasons.append(f"peak memory grew by {growth:.0f} MiB (over {max_rss_growth_mb:g})")
-    if not keep:
-        shutil.rmtree(arena, ignore_errors=True)
     return {**case.describe(), "argv": argv, "exit_code": code, "how": how, "error": error[:500],
             "leftovers": leftovers, "seconds": round(seconds, 3), "rss_growth_mb": round(growth, 1),
             "reasons": reasons, "passed": not reasons, **({"traceback": crash[-3000:]} if crash else {})}
@@ -299,7 +326,10 @@ def summarize(results: list[dict], **meta) -> dict:
         return {k: dict(v) for k, v in sorted(table.items())}
 
     failures = [r for r in results if r["reasons"]]
-    return {**meta, "cases": len(results), "passed": len(results) - len(failures), "failed": len(failures),
+    skipped = [r for r in results if r["how"] == "skipped"]
+    return {**meta, "cases": len(results), "passed": len(results) - len(failures) - len(skipped),
+            "failed": len(failures), "skipped": len(skipped),
+            "skip_reasons": sorted({r["skipped"] for r in skipped}),
             "named_errors": sum(r["how"] == "named" for r in results),
             "usage_errors": sum(r["how"] == "usage" for r in results),
             "accepted_as_expected": sum(r["how"] == "accepted" and r["expect"] == "accept" for r in results),
@@ -319,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", help="write the JSON report here")
     parser.add_argument("--families", help="comma separated: jsonl,config,cli (default: all)")
     parser.add_argument("--jobs", help=f"comma separated among {','.join(JOBS)} (default: all)")
+    parser.add_argument("--kinds", help="comma separated kind names, e.g. overlength_text,folder_held (default: all)")
     parser.add_argument("--no-heavy", action="store_true", help="leave out the 10 MiB line and the 10^6-line files")
     parser.add_argument("--case-timeout", type=float, default=300, help="seconds before a case counts as a hang "
                         "(0: no limit)")
@@ -328,7 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     families = tuple(args.families.split(",")) if args.families else None
     jobs = tuple(args.jobs.split(",")) if args.jobs else JOBS
     t0 = time.perf_counter()
-    cases = generate(args.seed, args.count, heavy=not args.no_heavy, families=families, jobs=jobs)
+    kinds = tuple(args.kinds.split(",")) if args.kinds else None
+    try:
+        cases = generate(args.seed, args.count, heavy=not args.no_heavy, families=families, jobs=jobs, kinds=kinds)
+    except ValueError as exc:
+        parser.error(f"--kinds: {exc}")
     work = Path(tempfile.mkdtemp(prefix="pema-fuzz-")) if args.keep else None
     results = run_cases(cases, load_jobs(), work, timeout=args.case_timeout, max_rss_growth_mb=args.max_rss_growth_mb,
                         keep=args.keep, log=lambda line: print(line, flush=True))
@@ -337,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{fam:<7} {row['cases']:>4} cases  {row['passed']:>4} passed  named {row.get('named', 0):>4}  "
               f"usage {row.get('usage', 0):>3}  accepted {row.get('accepted', 0):>3}")
     kept = f"; kept in {work}" if work else ""
+    for reason in report["skip_reasons"]:
+        print(f"skipped: {reason}")
     print(f"{report['cases']} cases, {report['passed']} passed, {report['failed']} failed, "
+          f"{report['skipped']} skipped, "
           f"{report['cases_with_leftovers']} with leftovers, {report['wall_s']} s{kept}")
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,49 @@ def test_every_hostile_input_gets_a_named_error_and_leaves_the_folders_as_they_w
     assert report["named_errors"] + report["usage_errors"] + report["accepted_as_expected"] == len(results)
 
 
+ISSUE_21 = ("overlength_text", "invisible_only_field", "output_dir_read_only", "folder_held")  # + overlength_1mb
+
+
+def test_the_issue_21_kinds_get_named_errors(jobs, tmp_path):
+    """A text over data.max_tokens, a field of zero-width characters, a folder that cannot be written, a folder
+    another process holds: each named, exit 2, nothing written (the 1 MB text is in the sample above)."""
+    import os
+
+    cases = generate(SEED, 12, kinds=ISSUE_21)
+    assert {c.kind for c in cases} == set(ISSUE_21) and len({c.job for c in cases}) >= 5
+    results = run_cases(cases, jobs, tmp_path)
+    failures = [f"#{r['id']} {r['kind']} {r['job']} ({r['detail'][:120]}): {r['reasons']}" for r in results
+                if r["reasons"]]
+    assert not failures, "\n".join(failures)
+    for r in results:
+        if r.get("skipped"):  # root without the immutable attribute: no read-only folder to be had
+            assert r["kind"] == "output_dir_read_only" and os.geteuid() == 0, r
+            continue
+        assert r["how"] in ("named", "accepted") and r["passed"], r
+        if r["kind"] == "folder_held":
+            assert "another job holds it, pid " in r["error"] and r["setup_note"].startswith("held by pid"), r
+
+
+def test_the_setups_are_real(tmp_path):
+    from faults.fuzz_setup import Unavailable, holder, read_only
+    from pema.errors import ConfigError
+    from pema.jobs.guard import FolderLock
+
+    with holder(tmp_path / "held") as pid:
+        with pytest.raises(ConfigError, match=rf"another job holds it, pid {pid} "):
+            with FolderLock(tmp_path / "held"):
+                pass
+    with FolderLock(tmp_path / "held"):  # the holder is gone, and its lock with it
+        pass
+    try:
+        with read_only(tmp_path / "ro"):
+            with pytest.raises(OSError):
+                (tmp_path / "ro" / "x").write_text("x")
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    (tmp_path / "ro" / "x").write_text("x")  # writable again after the case
+
+
 # ---------------------------------------------------------------------------- the harness can fail
 
 
