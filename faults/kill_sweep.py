@@ -15,6 +15,16 @@ command run again. An instant passes when the rerun exits 0 and:
 - MLflow is consistent: the store opens (not half-migrated), no run is left RUNNING, every stage has a FINISHED
   run, and the killed job's runs are KILLED or FAILED.
 
+``--signal INT`` (Ctrl+C) or ``--signal TERM`` sends that signal instead. The instant then also needs the job to
+have exited within 60 s with 130 or 143 (or 0 when it had finished before the signal), with a line saying to rerun
+the same command, no traceback, no MLflow run RUNNING and none of its processes left 30 s later.
+
+``--check data_changed`` and ``--check two_jobs`` run the checks of :mod:`faults.user_sweep` instead: a JSONL file
+changed under the same path between two runs, and two copies of a job started together on one folder.
+
+    python faults/kill_sweep.py --signal INT --jobs build,train,pipeline --kills 3
+    python faults/kill_sweep.py --check data_changed --jobs build,evaluate,pipeline --trials 2
+
 The jobs run against one Ray cluster started here (as ``ray job submit`` jobs would); a killed driver's actors and
 workers are Ray's to clean up. Every process a job starts carries ``PEMA_FAULT_TAG``; any that outlives the kill
 is killed too, and counted.
@@ -114,20 +124,79 @@ def run(cmd: list[str], env: dict, timeout: float, log: Path) -> tuple[int, floa
     return rc, time.monotonic() - start
 
 
-def kill_at(cmd: list[str], env: dict, at: float, log: Path) -> dict:
-    """Start ``cmd`` in its own process group and SIGKILL the group ``at`` seconds later (if it still runs)."""
-    with open(log, "ab") as f:
+SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM}
+STOP_WITHIN_S = 60  # a job sent SIGINT or SIGTERM must have exited by then (it is then SIGKILLed and counted)
+STRAYS_WAIT_S = 30  # how long a stopped job's processes may take to go (Ray's, a few seconds)
+RERUN_LINE = "rerun the same command"
+
+
+def running_runs(out: Path) -> list[str]:
+    """The runs of ``out``'s MLflow store left RUNNING (none when there is no store yet)."""
+    import sqlite3
+
+    if not (out / "mlflow.db").is_file():
+        return []
+    with sqlite3.connect(out / "mlflow.db") as con:
+        return [r[0] for r in con.execute("SELECT run_uuid FROM runs WHERE status = 'RUNNING'")]
+
+
+def strays(tag: str, wait_s: float | None = None) -> int:
+    """Processes of the job that are still there ``wait_s`` seconds after it exited (Ray's own take a few seconds
+    to go); they are killed and counted."""
+    deadline = time.monotonic() + (STRAYS_WAIT_S if wait_s is None else wait_s)
+    while tagged_processes(tag) and time.monotonic() < deadline:
+        time.sleep(1)
+    return kill_tagged(tag)
+
+
+def kill_at(cmd: list[str], env: dict, at: float, log: Path, sig: str = "KILL") -> dict:
+    """Start ``cmd`` in its own process group and send ``sig`` to the group ``at`` seconds later (if it still runs),
+    as a terminal's Ctrl+C (INT) or a scheduler's stop (TERM) does. For INT and TERM the job must then exit within
+    :data:`STOP_WITHIN_S` with 128 + the signal's number, say to rerun the same command, print no traceback, leave
+    no MLflow run RUNNING and no process behind; what it did not do is in ``problems``."""
+    attempt = log.with_name(f"{log.stem}.attempt.log")
+    with open(attempt, "wb") as f:
         start = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(at)
-            return {"killed": False, "rc": proc.returncode, "ended_s": time.monotonic() - start}
+            result = {"killed": False, "rc": proc.returncode, "ended_s": time.monotonic() - start}
         except subprocess.TimeoutExpired:
-            pass
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    time.sleep(0.2)
-    return {"killed": True, "stray_processes_killed": kill_tagged(env["PEMA_FAULT_TAG"])}
+            os.killpg(proc.pid, SIGNALS[sig])
+            sent = time.monotonic()
+            try:
+                proc.wait(STOP_WITHIN_S if sig != "KILL" else None)
+                result = {"killed": True, "rc": proc.returncode, "stop_s": round(time.monotonic() - sent, 2)}
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                result = {"killed": True, "rc": None, "stop_s": None}
+    text = attempt.read_text(errors="replace")
+    with open(log, "a") as f:
+        f.write(text)
+    attempt.unlink()
+    if sig == "KILL":
+        time.sleep(0.2)
+        return {**result, "stray_processes_killed": kill_tagged(env["PEMA_FAULT_TAG"]) if result["killed"] else 0}
+    problems = []
+    if not result["killed"]:
+        if result["rc"] != 0:
+            problems.append(f"it ended before the signal with exit {result['rc']}")
+    elif result["rc"] is None:
+        problems.append(f"still running {STOP_WITHIN_S} s after SIG{sig} (then SIGKILLed)")
+    else:
+        if result["rc"] != 128 + SIGNALS[sig]:
+            problems.append(f"exit {result['rc']} after SIG{sig}, not {128 + SIGNALS[sig]}")
+        if RERUN_LINE not in text:
+            problems.append(f"no '{RERUN_LINE}' line")
+    if "Traceback" in text:
+        problems.append("a traceback: " + text[text.rfind("Traceback"):][-300:].strip().splitlines()[-1])
+    if left := running_runs(Path(cmd[cmd.index("--output-dir") + 1])):
+        problems.append(f"{len(left)} MLflow run(s) left RUNNING after SIG{sig}")
+    n = strays(env["PEMA_FAULT_TAG"])
+    if n:
+        problems.append(f"{n} process(es) left behind after SIG{sig}")
+    return {**result, "stray_processes_killed": n, "problems": problems}
 
 
 def fresh(base: Path | None, dest: Path) -> Path:
@@ -171,8 +240,19 @@ def instants(duration: float, kills: int, seed: int) -> list[float]:
     return [round(duration * f, 2) for f in fractions(kills, seed)]
 
 
+def tally(result: dict, ok: str, problems: list[str], failure: dict, folder: Path, line: str) -> None:
+    """Count one instant or trial in ``result``: a failure keeps its folder, a pass removes it; one console line."""
+    result["tried"] += 1
+    if problems:
+        result["failures"].append({**failure, "problems": problems, "folder": str(folder)})
+    else:
+        result[ok] += 1
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"{line}: {'ok' if not problems else 'FAILED ' + '; '.join(problems)[:300]}", flush=True)
+
+
 def sweep_job(job: Job, bases: dict, root: Path, cluster, kills: int, seed: int, log_dir: Path,
-              only: set[int] | None = None) -> dict:
+              only: set[int] | None = None, sig: str = "KILL") -> dict:
     from local_ray import free_port
 
     base = bases.get(job.needs) if job.needs else None
@@ -184,8 +264,9 @@ def sweep_job(job: Job, bases: dict, root: Path, cluster, kills: int, seed: int,
     rc, duration = run(job.command(ref, port), job_env(cluster, uuid.uuid4().hex), job.timeout_s, log)
     if rc != 0:
         return {"job": job.name, "error": f"the uninterrupted run exited {rc}: see {log}"}
-    result = {"job": job.name, "duration_s": round(duration, 1), "tried": 0, "killed": 0, "survived": 0,
-              "stray_processes": 0, "finished_twice": 0, "failures": []}
+    result = {"job": job.name, "signal": sig, "duration_s": round(duration, 1), "tried": 0, "killed": 0,
+              "survived": 0, "stray_processes": 0, "finished_twice": 0, "exit_codes": {}, "stop_s_max": 0.0,
+              "failures": []}
     for i, frac in enumerate(fractions(kills, seed + sum(map(ord, job.name)))):
         # the run's length: the reference's, or shorter once a job has been seen to end sooner (a loaded machine
         # makes the reference slow), so that the instants stay inside the run
@@ -197,28 +278,28 @@ def sweep_job(job: Job, bases: dict, root: Path, cluster, kills: int, seed: int,
         out = fresh(base, root / job.name / f"kill{i:02d}")
         env = job_env(cluster, uuid.uuid4().hex)
         with open(log, "a") as f:
-            f.write(f"\n==== {job.name} kill {i} at {at} s ====\n")
-        killed = kill_at(job.command(out, port), env, at, log)
+            f.write(f"\n==== {job.name} SIG{sig} {i} at {at} s ====\n")
+        killed = kill_at(job.command(out, port), env, at, log, sig)
         if not killed["killed"] and killed["rc"] == 0:
             duration = min(duration, killed["ended_s"])
+        if sig != "KILL":
+            code = str(killed["rc"])
+            result["exit_codes"][code] = result["exit_codes"].get(code, 0) + 1
+            result["stop_s_max"] = max(result["stop_s_max"], killed.get("stop_s") or 0.0)
+        with open(log, "a") as f:
+            f.write(f"\n==== {job.name} rerun after SIG{sig} {i} ====\n")
         rc, _ = run(job.command(out, port), env, job.timeout_s, log)
-        problems = [f"the rerun exited {rc}"] if rc != 0 else []
+        problems = [f"SIG{sig}: {p}" for p in killed.get("problems", [])]
+        problems += [f"the rerun exited {rc}"] if rc != 0 else []
         if rc == 0:
             problems += compare(job.outputs, ref, out, port=port, tokens=TOKENS)
             mlflow_report = mlflow_problems(out, killed["killed"], owner=job.name == "owner")
             problems += mlflow_report["problems"]
             result["finished_twice"] += mlflow_report["finished_twice"]
-        result["tried"] += 1
         result["killed"] += killed["killed"]
         result["stray_processes"] += killed.get("stray_processes_killed", 0)
-        if problems:
-            result["failures"].append({"instant_s": at, "killed": killed["killed"], "problems": problems,
-                                       "folder": str(out)})
-        else:
-            result["survived"] += 1
-            shutil.rmtree(out, ignore_errors=True)
-        print(f"{job.name}: kill {i + 1}/{kills} at {at:.2f} s ({frac:.0%} of {duration:.1f} s): "
-              f"{'ok' if not problems else 'FAILED ' + '; '.join(problems)[:300]}", flush=True)
+        tally(result, "survived", problems, {"instant_s": at, "killed": killed["killed"]}, out,
+              f"{job.name}: SIG{sig} {i + 1}/{kills} at {at:.2f} s ({frac:.0%} of {duration:.1f} s)")
     if job.name == "owner":
         shutdown_serve(cluster)
     return result
@@ -230,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=20, help="kill instants per job")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", help="comma separated instant numbers (0-based) to run again, e.g. 2,13")
+    parser.add_argument("--signal", choices=tuple(SIGNALS), default="KILL", help="what is sent to the job's process "
+                        "group at each instant (default KILL; INT is Ctrl+C, TERM a scheduler's stop)")
+    parser.add_argument("--check", choices=("kill", "data_changed", "two_jobs"), default="kill",
+                        help="kill (default): the signal sweep; data_changed: a JSONL file changed under the same "
+                        "path between two runs; two_jobs: two copies of the job on one folder (faults/user_sweep.py)")
+    parser.add_argument("--trials", type=int, default=2, help="trials per job of --check data_changed / two_jobs")
     parser.add_argument("--workdir", default=str(ROOT / "outputs" / "faults" / "kills"))
     parser.add_argument("--report", default=str(ROOT / "outputs" / "faults" / "kill_report.json"))
     args = parser.parse_args(argv)
@@ -244,24 +331,34 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True)
     cluster = start_cluster(root, num_cpus=4)
     start = time.monotonic()
-    report = {"seed": args.seed, "kills_per_job": args.kills, "jobs": []}
+    report = {"seed": args.seed, "check": args.check, "jobs": [],
+              **({"signal": args.signal, "kills_per_job": args.kills} if args.check == "kill" else
+                 {"trials_per_job": args.trials})}
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     try:
         needed = {JOBS[n].needs for n in names} - {None}
         bases = prepare_bases(root, cluster, root / "bases.log") if needed else {}
         for n in names:  # the report is rewritten after every job: a long sweep cut short keeps what it found
             only = {int(i) for i in args.only.split(",")} if args.only else None
-            report["jobs"].append(sweep_job(JOBS[n], bases, root, cluster, args.kills, args.seed, root, only))
+            if args.check == "kill":
+                report["jobs"].append(sweep_job(JOBS[n], bases, root, cluster, args.kills, args.seed, root, only,
+                                                args.signal))
+            else:
+                from faults.user_sweep import CHECKS
+
+                report["jobs"].append(CHECKS[args.check](JOBS[n], bases, root, cluster, args.trials, args.seed, root))
             report["wall_s"] = round(time.monotonic() - start)
             Path(args.report).write_text(json.dumps(report, indent=2))
     finally:
         cluster.stop()
     results = report["jobs"]
+    ok = "survived" if args.check == "kill" else "passed"
     for r in results:
-        print(f"{r['job']}: {r.get('survived', 0)}/{r.get('tried', 0)} survived ({r.get('killed', 0)} killed mid-run)"
-              + (f"; {r['error']}" if "error" in r else ""))
-    print(f"report: {args.report}")
-    return 0 if all(r.get("survived") == r.get("tried") and "error" not in r for r in results) else 1
+        print(f"{r['job']}: {r.get(ok, 0)}/{r.get('tried', 0)} {ok}"
+              + (f" ({r.get('killed', 0)} signalled mid-run, SIG{args.signal})" if args.check == "kill" else
+                 f" ({args.check})") + (f"; {r['error']}" if "error" in r else ""))
+    print(f"report: {args.report}; wall {report.get('wall_s', 0)} s")
+    return 0 if all(r.get(ok) == r.get("tried") and "error" not in r for r in results) else 1
 
 
 if __name__ == "__main__":
