@@ -228,8 +228,9 @@ def run_case(case: Case, jobs: dict, work: Path, *, timeout: float = 0, max_rss_
     return result
 
 
-# what a job that got past its checks has written by then: its lock and its read-once copies of the JSONL inputs
-JOB_START = re.compile(r"^new out/(\.pema\.lock|inputs(/[^/]+)?)$")
+# what a job that got past its checks has written by then: its folder, its lock and its read-once copies of the
+# JSONL inputs
+JOB_START = re.compile(r"^new out(/\.pema\.lock|/inputs(/[^/]+)?)?$")
 
 
 def _run_prepared(case: Case, jobs: dict, work: Path, arena: Path, subs: dict[str, str], timeout: float,
