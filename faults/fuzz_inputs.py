@@ -338,8 +338,10 @@ def summarize(results: list[dict], **meta) -> dict:
             "cases_with_leftovers": sum(bool(r["leftovers"]) for r in results),
             "slowest_s": max((r["seconds"] for r in results), default=0),
             "families": tally("family"), "kinds": tally("kind"), "jobs": tally("job"),
-            "failures": failures, "results": [{k: r[k] for k in ("id", "family", "kind", "job", "detail", "exit_code",
-                                                                "how", "error", "seconds")} for r in results]}
+            "failures": failures, "results": [{k: r.get(k) for k in ("id", "family", "kind", "job", "detail",
+                                                                    "exit_code", "how", "error", "seconds")}
+                                              | ({"setup": r["setup_note"]} if r.get("setup_note") else {})
+                                              for r in results]}
 
 
 def main(argv: list[str] | None = None) -> int:
