@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -178,6 +179,8 @@ def kill_at(cmd: list[str], env: dict, at: float, log: Path, sig: str = "KILL") 
     if sig == "KILL":
         time.sleep(0.2)
         return {**result, "stray_processes_killed": kill_tagged(env["PEMA_FAULT_TAG"]) if result["killed"] else 0}
+    stages = re.findall(r"^\[(\w+)\] (?:started|redone)", text, re.M)
+    result["during"] = stages[-1] if stages else "before the first stage"  # where the signal landed
     problems = []
     if not result["killed"]:
         if result["rc"] != 0:
@@ -286,6 +289,7 @@ def sweep_job(job: Job, bases: dict, root: Path, cluster, kills: int, seed: int,
             code = str(killed["rc"])
             result["exit_codes"][code] = result["exit_codes"].get(code, 0) + 1
             result["stop_s_max"] = max(result["stop_s_max"], killed.get("stop_s") or 0.0)
+            result.setdefault("during", []).append(killed["during"] if killed["killed"] else "after the end")
         with open(log, "a") as f:
             f.write(f"\n==== {job.name} rerun after SIG{sig} {i} ====\n")
         rc, _ = run(job.command(out, port), env, job.timeout_s, log)
