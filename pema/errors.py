@@ -3,6 +3,7 @@
 Every error is a ValueError or TypeError subclass so callers that only know the builtin types still
 catch them; the message always names the offending value and, where there is one, the fix.
 """
+import errno
 
 
 class PemaError(Exception):
@@ -69,3 +70,30 @@ def named_open_errors(path, error: type[PemaError], what: str):
         except OSError as exc:
             raise error(f"{path}: cannot be read ({exc.strerror or exc})") from None
     return guard()
+
+
+FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, the file size limit (RLIMIT_FSIZE), a quota
+SQLITE_FULL = 13  # sqlite's "database or disk is full"
+
+
+def full_disk(exc: BaseException | None) -> OSError | None:
+    """The write that failed for want of space (a full disk, a quota, the file size limit) behind ``exc``, or None
+    when ``exc`` is something else. Looks through what wraps it: chained exceptions, a Ray task's error (``cause``),
+    Ray Train's ``ControllerError`` and ``WorkerGroupError`` (each worker's error, unwrapped), SQLAlchemy's driver
+    error (``orig``); sqlite's "database or disk is full" comes back as an ENOSPC OSError without a file name."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in FULL_DISK:
+            return e
+        if getattr(e, "sqlite_errorcode", None) == SQLITE_FULL or (
+                type(e).__module__ == "sqlite3" and "database or disk is full" in str(e)):
+            return OSError(errno.ENOSPC, "No space left on device (database or disk is full)")
+        failures = getattr(e, "worker_failures", None)
+        todo += [e.__cause__, e.__context__, *(getattr(e, name, None) for name in
+                                               ("cause", "orig", "controller_failure", "_base_exc")),
+                 *(failures.values() if isinstance(failures, dict) else ())]
+    return None
