@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -65,15 +66,31 @@ def job_config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def check_output_dir(output_dir: str) -> None:
-    """ConfigError when ``--output-dir`` is empty, or it (or the first of its parents that exists) is not a
-    folder: the job would fail when it first writes, after its work."""
+    """ConfigError naming the path when ``--output-dir`` is empty, or it (or the first of its parents that exists)
+    is not a folder, or cannot be written (a read-only disk, no permission): the job would fail when it first
+    writes, after Ray has started. Writing is tried: a probe file in the folder, or, when it is missing, a probe
+    folder in the first parent that exists (where it would be made); both are removed at once, so a refused job
+    leaves the disk as it was."""
     if not str(output_dir).strip():
         raise ConfigError("--output-dir is empty: give the run's folder (it is made when missing)")
     for path in (Path(output_dir), *Path(output_dir).parents):
         if path.exists():
             if not path.is_dir():
                 raise ConfigError(f"--output-dir {output_dir}: {path} is a file, not a folder; give a folder")
-            return
+            break
+    probe = path / f".pema-probe-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        if path == Path(output_dir):
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+        else:
+            os.mkdir(probe)
+            os.rmdir(probe)
+    except OSError as exc:
+        reason = f"cannot be written ({exc.strerror or exc}); give a folder this job may write"
+        if path == Path(output_dir):
+            raise ConfigError(f"--output-dir {output_dir} {reason}") from None
+        raise ConfigError(f"--output-dir {output_dir} cannot be made: {path} {reason}") from None
 
 
 def run_job(args: argparse.Namespace, stage: Callable[[PipelineConfig], object],

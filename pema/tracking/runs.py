@@ -4,7 +4,9 @@ Where runs go: ``MLFLOW_TRACKING_URI`` when it is set (the project's server: ``m
 sqlite store in the job's output folder (``<output-dir>/mlflow.db``, the embedded default; MLflow's file store is
 off in 3.x). The sqlite store is created atomically (:func:`ensure_sqlite_store`): MLflow migrates a temporary
 file next to it, which replaces ``mlflow.db`` only when complete, so a job killed at any instant (even while the
-tables are being made) never leaves a half-migrated store behind. A tracking server that does not answer
+tables are being made) never leaves a half-migrated store behind. A sqlite store keeps its artifacts beside it,
+in ``mlartifacts/`` (:func:`follow_store`), wherever the job was started from, and when its folder is copied or
+moved the artifacts follow. A tracking server that does not answer
 ``/health`` stops the job before any work, with a message that names the URI; a server that goes away mid-run
 raises :class:`~pema.errors.TrackingError` naming it too, and the files the stages wrote stay where they are.
 
@@ -35,8 +37,7 @@ from pema.errors import TrackingError
 from pema.formats.layout import RunLayout
 from pema.stages.inputs import split_pairs
 from pema.tracking.orphans import end_orphaned_runs, process_tags
-
-EXPERIMENT = "pema"
+from pema.tracking.store import EXPERIMENT, artifact_root, follow_store, store_file
 ROOT = Path(__file__).resolve().parents[2]
 PARAM_MAX = 6000  # MLflow's limit on a param value
 EXPERIMENT_KIND, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"  # the UI's runs-table view
@@ -119,23 +120,25 @@ def connect(output_dir: str | os.PathLike) -> str:
         ensure_sqlite_store(uri[len("sqlite:///"):])
     elif uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+    if (db := store_file(uri)) is not None and db.is_file():
+        follow_store(db)
     mlflow.set_tracking_uri(uri)
     return uri
 
 
 def experiment_id(name: str = EXPERIMENT, output_dir: str | os.PathLike | None = None) -> str:
     """The experiment's id, created if missing (not ``mlflow.set_experiment``: it exports an environment variable
-    that Ray's MLflow callback would prefer over its own setting). With the embedded store (no
-    ``MLFLOW_TRACKING_URI``) its artifacts live in ``<output_dir>/mlartifacts``, beside ``mlflow.db``, not in a
+    that Ray's MLflow callback would prefer over its own setting). With a sqlite store (the embedded one, or a
+    ``sqlite:///`` ``MLFLOW_TRACKING_URI``) its artifacts live beside the store (:func:`artifact_root`), not in a
     ``./mlruns`` of whatever folder the job was started from. It is tagged as a model-development experiment, so the
-    MLflow UI opens it on its runs table."""
+    MLflow UI opens it on its runs table. ``output_dir`` is not needed any more (the store's URI says where the
+    artifacts go); it is accepted for the callers that pass it."""
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        location = None
-        if output_dir is not None and mlflow.get_tracking_uri() == f"sqlite:///{RunLayout(output_dir).mlflow_db}":
-            location = RunLayout(output_dir).mlflow_artifacts.as_uri()
-        exp_id = client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
+        root = artifact_root(mlflow.get_tracking_uri())
+        exp_id = client.create_experiment(name, artifact_location=root.as_uri() if root else None,
+                                          tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
     else:
         exp_id = exp.experiment_id
         if exp.tags.get(EXPERIMENT_KIND) is None:
