@@ -53,20 +53,48 @@ class RayTrainContext:
             yield d
 
 
+@ray.remote(num_cpus=0)
+class NoRoomSeen:
+    """Where the workers note the first write that failed for want of space. Ray Train restarts a failed worker
+    group (``train.max_failures``), and the error it raises in the end may be another (a restart that lost its
+    placement group), without the worker's OSError."""
+
+    def __init__(self):
+        self.seen = None
+
+    def note(self, seen: tuple) -> None:
+        self.seen = self.seen or seen
+
+    def first(self) -> tuple | None:
+        return self.seen
+
+
 def _loop(body, config: dict) -> None:
     ctx = RayTrainContext(config["device"])
     with relayed_bars(config.get("relay"), f"rank {ctx.rank}"):
-        body({k: v for k, v in config.items() if k != "relay"}, ctx)
+        try:
+            body({k: v for k, v in config.items() if k not in ("relay", "no_room")}, ctx)
+        except Exception as exc:
+            if (disk := full_disk(exc)) is not None and config.get("no_room") is not None:
+                filename = None if disk.filename is None else str(disk.filename)
+                ray.get(config["no_room"].note.remote((disk.errno, disk.strerror, filename)))
+            raise
 
 
 @contextlib.contextmanager
 def train_on_ray(body, config: dict, *, cfg, layout, run_name: str = "train", progress: bool = True):
     """Run ``body(config, ctx)`` on Ray Train; yields the folder of the final checkpoint. With ``progress`` the
-    workers' bars are redrawn on this console."""
+    workers' bars are redrawn on this console. A write that fails for want of space (a worker's, or the
+    controller's) comes out as that OSError, naming the file or else Ray Train's folder (:func:`_no_room`)."""
     t, r = cfg.train, cfg.resources
     use_gpu = r.device.startswith("cuda")
-    with bars_on_driver(progress and config.get("progress", False)) as relay:
-        yield from _fit(body, {**config, "device": r.device, "relay": relay}, t, r, use_gpu, layout, run_name)
+    no_room = NoRoomSeen.remote()
+    try:
+        with bars_on_driver(progress and config.get("progress", False)) as relay:
+            yield from _fit(body, {**config, "device": r.device, "relay": relay, "no_room": no_room}, t, r, use_gpu,
+                            layout, run_name)
+    finally:
+        ray.kill(no_room)
 
 
 def fit_in_thread(trainer):
@@ -94,11 +122,13 @@ def fit_in_thread(trainer):
     return done["result"]
 
 
-def _no_room(error, layout) -> OSError | None:
-    """A full disk behind Ray Train's error (a worker's, or the controller's writing its checkpoints: pyarrow's error
-    names no file) as an OSError naming the file, or else Ray Train's folder; not retried: the job exits 2 naming
-    it. None for any other error."""
+def _no_room(error, layout, seen=None) -> OSError | None:
+    """A full disk behind Ray Train's error, or noted by a worker in ``seen`` (:class:`NoRoomSeen`), as an OSError
+    naming the file, or else Ray Train's folder (pyarrow's error, writing the checkpoints, names none); not retried:
+    the job exits 2 naming it. None for any other error."""
     disk = full_disk(error)
+    if disk is None and seen is not None and (noted := ray.get(seen.first.remote())) is not None:
+        disk = OSError(*noted)
     return None if disk is None else OSError(disk.errno, disk.strerror, disk.filename or str(layout.ray_train))
 
 
@@ -117,10 +147,10 @@ def _fit(body, config, t, r, use_gpu, layout, run_name):
         try:
             result = fit_in_thread(trainer)
         except Exception as exc:  # Ray Train raises the run's error from fit()
-            if (disk := _no_room(exc, layout)) is not None:
+            if (disk := _no_room(exc, layout, config.get("no_room"))) is not None:
                 raise disk from exc
             raise
-        if (disk := _no_room(result.error, layout)) is not None:
+        if result.error is not None and (disk := _no_room(result.error, layout, config.get("no_room"))) is not None:
             raise disk from result.error
         # Ray Train retries failed workers (train.max_failures), not a controller that lost its worker group
         # (seen when a job is rerun right after its driver was killed, while Ray removes the old job's placement

@@ -8,16 +8,13 @@ a refused job leaves ``--output-dir`` as it was. Anything else is a bug and keep
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from pema.config import PipelineConfig, load_config, with_overrides
-from pema.errors import ConfigError, PemaError
-
-FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a write that fails part-way: named, exit 2
+from pema.errors import ConfigError, PemaError, full_disk
 
 
 def job_parser(doc: str, *, splits: tuple[str, ...] = ("train", "dev", "test")) -> argparse.ArgumentParser:
@@ -116,10 +113,11 @@ def run_job(args: argparse.Namespace, stage: Callable[[PipelineConfig], object],
     except (PemaError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        if exc.errno not in FULL_DISK:
+    except Exception as exc:  # a full disk, also behind Ray's errors (a task's, Ray Train's workers' or controller's)
+        if (disk := full_disk(exc)) is None:
             raise
-        print(f"error: {exc}: free some space (or raise the file size limit) and rerun the same command; the "
+        where = "" if disk.filename else f" (writing under {args.output_dir})"
+        print(f"error: {disk}{where}: free some space (or raise the file size limit) and rerun the same command; the "
               "finished parts of the stage are kept", file=sys.stderr)
         return 2
     print(show(result))

@@ -8,7 +8,9 @@ tables are being made) never leaves a half-migrated store behind. A sqlite store
 in ``mlartifacts/`` (:func:`follow_store`), wherever the job was started from, and when its folder is copied or
 moved the artifacts follow. A tracking server that does not answer
 ``/health`` stops the job before any work, with a message that names the URI; a server that goes away mid-run
-raises :class:`~pema.errors.TrackingError` naming it too, and the files the stages wrote stay where they are.
+raises :class:`~pema.errors.TrackingError` naming it too, and the files the stages wrote stay where they are. A
+full disk (under a stage, or under a sqlite store) comes out as the OSError naming the file, and the stage's run
+still ends: in place in a full sqlite store (:func:`end_in_place`).
 
 Runs nest: a stage started while another run is active (the pipeline's parent run, or a Ray Tune trial's run)
 becomes its child (``mlflow.parentRunId``); otherwise it is a top-level run of the experiment ``pema``. Each stage
@@ -33,11 +35,13 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pema.config import PipelineConfig, flatten, to_dict
-from pema.errors import TrackingError
+from pema.errors import TrackingError, full_disk
 from pema.formats.layout import RunLayout
 from pema.stages.inputs import split_pairs
 from pema.tracking.orphans import end_orphaned_runs, process_tags
-from pema.tracking.store import EXPERIMENT, artifact_root, follow_store, store_file
+from pema.tracking.store import (EXPERIMENT, artifact_root, drop_reraised_logs, end_in_place, follow_store,
+                                 store_file)
+
 ROOT = Path(__file__).resolve().parents[2]
 PARAM_MAX = 6000  # MLflow's limit on a param value
 EXPERIMENT_KIND, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"  # the UI's runs-table view
@@ -109,6 +113,22 @@ def ensure_sqlite_store(db: str | os.PathLike) -> None:
         os.close(fd)  # releases the lock
 
 
+def _end_run(run_id: str, status: str, uri: str) -> Exception | None:
+    """End the active run (``run_id``) as ``status``; when a full disk under a sqlite store refuses that, end it in
+    place (:func:`end_in_place`). Returns the error that left the run unended, or None."""
+    try:
+        mlflow.end_run(status=status)
+        return None
+    except Exception as exc:
+        db = store_file(uri)
+        return None if full_disk(exc) is not None and db is not None and end_in_place(db, run_id, status) else exc
+
+
+def _no_room(disk: OSError, uri: str) -> OSError:
+    """The full-disk error of a write to the tracking store, naming the store's file (sqlite names none)."""
+    return OSError(disk.errno, disk.strerror, disk.filename or str(store_file(uri) or uri))
+
+
 def connect(output_dir: str | os.PathLike) -> str:
     """Point MLflow at this job's store (checked first; a fresh sqlite store is created atomically) and make sure
     the experiment exists; returns the URI."""
@@ -122,6 +142,7 @@ def connect(output_dir: str | os.PathLike) -> str:
         Path(uri[len("sqlite:///"):].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
     if (db := store_file(uri)) is not None and db.is_file():
         follow_store(db)
+    drop_reraised_logs()
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -203,6 +224,11 @@ def stage_run(stage: str, cfg: PipelineConfig, output_dir: str | os.PathLike, *,
     except TrackingError:
         raise
     except Exception as exc:  # requests / MlflowException: the store went away or refused the run
+        if (active := mlflow.active_run()) is not None and (parent is None or
+                                                              active.info.run_id != parent.info.run_id):
+            _end_run(active.info.run_id, "FAILED", uri)  # started, then refused its params or tags: not RUNNING
+        if (disk := full_disk(exc)) is not None:
+            raise _no_room(disk, uri) from exc
         raise TrackingError(f"MLflow at {uri} failed while starting the {stage!r} run: {exc}") from exc
     status = "FAILED"
     try:
@@ -215,16 +241,17 @@ def stage_run(stage: str, cfg: PipelineConfig, output_dir: str | os.PathLike, *,
         raise
     except Exception as exc:
         if _is_tracking_failure(exc):
+            if (disk := full_disk(exc)) is not None:
+                raise _no_room(disk, uri) from exc
             raise TrackingError(f"MLflow at {uri} failed during the {stage!r} run: {exc}; the stage's files in "
                                 f"{output_dir} are kept") from exc
         raise
-    finally:
-        try:
-            mlflow.end_run(status=status)
-        except Exception as exc:  # a dead server: the stage's own error (if any) is the one to show
-            if status == "FINISHED":  # the stage did its work, but its run could not be ended: not a success
-                raise TrackingError(f"MLflow at {uri} failed while ending the {stage!r} run: {exc}; the stage's "
-                                    f"files in {output_dir} are kept, rerun the job once the server is back") from exc
+    finally:  # a dead server: the stage's own error (if any) is the one to show
+        if (exc := _end_run(run.info.run_id, status, uri)) is not None and status == "FINISHED":
+            if (disk := full_disk(exc)) is not None:  # the stage did its work, but its run could not be ended
+                raise _no_room(disk, uri) from exc
+            raise TrackingError(f"MLflow at {uri} failed while ending the {stage!r} run: {exc}; the stage's "
+                                f"files in {output_dir} are kept, rerun the job once the server is back") from exc
 
 
 def log_datasets(cfg: PipelineConfig, splits) -> None:

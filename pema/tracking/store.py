@@ -1,15 +1,19 @@
-"""Where a sqlite tracking store keeps its artifacts.
+"""Where a sqlite tracking store keeps its artifacts, and ending a run in a store whose disk is full.
 
 - :func:`artifact_root`: a ``sqlite:///`` store's artifacts go to ``mlartifacts/`` beside its file (for the embedded
   store, ``<output-dir>/mlartifacts``), never to ``./mlruns`` of the folder the job started from.
 - :func:`follow_store`: MLflow records that place as an absolute URI, in the experiment and in every run, logged
   model and model version; a run folder copied or moved elsewhere is pointed back at its own ``mlartifacts/``.
+- :func:`end_in_place`: a disk that filled under the store leaves sqlite no room for its journal, so MLflow cannot
+  end the run; its row is rewritten in place instead, so no run is left RUNNING.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -74,3 +78,36 @@ def follow_store(db: str | os.PathLike, name: str = EXPERIMENT) -> None:
         except sqlite3.OperationalError:  # a read-only store (nothing is written through it) or a full disk (the
             return  # job's first write names it)
 
+
+def end_in_place(db: str | os.PathLike, run_id: str, status: str) -> bool:
+    """End ``run_id`` in the sqlite store ``db`` when MLflow could not for want of disk space (sqlite needs room
+    for its rollback journal): the run's row is rewritten in place, the journal kept in memory, which needs no new
+    room unless the row grows (then the status alone is written, which shrinks it). True when the run is ended."""
+    now = int(time.time() * 1000)
+    for sql, args in (("UPDATE runs SET status = ?, end_time = ? WHERE run_uuid = ?", (status, now, run_id)),
+                      ("UPDATE runs SET status = ? WHERE run_uuid = ?", (status, run_id))):
+        try:
+            with contextlib.closing(sqlite3.connect(str(db), timeout=30)) as con:
+                con.execute("PRAGMA journal_mode = MEMORY")
+                if con.execute(sql, args).rowcount == 1:
+                    con.commit()
+                    return True
+        except sqlite3.Error:
+            continue
+    return False
+
+
+class _Reraised(logging.Filter):
+    """MLflow logs a sqlite error with its traceback, then raises it as an MlflowException; the job handles that
+    (a full disk is named, exit 2; a broken store is a TrackingError), so the logged copy is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SQLAlchemy database error")
+
+
+_RERAISED = _Reraised()
+
+
+def drop_reraised_logs() -> None:
+    """Drop MLflow's logged copy of the sqlite errors it raises (:class:`_Reraised`); once per process is enough."""
+    logging.getLogger("mlflow.store.db.utils").addFilter(_RERAISED)
