@@ -8,6 +8,7 @@ a refused job leaves ``--output-dir`` as it was. Anything else is a bug and keep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Callable
 
 from pema.config import PipelineConfig, load_config, with_overrides
 from pema.errors import ConfigError, PemaError, full_disk
+from pema.jobs.guard import FolderLock, Interrupted, stop_on_signals
 
 
 def job_parser(doc: str, *, splits: tuple[str, ...] = ("train", "dev", "test")) -> argparse.ArgumentParser:
@@ -92,24 +94,17 @@ def check_output_dir(output_dir: str) -> None:
 
 def run_job(args: argparse.Namespace, stage: Callable[[PipelineConfig], object],
             show: Callable[[object], str] = str, *, inputs: tuple[str, ...] | None = None, model: bool = True,
-            bundles: tuple[str, ...] = ()) -> int:
-    """Load the config, check the inputs, connect to Ray, run ``stage(cfg)`` and print ``show(result)``; returns the
-    exit code. Checked first (:func:`~pema.jobs.stages.check_inputs`): the pairs of ``inputs`` (default: the
-    job's ``--train/--dev/--test`` splits), ``model.model_id`` when ``model`` and ``bundles`` under ``--output-dir``."""
+            bundles: tuple[str, ...] = (), lock: bool = True) -> int:
+    """Load the config, check the inputs, take the folder, connect to Ray, run ``stage(cfg)`` and print
+    ``show(result)``; returns the exit code. Checked first, once (:func:`~pema.jobs.stages.check_inputs`): the pairs
+    of ``inputs`` (default: the job's ``--train/--dev/--test`` splits) and what the pair hygiene keeps of them,
+    ``model.model_id`` when ``model`` and ``bundles`` under ``--output-dir``. Then the job holds the folder
+    (:class:`~pema.jobs.guard.FolderLock`, unless ``lock`` is off: the services only read it), reads its JSONL
+    splits once (:func:`~pema.stages.ledger.snapshot_inputs`) and runs with SIGINT and SIGTERM turned into a clean
+    stop (exit 130 and 143, :func:`~pema.jobs.guard.stop_on_signals`)."""
     try:
-        check_output_dir(args.output_dir)
-        cfg = job_config(args)
-        from pema.jobs.stages import check_inputs
-
-        check_inputs(cfg, args.output_dir, splits=getattr(args, "input_splits", ()) if inputs is None else inputs,
-                     model=model, bundles=bundles)
-        from pema.executors.ray_runtime import init_ray
-        from pema.tracking.runs import check_server, tracking_uri
-
-        check_server(tracking_uri(args.output_dir))  # a dead tracking server stops the job before any work
-
-        init_ray(args.address, quiet=not getattr(args, "verbose", False))
-        result = stage(cfg)
+        with stop_on_signals():
+            return _run_job(args, stage, show, inputs, model, bundles, lock)
     except (PemaError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -120,5 +115,33 @@ def run_job(args: argparse.Namespace, stage: Callable[[PipelineConfig], object],
         print(f"error: {disk}{where}: free some space (or raise the file size limit) and rerun the same command; the "
               "finished parts of the stage are kept", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        code = exc.exit_code if isinstance(exc, Interrupted) else 130
+        print(f"\ninterrupted ({exc or 'SIGINT'}): the job stopped; rerun the same command to resume (finished stages "
+              "and memory parts are kept)", file=sys.stderr)
+        return code
+
+
+def _run_job(args, stage, show, inputs, model, bundles, lock) -> int:
+    check_output_dir(args.output_dir)
+    cfg = job_config(args)
+    from pema.jobs.stages import check_inputs
+    from pema.stages.inputs import SPLITS, cleaned_splits
+
+    splits = getattr(args, "input_splits", ()) if inputs is None else inputs
+    check_inputs(cfg, args.output_dir, splits=splits, model=model, bundles=bundles)
+    if splits:  # a split that the pair hygiene would leave empty: named here, before anything is written
+        cleaned_splits(cfg, max(splits, key=SPLITS.index))
+    from pema.executors.ray_runtime import init_ray
+    from pema.stages.ledger import snapshot_inputs
+    from pema.tracking.runs import check_server, tracking_uri
+
+    check_server(tracking_uri(args.output_dir))  # a dead tracking server stops the job before any work
+    with FolderLock(args.output_dir) if lock else contextlib.nullcontext():
+        if lock and splits:
+            cfg = snapshot_inputs(cfg, args.output_dir, splits)
+        init_ray(args.address, quiet=not getattr(args, "verbose", False))
+        with stop_on_signals():  # again, after Ray's core worker installed its own SIGTERM handler
+            result = stage(cfg)
     print(show(result))
     return 0

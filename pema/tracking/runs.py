@@ -221,6 +221,11 @@ def stage_run(stage: str, cfg: PipelineConfig, output_dir: str | os.PathLike, *,
             mlflow.log_params(_params(cfg))
             mlflow.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
             log_datasets(cfg, STAGE_SPLITS.get(stage, ()))
+    except KeyboardInterrupt:  # stopped while the run was being set up: a run already started ends KILLED
+        if (active := mlflow.active_run()) is not None and (parent is None or
+                                                              active.info.run_id != parent.info.run_id):
+            mlflow.end_run(status="KILLED")
+        raise
     except TrackingError:
         raise
     except Exception as exc:  # requests / MlflowException: the store went away or refused the run
