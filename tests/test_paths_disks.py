@@ -155,8 +155,10 @@ def test_check_output_dir_names_a_folder_that_cannot_be_made(tmp_path):
     assert list(tmp_path.iterdir()) == []
     check_output_dir(str(tmp_path))
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ConfigError, match="--output-dir /proc/pema-no-such/out cannot be made: /proc cannot be written"):  # even root cannot make a folder in /proc
+    made = "--output-dir /proc/pema-no-such/out cannot be made: /proc cannot be written"
+    with pytest.raises(ConfigError, match=made):  # even root cannot make a folder in /proc
         check_output_dir("/proc/pema-no-such/out")
+    check_output_dir("/proc/pema-no-such/out", write=False)  # a service only reads the folder: not probed
 
 
 @needs_mount

@@ -64,12 +64,12 @@ def job_config(args: argparse.Namespace) -> PipelineConfig:
     return with_overrides(cfg, paths) if paths else cfg
 
 
-def check_output_dir(output_dir: str) -> None:
+def check_output_dir(output_dir: str, write: bool = True) -> None:
     """ConfigError naming the path when ``--output-dir`` is empty, or it (or the first of its parents that exists)
-    is not a folder, or cannot be written (a read-only disk, no permission): the job would fail when it first
-    writes, after Ray has started. Writing is tried: a probe file in the folder, or, when it is missing, a probe
-    folder in the first parent that exists (where it would be made); both are removed at once, so a refused job
-    leaves the disk as it was."""
+    is not a folder, or, with ``write`` (every job but the services, which only read it), cannot be written (a
+    read-only disk, no permission): the job would fail when it first writes, after Ray has started. Writing is
+    tried: a probe file in the folder, or, when it is missing, a probe folder in the first parent that exists (where
+    it would be made); both are removed at once, so a refused job leaves the disk as it was."""
     if not str(output_dir).strip():
         raise ConfigError("--output-dir is empty: give the run's folder (it is made when missing)")
     for path in (Path(output_dir), *Path(output_dir).parents):
@@ -77,6 +77,8 @@ def check_output_dir(output_dir: str) -> None:
             if not path.is_dir():
                 raise ConfigError(f"--output-dir {output_dir}: {path} is a file, not a folder; give a folder")
             break
+    if not write:
+        return
     probe = path / f".pema-probe-{os.getpid()}-{os.urandom(4).hex()}"
     try:
         if path == Path(output_dir):
