@@ -125,7 +125,7 @@ def run_job(args: argparse.Namespace, stage: Callable[[PipelineConfig], object],
 
 
 def _run_job(args, stage, show, inputs, model, bundles, lock) -> int:
-    check_output_dir(args.output_dir)
+    check_output_dir(args.output_dir, write=lock)  # the services (lock off) only read the folder
     cfg = job_config(args)
     from pema.jobs.stages import check_inputs
     from pema.stages.inputs import SPLITS, cleaned_splits
