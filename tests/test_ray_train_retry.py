@@ -19,6 +19,8 @@ class FakeTrainer:
 
     def fit(self):
         error = FakeTrainer.outcomes.pop(0)
+        if isinstance(error, tuple):  # ("raise", error): Ray 2.x's fit() raises the run's error
+            raise error[1]
         checkpoint = types.SimpleNamespace(as_directory=lambda: contextlib.nullcontext("/final"))
         return types.SimpleNamespace(error=error, checkpoint=checkpoint)
 
@@ -53,4 +55,18 @@ def test_controller_retries_are_bounded_and_other_errors_are_not_retried(monkeyp
     assert FakeTrainer.built == CONTROLLER_RETRIES + 1
     with pytest.raises(ValueError):
         run_fit(monkeypatch, [ValueError("a bug in the loop"), None])
+    assert FakeTrainer.built == 1
+
+
+def test_a_controller_error_raised_by_fit_restarts_the_run_too(monkeypatch):
+    from ray.train import ControllerError
+
+    from pema.executors.ray_train import CONTROLLER_RETRIES
+
+    lost = ("raise", ControllerError(RuntimeError("placement group removed")))
+    assert run_fit(monkeypatch, [lost, None]) == ["/final"] and FakeTrainer.built == 2
+    with pytest.raises(ControllerError):
+        run_fit(monkeypatch, [lost] * (CONTROLLER_RETRIES + 1))
+    with pytest.raises(ValueError):
+        run_fit(monkeypatch, [("raise", ValueError("a bug in the loop")), None])
     assert FakeTrainer.built == 1

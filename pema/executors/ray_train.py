@@ -149,7 +149,10 @@ def _fit(body, config, t, r, use_gpu, layout, run_name):
         except Exception as exc:  # Ray Train raises the run's error from fit()
             if (disk := _no_room(exc, layout, config.get("no_room"))) is not None:
                 raise disk from exc
-            raise
+            if not isinstance(exc, ControllerError) or attempt == CONTROLLER_RETRIES:
+                raise
+            time.sleep(2.0 * (attempt + 1))  # a controller error raised rather than returned: retried the same way
+            continue
         if result.error is not None and (disk := _no_room(result.error, layout, config.get("no_room"))) is not None:
             raise disk from result.error
         # Ray Train retries failed workers (train.max_failures), not a controller that lost its worker group

@@ -203,10 +203,16 @@ def snapshot_inputs(cfg: PipelineConfig, output_dir: str | os.PathLike, splits=A
         if (src := getattr(cfg.data, split)) is None:
             continue
         tmp, h = folder / f".{split}.{os.getpid()}.tmp", hashlib.sha256()
-        with open(src, "rb") as fh, open(tmp, "wb") as out:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-                out.write(chunk)
+        try:
+            with open(src, "rb") as fh, open(tmp, "wb") as out:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+                    out.write(chunk)
+        except OSError as exc:  # a full disk: named with the copy it was writing, and no half copy left
+            tmp.unlink(missing_ok=True)
+            if exc.filename is None:
+                raise OSError(exc.errno, exc.strerror, str(tmp)) from exc
+            raise
         dest = folder / f"{split}-{h.hexdigest()[:16]}.jsonl"
         os.replace(tmp, dest)
         paths[f"data.{split}"], sources[dest.name] = str(dest), str(src)
