@@ -155,14 +155,16 @@ def two_jobs_job(job: Job, bases: dict, root: Path, cluster, trials: int, seed: 
                 started.append(time.monotonic())
                 procs.append(subprocess.Popen(job.command(out), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
                                               start_new_session=True))
-        ended = []
-        for p in procs:
-            try:
-                p.wait(job.timeout_s)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            ended.append(time.monotonic())
+        ended = [None, None]  # when each copy exited, polled together: the refused one ends first
+        deadline = time.monotonic() + job.timeout_s
+        while None in ended:
+            for k, p in enumerate(procs):
+                if ended[k] is None and (p.poll() is not None or time.monotonic() > deadline):
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+                    ended[k] = time.monotonic()
+            time.sleep(0.1)
         rcs, texts = [p.returncode for p in procs], [path.read_text(errors="replace") for path in logs]
         with open(log, "a") as f:
             for k, (path, text) in enumerate(zip(logs, texts)):
