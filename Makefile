@@ -30,6 +30,10 @@ test-fast: setup
 faults: setup  # 500 hostile inputs (1 min), then SIGKILL every job at 20 seeded instants (hours on 2 cores)
 	$(PY) faults/fuzz_inputs.py --seed 0 --count 500 --report outputs/faults/fuzz_inputs.json
 	$(PY) faults/kill_sweep.py --kills 20 --seed 0 --report outputs/faults/kill_report.json
+	$(PY) faults/kill_sweep.py --signal INT --jobs build,train,pipeline --kills 3 --seed 0 --report outputs/faults/sigint_report.json
+	$(PY) faults/kill_sweep.py --signal TERM --jobs build,train,pipeline --kills 3 --seed 0 --report outputs/faults/sigterm_report.json
+	$(PY) faults/kill_sweep.py --check data_changed --jobs build,evaluate,pipeline --trials 2 --seed 0 --report outputs/faults/data_changed.json
+	$(PY) faults/kill_sweep.py --check two_jobs --jobs build,pipeline --trials 2 --seed 0 --report outputs/faults/two_jobs.json
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -141,3 +141,23 @@ def test_the_owner_service_stops_the_same_way(tmp_path, sig, code):
             break
         time.sleep(1)
     assert tagged_processes(tag) == []
+
+
+def test_a_bare_keyboard_interrupt_after_sigterm_still_exits_143(monkeypatch):
+    """Ray's ray.get catches the job's Interrupted and raises a plain KeyboardInterrupt: the exit code and the line
+    still follow the signal that was received."""
+    import argparse
+
+    from pema.jobs import cli, guard
+
+    def stage_under_ray(args, *rest):
+        with pytest.raises(guard.Interrupted):
+            guard._raise(signal.SIGTERM, None)
+        raise KeyboardInterrupt()  # what Ray raises in its place
+
+    monkeypatch.setattr(cli, "_run_job", stage_under_ray)
+    monkeypatch.setattr(guard, "RECEIVED", [])
+    assert cli.run_job(argparse.Namespace(), lambda cfg: None) == 143
+    monkeypatch.setattr(guard, "RECEIVED", [])
+    monkeypatch.setattr(cli, "_run_job", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert cli.run_job(argparse.Namespace(), lambda cfg: None) == 130

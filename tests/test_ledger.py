@@ -44,9 +44,11 @@ def test_a_stage_that_runs_again_drops_the_stages_after_it(tmp_path):
     for stage in ("build_memory", "train", "evaluate"):
         ledger.record(stage, cfg, {}, stage)
     ledger.forget_after("train")
-    assert set(ledger.entries()) == {"build_memory", "train"}
+    assert {k for k, e in ledger.entries().items() if "result" in e} == {"build_memory", "train"}
+    assert ledger.verdict("evaluate", cfg)[1] == "train, whose outputs it reads, ran again"
     ledger.record("build_memory", cfg, {}, "again")
-    assert set(ledger.entries()) == {"build_memory"} and ledger.run_ids() == ["again"]
+    assert {k for k, e in ledger.entries().items() if "result" in e} == {"build_memory"}
+    assert ledger.run_ids() == ["again"] and ledger.done("train", cfg) is None
 
 
 def test_a_rerun_pipeline_skips_the_stages_it_finished(tmp_path):
@@ -91,6 +93,7 @@ def test_a_rerun_pipeline_skips_the_stages_it_finished(tmp_path):
     run_pipeline(moved, tmp_path, InlineExecutor(), changed, progress=False, log=lines.append, ledger=Ledger(tmp_path))
     assert [c[1] for c in changed.calls if c[0] == "stage"] == ["pipeline", "build_memory", "train", "evaluate"]
     assert any(line.startswith("[build_memory] redone: data.train changed") for line in lines), lines
+    assert "[train] redone: build_memory, whose outputs it reads, ran again" in lines, lines
 
 
 def test_the_verdict_names_what_changed(tmp_path):

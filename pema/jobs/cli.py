@@ -16,7 +16,7 @@ from typing import Callable
 
 from pema.config import PipelineConfig, load_config, with_overrides
 from pema.errors import ConfigError, PemaError, full_disk
-from pema.jobs.guard import FolderLock, Interrupted, stop_on_signals
+from pema.jobs.guard import FolderLock, interruption, stop_on_signals
 
 
 def job_parser(doc: str, *, splits: tuple[str, ...] = ("train", "dev", "test")) -> argparse.ArgumentParser:
@@ -118,10 +118,10 @@ def run_job(args: argparse.Namespace, stage: Callable[[PipelineConfig], object],
               "finished parts of the stage are kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        code = exc.exit_code if isinstance(exc, Interrupted) else 130
-        print(f"\ninterrupted ({exc or 'SIGINT'}): the job stopped; rerun the same command to resume (finished stages "
+        stop = interruption(exc)
+        print(f"\ninterrupted ({stop}): the job stopped; rerun the same command to resume (finished stages "
               "and memory parts are kept)", file=sys.stderr)
-        return code
+        return stop.exit_code
 
 
 def _run_job(args, stage, show, inputs, model, bundles, lock) -> int:

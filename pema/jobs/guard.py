@@ -71,8 +71,21 @@ class FolderLock:
             self.fd = None
 
 
+RECEIVED: list[int] = []  # the signals received, in order: Ray may catch Interrupted and raise a bare KeyboardInterrupt
+
+
 def _raise(signum, frame):
+    RECEIVED.append(signum)
     raise Interrupted(signum)
+
+
+def interruption(exc: KeyboardInterrupt) -> Interrupted:
+    """The :class:`Interrupted` behind ``exc``: itself, or, when something between (Ray's ``ray.get``) replaced it
+    by a plain KeyboardInterrupt, one for the last signal received (SIGINT when none was: a Ctrl+C before the
+    handlers were installed)."""
+    if isinstance(exc, Interrupted):
+        return exc
+    return Interrupted(RECEIVED[-1] if RECEIVED else signal.SIGINT)
 
 
 @contextlib.contextmanager

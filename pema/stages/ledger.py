@@ -98,6 +98,15 @@ def stage_inputs(cfg: PipelineConfig, output_dir: str | os.PathLike, stage: str)
     return found
 
 
+def _drop_downstream(entries: dict, stage: str) -> bool:
+    """Replace the entries of the stages that read ``stage``'s outputs by a note saying why they must run again;
+    True when one was there."""
+    dropped = [later for later in DOWNSTREAM.get(stage, ()) if "result" in (entries.get(later) or {})]
+    for later in dropped:
+        entries[later] = {"redo": f"{stage}, whose outputs it reads, ran again"}
+    return bool(dropped)
+
+
 class Ledger:
     def __init__(self, output_dir: str | os.PathLike):
         self.layout = RunLayout(output_dir)
@@ -117,7 +126,8 @@ class Ledger:
         outputs are in place; else None and why it has to run."""
         entry = self.entries().get(stage)
         if not isinstance(entry, dict) or "result" not in entry:
-            return None, "not done before in this folder"
+            return None, str(entry.get("redo")) if isinstance(entry, dict) and entry.get("redo") else \
+                "not done before in this folder"
         if entry.get("config") != config_digest(cfg):
             old, new = entry.get("config_tree") or {}, _config_tree(cfg)
             keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)) if old else []
@@ -141,8 +151,7 @@ class Ledger:
 
     def record(self, stage: str, cfg: PipelineConfig, result, run_id: str | None = None, **extra) -> None:
         entries = self.entries()
-        for later in DOWNSTREAM.get(stage, ()):
-            entries.pop(later, None)
+        _drop_downstream(entries, stage)
         entries[stage] = {"config": config_digest(cfg), "config_tree": _config_tree(cfg), "run_id": run_id,
                           "result": result, **extra}
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,9 +160,7 @@ class Ledger:
     def forget_after(self, stage: str) -> None:
         """Drop the entries of the stages that read ``stage``'s outputs (it is about to run again)."""
         entries = self.entries()
-        if any(later in entries for later in DOWNSTREAM.get(stage, ())):
-            for later in DOWNSTREAM.get(stage, ()):
-                entries.pop(later, None)
+        if _drop_downstream(entries, stage):
             write_text_atomic(self.path, json.dumps(entries, indent=2, default=str))
 
     def run_ids(self) -> list[str]:
