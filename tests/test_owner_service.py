@@ -277,3 +277,50 @@ def test_tokenizer_endpoint_rebuilds_the_same_tokenization(model, tmp_path, smol
     text = "The hotel is close to the station."
     assert rebuilt(text)["input_ids"] == smollm2_tokenizer(text)["input_ids"]
     assert call(service(model, tmp_path / "other"), "GET", "/tokenizer")[0] == 404  # started without one
+
+
+def session_of(body: bytes) -> str:
+    return json.loads(body[8:8 + int.from_bytes(body[:8], "little")])["__metadata__"]["session"]
+
+
+def test_a_session_belongs_to_the_tenant_that_opened_it(model, tmp_path):
+    """Tenant B can neither step nor close tenant A's session (before: 200 both, and A's next answer changed); B
+    gets the 404 of an unknown id, the attempt is audited, and A's session answers as if B had never asked."""
+    svc, other = service(model, tmp_path), {"Authorization": "Bearer other"}
+    sid = session_of(call(svc, "POST", "/sessions", {"prompts": [[3, 4, 5]]})[2])
+    twin = OwnerService(model, tmp_path / "head", {"s3cret": "acme"}, pad_id=PAD)  # the same steps, never touched
+    twin_sid = session_of(call(twin, "POST", "/sessions", {"prompts": [[3, 4, 5]]})[2])
+    for method, path, body in (("POST", f"/sessions/{sid}/step", {"tokens": [9]}), ("DELETE", f"/sessions/{sid}", None)):
+        status, _, answer = call(svc, method, path, body, headers=other)
+        unknown = call(svc, method, path.replace(sid, "0" * 32), body, headers=other)
+        assert status == unknown[0] == 404 and json.loads(answer) == json.loads(unknown[2])  # nothing to probe
+        assert sid not in answer.decode()
+    mine = load_numpy(call(svc, "POST", f"/sessions/{sid}/step", {"tokens": [7]})[2])
+    reference = load_numpy(call(twin, "POST", f"/sessions/{twin_sid}/step", {"tokens": [7]})[2])
+    np.testing.assert_array_equal(mine["log_probs"], reference["log_probs"])
+    assert call(svc, "DELETE", f"/sessions/{sid}")[0] == 200
+    lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    refused = [x for x in lines if x.get("refused")]
+    assert [(x["tenant"], x["endpoint"], x["status"]) for x in refused] == [
+        ("beta", "POST /sessions/<id>/step", 404), ("beta", "DELETE /sessions/<id>", 404)]
+    assert sid not in (tmp_path / "audit.jsonl").read_text()  # ids never reach the log
+
+
+def test_each_tenant_has_its_own_session_quota(model, tmp_path):
+    """B opening sessions up to its quota leaves A its own (before: B's 64 sessions got A refused with 429)."""
+    svc = service(model, tmp_path, max_sessions=5, max_sessions_per_tenant=2)
+    other = {"Authorization": "Bearer other"}
+    assert [call(svc, "POST", "/sessions", {"prompts": [[3]]}, headers=other)[0] for _ in range(3)] == [200, 200, 429]
+    assert "this tenant has 2 sessions open" in json.loads(
+        call(svc, "POST", "/sessions", {"prompts": [[3]]}, headers=other)[2])["error"]
+    assert [call(svc, "POST", "/sessions", {"prompts": [[3]]})[0] for _ in range(2)] == [200, 200]
+
+
+def test_the_audit_log_takes_no_text_from_the_path(model, tmp_path):
+    """An unauthenticated request's path used to be written verbatim: 200 requests added 3 MB in 2 s."""
+    svc = service(model, tmp_path)
+    path = "/" + "x" * 10_000 + "\n{\"forged\": true}"
+    assert call(svc, "GET", path, headers={})[0] == 401 and call(svc, "GET", path)[0] == 404
+    lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [x["endpoint"] for x in lines] == ["GET <other>", "GET <other>"]
+    assert max(len(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()) < 400

@@ -10,7 +10,9 @@ refuse a mismatch):
   answers the first step; ``POST /sessions/<id>/step``: ``{"tokens": [t, ...]}`` (one per row) -> per row the key
   of the new context and the PLM's next-token log-probabilities, safetensors ``key`` (rows, d) and ``log_probs``
   (rows, vocab), float32; ``DELETE /sessions/<id>`` closes it. Sessions idle for ``session_ttl_s`` are dropped;
-  at most ``max_sessions`` are open (429 beyond).
+  at most ``max_sessions`` are open, at most ``max_sessions_per_tenant`` of one tenant (429 beyond). A session
+  belongs to the tenant that opened it: any other tenant's step or close gets the same 404 as an unknown id, and
+  the attempt is audited (``refused``). Session ids never reach the audit log or an error message.
 - ``GET /head``: the output-head bundle (head.safetensors, with head.json as its metadata); ``GET /tokenizer``: the
   tokenizer's files (JSON ``{name: base64}``: vocabulary, merges, chat template; no weights); ``GET /health``.
 
@@ -47,6 +49,7 @@ class Limits:
     max_tokens: int = 262_144  # token ids per request
     max_body_bytes: int = 16 << 20
     max_sessions: int = 64
+    max_sessions_per_tenant: int = 16  # each tenant's own quota, below the global cap: one cannot take every slot
     session_ttl_s: float = 300.0
 
 
@@ -71,8 +74,23 @@ def _tokenizer_files(tokenizer) -> bytes:
 
 
 class _Session:
-    def __init__(self, past, mask: torch.Tensor, rows: int):
+    def __init__(self, past, mask: torch.Tensor, rows: int, tenant: str):
         self.past, self.mask, self.rows, self.used = past, mask, rows, time.monotonic()
+        self.tenant = tenant  # the tenant that opened it: the only one that may step or close it
+
+
+ROUTES = ("/health", "/tokenizer", "/head", "/context", "/sessions", "/sessions/<id>", "/sessions/<id>/step")
+
+
+def _redacted(path: str) -> str:
+    """``path`` as the audit log keeps it: a session id (the handle on its KV cache) replaced by ``<id>``, and any
+    path that is not one of :data:`ROUTES` by ``<other>`` (a caller, authenticated or not, cannot write text of
+    its choosing into the log, nor grow it by more than a line of bounded size per request)."""
+    parts = path.rstrip("/").strip("/").split("/")
+    if len(parts) >= 2 and parts[0] == "sessions":
+        parts[1] = "<id>"
+    shown = "/" + "/".join(parts)
+    return shown if shown in ROUTES else "<other>"
 
 
 class OwnerService:
@@ -104,13 +122,13 @@ class OwnerService:
             if len(body) > self.limits.max_body_bytes:
                 raise RequestError(413, f"body of {len(body)} bytes is over the limit of "
                                         f"{self.limits.max_body_bytes}")
-            status, ctype, out, sent = self._route(method, path.rstrip("/") or "/", body, record)
+            status, ctype, out, sent = self._route(method, path.rstrip("/") or "/", body, record, tenant)
         except RequestError as exc:
             status, ctype, out, sent = exc.status, "application/json", json.dumps({"error": str(exc)}).encode(), {}
-        self._audit(tenant, method, path, status, record, sent, len(out), time.perf_counter() - start)
+        self._audit(tenant, method, _redacted(path), status, record, sent, len(out), time.perf_counter() - start)
         return status, ctype, out
 
-    def _route(self, method, path, body, record):
+    def _route(self, method, path, body, record, tenant):
         if method == "GET" and path == "/health":
             return 200, "application/json", json.dumps({"status": "ok", "model_id": self.head_meta["model_id"],
                                                         "head_fingerprint": self.fingerprint,
@@ -124,13 +142,13 @@ class OwnerService:
         if method == "POST" and path == "/context":
             return self._context(self._json(body), record)
         if method == "POST" and path == "/sessions":
-            return self._open(self._json(body), record)
+            return self._open(self._json(body), record, tenant)
         parts = path.strip("/").split("/")
         if len(parts) == 3 and parts[0] == "sessions" and parts[2] == "step" and method == "POST":
-            return self._step(parts[1], self._json(body), record)
+            return self._step(parts[1], self._json(body), record, tenant)
         if len(parts) == 2 and parts[0] == "sessions" and method == "DELETE":
-            if self.sessions.pop(parts[1], None) is None:
-                raise RequestError(404, f"unknown session {parts[1]!r}")
+            self._session(parts[1], tenant, record)
+            del self.sessions[parts[1]]
             return 200, "application/json", b'{"closed": true}', {}
         raise RequestError(404, f"no endpoint {method} {path}")
 
@@ -193,13 +211,29 @@ class OwnerService:
         log_probs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
         return out.past_key_values, key.float().cpu().numpy(), log_probs.cpu().numpy()
 
-    def _open(self, body: dict, record: dict):
+    def _session(self, sid: str, tenant: str, record: dict) -> _Session:
+        """The open session ``sid`` of ``tenant``. Another tenant's session answers exactly as one that does not
+        exist (404, the id not echoed), so ids cannot be probed; the attempt is marked in the audit line."""
+        self._expire()
+        session = self.sessions.get(sid)
+        if session is not None and session.tenant != tenant:
+            record["refused"] = "a session of another tenant"
+            session = None
+        if session is None:
+            raise RequestError(404, f"unknown session (closed, expired after {self.limits.session_ttl_s:g} s idle, "
+                                    "or never opened by this tenant)")
+        return session
+
+    def _open(self, body: dict, record: dict, tenant: str):
         prompts = body.get("prompts")
         if not isinstance(prompts, list) or not prompts:
             raise RequestError(400, "prompts must be a non-empty list of token-id lists")
         prompts = [_ids({"prompt": p}, "prompt", f"prompts[{i}].", self.vocab) for i, p in enumerate(prompts)]
         self._check_size(len(prompts), sum(map(len, prompts)), record, prompts)
         self._expire()
+        if (mine := sum(v.tenant == tenant for v in self.sessions.values())) >= self.limits.max_sessions_per_tenant:
+            raise RequestError(429, f"this tenant has {mine} sessions open, its quota; close one (DELETE "
+                                    "/sessions/<id>) or wait for idle ones to expire")
         if len(self.sessions) >= self.limits.max_sessions:
             raise RequestError(429, f"{len(self.sessions)} sessions are open, the most this service keeps; close "
                                     "one (DELETE /sessions/<id>) or wait for idle ones to expire")
@@ -211,16 +245,12 @@ class OwnerService:
         with self.lock:
             past, key, log_probs = self._forward(ids.to(self.device), mask.to(self.device), None)
         sid = self.session_prefix + uuid.uuid4().hex
-        self.sessions[sid] = _Session(past, mask.to(self.device), len(prompts))
+        self.sessions[sid] = _Session(past, mask.to(self.device), len(prompts), tenant)
         out = self._answer({"key": key, "log_probs": log_probs}, session=sid)
         return 200, "application/octet-stream", out, {"keys": len(key), "distributions": len(log_probs)}
 
-    def _step(self, sid: str, body: dict, record: dict):
-        self._expire()
-        session = self.sessions.get(sid)
-        if session is None:
-            raise RequestError(404, f"unknown session {sid!r} (closed, expired after "
-                                    f"{self.limits.session_ttl_s:g} s idle, or never opened)")
+    def _step(self, sid: str, body: dict, record: dict, tenant: str):
+        session = self._session(sid, tenant, record)
         tokens = _ids(body, "tokens", "", self.vocab)
         if len(tokens) != session.rows:
             raise RequestError(400, f"tokens must hold one id per row: {session.rows} expected, got {len(tokens)}")
@@ -241,5 +271,7 @@ class OwnerService:
                 "rows": record["rows"], "tokens_in": record["tokens_in"], "ids_sha256": record["ids_sha256"],
                 "out": {"keys": sent.get("keys", 0), "distributions": sent.get("distributions", 0),
                         "head": sent.get("head", 0), "bytes": nbytes}, "latency_ms": round(seconds * 1000, 2)}
+        if record.get("refused"):
+            line["refused"] = record["refused"]
         with self.lock, open(self.audit_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
