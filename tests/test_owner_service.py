@@ -324,3 +324,18 @@ def test_the_audit_log_takes_no_text_from_the_path(model, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [x["endpoint"] for x in lines] == ["GET <other>", "GET <other>"]
     assert max(len(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()) < 400
+
+
+def test_malformed_bodies_are_400_and_audited(model, tmp_path):
+    """JSON nested 100k deep, dtype a list or a dict, an example id of 2**70: each used to be a bare 500 with no
+    audit line."""
+    svc = service(model, tmp_path)
+    ex = [{"example": 0, "prompt_ids": [3, 4], "target_ids": [5]}]
+    for body, named in [(b"[" * 100_000 + b"]" * 100_000, "nested too deep"),
+                        ({"dtype": ["float32"], "examples": ex}, "dtype="), ({"dtype": {"a": 1}, "examples": ex}, "dtype="),
+                        ({"examples": [{**ex[0], "example": 2 ** 70}]}, "examples[0].example"),
+                        ({"examples": [{**ex[0], "example": -1}]}, "examples[0].example")]:
+        status, _, answer = call(svc, "POST", "/context", body)
+        assert status == 400 and named in json.loads(answer)["error"], answer
+    lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [x["status"] for x in lines] == [400] * 5

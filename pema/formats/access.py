@@ -66,6 +66,8 @@ def json_object(body: bytes) -> dict:
         data = json.loads(body or b"null")
     except ValueError as exc:
         raise RequestError(400, f"body is not JSON ({exc})") from None
+    except RecursionError:  # [[[[... nested past the parser's stack: refused, not a 500
+        raise RequestError(400, "body is not JSON this service reads: nested too deep") from None
     if not isinstance(data, dict):
         raise RequestError(400, "body must be a JSON object")
     return data

@@ -177,12 +177,13 @@ class OwnerService:
         if not isinstance(examples, list) or not examples:
             raise RequestError(400, "examples must be a non-empty list of {example, prompt_ids, target_ids}")
         dtype = body.get("dtype", "float32")
-        if dtype not in self.encoders:
+        if not isinstance(dtype, str) or dtype not in self.encoders:
             raise RequestError(400, f"dtype={dtype!r} must be 'float16' or 'float32'")
         parsed = []
         for i, e in enumerate(examples):
-            if not isinstance(e, dict) or not isinstance(e.get("example"), int) or isinstance(e.get("example"), bool):
-                raise RequestError(400, f"examples[{i}].example must be an integer")
+            if not isinstance(e, dict) or not isinstance(e.get("example"), int) or isinstance(e.get("example"), bool) \
+                    or not 0 <= e["example"] < 2 ** 63:
+                raise RequestError(400, f"examples[{i}].example must be an integer in [0, 2**63)")
             parsed.append(EncodeExample(e["example"], tuple(_ids(e, "prompt_ids", f"examples[{i}].", self.vocab)),
                                         tuple(_ids(e, "target_ids", f"examples[{i}].", self.vocab))))
         self._check_size(len(parsed), sum(len(e.prompt_ids) + len(e.target_ids) for e in parsed), record,
