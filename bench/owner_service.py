@@ -57,11 +57,11 @@ def main(argv=None) -> dict:
     cfg = with_absolute_data(load_config(args.config))
     sources = [x.source for x in load_pairs(cfg.data.test, limit=args.sources)]
     tmp = Path(tempfile.mkdtemp(prefix="bench_owner_"))
-    (tmp / "tokens.json").write_text(json.dumps({"bench": "t-bench"}))
+    (tmp / "tokens.json").write_text(json.dumps({"bench": "t-bench-0123456789"}))
     init_ray(quiet=True)
     log("starting the owner's service on Ray Serve ...")
     url = start_owner(cfg.model.model_id, port=args.port, dtype=cfg.model.dtype, tokens_file=str(tmp / "tokens.json"))
-    client = OwnerClient(url, "t-bench", timeout_s=600)
+    client = OwnerClient(url, "t-bench-0123456789", timeout_s=600)
     model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype)
     export_head(model, tmp / "head", model_id=cfg.model.model_id)
     head, head_meta = load_head(tmp / "head")

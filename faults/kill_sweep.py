@@ -53,7 +53,7 @@ from faults.compare_outputs import compare, mlflow_problems  # noqa: E402
 
 SMOKE = str(ROOT / "jobs" / "configs" / "smoke.yaml")
 PY = sys.executable
-TOKENS = {"acme": "t-faults"}
+TOKENS = {"acme": "t-faults-0123456789"}
 
 
 @dataclass

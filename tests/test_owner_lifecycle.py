@@ -46,7 +46,7 @@ def test_a_build_cut_off_by_the_service_going_down_resumes_on_rerun(owner_url, t
                                  tokens_file=str(tmp / "tokens.json"))
     url_b = deploy()
     overrides = ["data.train_limit=300", "data.dev_limit=4", "memory.rows_per_part=64", "memory.batch_tokens=512"]
-    env = {**os.environ, "PEMA_OWNER_TOKEN": "t-acme", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PEMA_OWNER_TOKEN": "t-acme-0123456789", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "remote"
     proc = subprocess.Popen([sys.executable, "-c", BUILD, str(SMOKE), str(out), *overrides,
                              f"resources.owner_url={url_b}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -67,7 +67,7 @@ def test_a_build_cut_off_by_the_service_going_down_resumes_on_rerun(owner_url, t
 
     deploy()
     try:
-        monkeypatch.setenv("PEMA_OWNER_TOKEN", "t-acme")
+        monkeypatch.setenv("PEMA_OWNER_TOKEN", "t-acme-0123456789")
         remote = with_absolute_data(load_config(SMOKE, overrides + [f"resources.owner_url={url_b}"]))
         run_build(remote, out, InlineExecutor(), progress=False)
     finally:
@@ -121,7 +121,7 @@ def test_registered_model_serves_from_its_own_environment(owner_url, tmp_path):
         version = register_adapter(cfg, out, "pema-env", dev_bleu=1.0)["version"]
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTHON"))}
-    env.update(MLFLOW_TRACKING_URI=uri, PEMA_OWNER_TOKEN="t-acme", MLFLOW_ENV_ROOT=str(tmp_path / "envs"))
+    env.update(MLFLOW_TRACKING_URI=uri, PEMA_OWNER_TOKEN="t-acme-0123456789", MLFLOW_ENV_ROOT=str(tmp_path / "envs"))
     log = open(tmp_path / "serve.log", "wb")
     server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m",
                                f"models:/pema-env/{version}", "-h", "127.0.0.1", "-p", str(port)],

@@ -23,7 +23,7 @@ def test_health_and_auth_over_http(owner_url):
     from pema.errors import OwnerRequestError
 
     url, _ = owner_url
-    health = OwnerClient(url, "t-acme").health()
+    health = OwnerClient(url, "t-acme-0123456789").health()
     assert health["status"] == "ok" and health["model_id"] == "tiny://llama" and len(health["head_fingerprint"]) == 64
     with pytest.raises(OwnerRequestError, match="401") as info:
         OwnerClient(url, "wrong").health()
@@ -38,7 +38,7 @@ def test_memory_built_through_the_service_equals_the_in_process_build(owner_url,
     url, tmp = owner_url
     local = with_absolute_data(load_config(SMOKE, ["memory.rows_per_part=128"]))
     remote = with_absolute_data(load_config(SMOKE, ["memory.rows_per_part=128", f"resources.owner_url={url}"]))
-    monkeypatch.setenv("PEMA_OWNER_TOKEN", "t-acme")
+    monkeypatch.setenv("PEMA_OWNER_TOKEN", "t-acme-0123456789")
     run_build(local, tmp_path / "local", InlineExecutor(), progress=False)
     run_build(remote, tmp_path / "remote", InlineExecutor(), progress=False)
     for split in ("train", "dev"):
@@ -122,7 +122,7 @@ def test_translation_through_the_service_equals_in_process(owner_url):
     head, _ = load_head(tmp / "head_local")
     torch.manual_seed(0)
     adapter = PemaAdapter(head.d, 8, 8.0, 0.0).eval()
-    client = OwnerClient(url, "t-acme")
+    client = OwnerClient(url, "t-acme-0123456789")
     for kw in ({}, {"adapter": adapter, "head": head, "schedule": ScheduleConfig(kind="constant", lam=0.5)}):
         local, _ = translate(model, tokenizer, sources, cfg, ratio=1.0, **kw)
         remote, result = translate(client, tokenizer, sources, cfg, ratio=1.0, **kw)
@@ -173,7 +173,7 @@ def test_the_data_owner_opens_no_plm_file(owner_url, tmp_path):
     import sys
 
     url, _ = owner_url
-    env = {**os.environ, "PEMA_OWNER_TOKEN": "t-acme", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PEMA_OWNER_TOKEN": "t-acme-0123456789", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", DATA_OWNER, str(SMOKE), url, str(tmp_path / "run")], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -203,7 +203,7 @@ def test_sessions_stay_on_their_replica_across_two_replicas(owner_url):
                        tokens_file=str(tmp / "tokens.json"),
                        options={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}})
     try:
-        client = OwnerClient(url2, "t-acme")
+        client = OwnerClient(url2, "t-acme-0123456789")
         model, _ = load_plm("tiny://llama")
         prompts = [[5, 9, 13, 2], [7, 3, 11, 4]]
         first, _, _ = client.open_session(prompts)

@@ -157,10 +157,16 @@ def test_head_endpoint_serves_the_bundle(model, tmp_path):
 
 def test_tokens_from_file_or_environment(tmp_path, monkeypatch):
     path = tmp_path / "tokens.json"
-    path.write_text(json.dumps({"acme": "t1", "beta": "t2"}))
-    assert load_tokens(path) == {"t1": "acme", "t2": "beta"}
-    monkeypatch.setenv("PEMA_OWNER_TOKENS", "acme:t1, beta:t2")
-    assert load_tokens() == {"t1": "acme", "t2": "beta"}
+    t1, t2 = "t1-" + "a" * 16, "t2-" + "b" * 16
+    path.write_text(json.dumps({"acme": t1, "beta": t2}))
+    assert load_tokens(path) == {t1: "acme", t2: "beta"}
+    monkeypatch.setenv("PEMA_OWNER_TOKENS", f"acme:{t1}, beta:{t2}")
+    assert load_tokens() == {t1: "acme", t2: "beta"}
+    for bad, named in [({"acme": "x"}, "not a usable secret"), ({"acme": " " * 20}, "not a usable secret"),
+                       ({"acme": "a b" * 10}, "not a usable secret"), ({"acme": t1, "beta": t1}, "share one token")]:
+        path.write_text(json.dumps(bad))  # before: accepted, and a shared token silently merged the two tenants
+        with pytest.raises(ValueError, match=named):
+            load_tokens(path)
     monkeypatch.setenv("PEMA_OWNER_TOKENS", "acme")
     with pytest.raises(ValueError, match="tenant:token"):
         load_tokens()

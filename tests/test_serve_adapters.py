@@ -18,7 +18,7 @@ import torch
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
-TOKEN = "tok-acme-1234"
+TOKEN = "tok-acme-123456789"
 CAP = 24  # data.max_tokens of the served config
 TEXTS = ["The hotel is close to the station.", "We will meet tomorrow."]
 

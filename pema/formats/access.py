@@ -26,6 +26,9 @@ class RequestError(Exception):
         self.status = status
 
 
+MIN_TOKEN_CHARS = 16  # a bearer token is a secret: a short or blank one is refused when the service starts
+
+
 def load_tokens(path: str | os.PathLike | None = None, env: str = "PEMA_OWNER_TOKENS") -> dict[str, str]:
     """``{token: tenant}`` from a JSON file ``{"tenant": "token", ...}`` or ``$env`` (``tenant:token`` pairs,
     comma-separated); ConfigError when neither gives a token (a service without tokens would answer anyone)."""
@@ -46,7 +49,17 @@ def load_tokens(path: str | os.PathLike | None = None, env: str = "PEMA_OWNER_TO
             pairs[tenant] = token
     if not pairs:
         raise ConfigError(f"no access tokens: pass a tokens file or set ${env}=tenant:token")
-    return {token: tenant for tenant, token in pairs.items()}
+    where = path if path is not None else f"${env}"
+    for tenant, token in pairs.items():
+        if len(token) < MIN_TOKEN_CHARS or any(c.isspace() or not c.isprintable() for c in token):
+            raise ConfigError(f"{where}: the token of tenant {tenant!r} is not a usable secret: give at least "
+                              f"{MIN_TOKEN_CHARS} printable characters without spaces (openssl rand -hex 16)")
+    by_token: dict[str, str] = {}
+    for tenant, token in pairs.items():
+        if token in by_token:  # two tenants on one token would be one tenant, silently
+            raise ConfigError(f"{where}: tenants {by_token[token]!r} and {tenant!r} share one token; give each its own")
+        by_token[token] = tenant
+    return by_token
 
 
 def bearer_tenant(headers: dict[str, str], tokens: dict[str, str]) -> str:
