@@ -83,8 +83,27 @@ class OwnerDeployment:
         prefix = request.scope.get("root_path", "") or ROUTE
         if path.startswith(prefix):
             path = path[len(prefix):] or "/"
-        status, ctype, body = self.service.handle(request.method, path, dict(request.headers), await request.body())
+        headers = dict(request.headers)
+        status, ctype, body = self.service.handle(request.method, path, headers, await self._body(request, headers))
         return Response(body, status_code=status, media_type=ctype)
+
+    async def _body(self, request: Request, headers: dict) -> bytes:
+        """The body, read only once the token is known, and at most one byte past the service's limit (the
+        service then answers 413): a request without a valid token, or with a huge body, costs the replica no
+        memory sized by what was sent. A refused token gets an empty body, so ``handle`` answers and audits 401."""
+        from pema.formats.access import RequestError, bearer_tenant
+
+        try:
+            bearer_tenant(headers, self.service.tokens)
+        except RequestError:
+            return b""
+        cap, chunks, size = self.service.limits.max_body_bytes + 1, [], 0
+        async for chunk in request.stream():
+            chunks.append(chunk[:cap - size])
+            size += len(chunks[-1])
+            if size >= cap:
+                break
+        return b"".join(chunks)
 
 
 def owner_app(model_id: str, *, options: dict | None = None, **kwargs):
