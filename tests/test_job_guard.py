@@ -49,19 +49,19 @@ def test_a_second_job_on_the_folder_is_refused_until_the_holder_dies(tmp_path):
         assert f"pid {os.getpid()} " in lock.holder()
 
 
-def _stage_line_then(sig: int, stage_line: str, out: Path, tag: str) -> subprocess.CompletedProcess:
-    """Start the smoke pipeline in its own process group, wait for ``stage_line`` on its console, send ``sig`` to
-    the group (as a terminal's Ctrl+C does) and wait for the job to end."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))},
+def signal_on_line(script: str, args: list[str], marker: str, sig: int, tag: str) -> subprocess.CompletedProcess:
+    """Start ``jobs/<script>.py args`` in its own process group (no MLflow or Ray address from this process), wait
+    for a console line holding ``marker``, send ``sig`` to the group (as a terminal's Ctrl+C does) and wait for the
+    job to end."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "PEMA_OWNER"))},
            "PYTHONUNBUFFERED": "1", "PEMA_FAULT_TAG": tag}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(SMOKE),
-                             "--output-dir", str(out), "--no-progress"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / f"{script}.py"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True)
     lines = []
     try:
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith(stage_line):
+            if marker in line:
                 os.killpg(proc.pid, sig)
                 break
         stdout, stderr = proc.communicate(timeout=180)
@@ -69,6 +69,15 @@ def _stage_line_then(sig: int, stage_line: str, out: Path, tag: str) -> subproce
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + stdout, stderr)
+
+
+def no_process_left(tag: str) -> bool:
+    """True once no process carries ``tag`` (Ray's teardown takes a few seconds)."""
+    for _ in range(30):
+        if not tagged_processes(tag):
+            return True
+        time.sleep(1)
+    return False
 
 
 def tagged_processes(tag: str) -> list[int]:
@@ -93,16 +102,13 @@ def test_a_signal_stops_the_job_and_the_rerun_finishes(tmp_path, sig, stage_line
     """Ctrl+C once training has run (Ray Train's own SIGINT handler used to outlive fit(): the job ran on and
     exited 0) and SIGTERM during training (Ray's C++ handler used to abort with a banner)."""
     out, tag = tmp_path / "run", uuid.uuid4().hex
-    stopped = _stage_line_then(sig, stage_line, out, tag)
+    stopped = signal_on_line("pipeline", ["--config", str(SMOKE), "--output-dir", str(out), "--no-progress"],
+                             stage_line, sig, tag)
     assert stopped.returncode == code, (stopped.stdout[-2000:], stopped.stderr[-3000:])
     assert "rerun the same command" in stopped.stderr and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
     assert "SIGTERM received" not in stopped.stderr
     assert "RUNNING" not in run_statuses(out) and {"KILLED", "FAILED"} & set(run_statuses(out))
-    for _ in range(30):  # Ray's processes of this job go with it (a few seconds for the raylet's teardown)
-        if not tagged_processes(tag):
-            break
-        time.sleep(1)
-    assert tagged_processes(tag) == []
+    assert no_process_left(tag)  # Ray's processes of this job go with it
     again = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(SMOKE),
                             "--output-dir", str(out), "--no-progress"], capture_output=True, text=True, timeout=600,
                            cwd=ROOT, env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
@@ -119,28 +125,13 @@ def test_the_owner_service_stops_the_same_way(tmp_path, sig, code):
 
     tokens, tag = tmp_path / "tokens.json", uuid.uuid4().hex
     tokens.write_text('{"acme": "t-0123456789abcdef"}')
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "PEMA_OWNER"))},
-           "PYTHONUNBUFFERED": "1", "PEMA_FAULT_TAG": tag}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "serve_owner.py"), "--config", str(SMOKE),
-                             "--output-dir", str(tmp_path / "run"), "--tokens", str(tokens), "--port",
-                             str(free_port()), "--audit", str(tmp_path / "audit.jsonl")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True)
-    try:
-        for line in proc.stdout:
-            if " at http://" in line:
-                os.killpg(proc.pid, sig)
-                break
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == code, stderr[-3000:]
+    stopped = signal_on_line("serve_owner", ["--config", str(SMOKE), "--output-dir", str(tmp_path / "run"),
+                                             "--tokens", str(tokens), "--port", str(free_port()), "--audit",
+                                             str(tmp_path / "audit.jsonl")], " at http://", sig, tag)
+    stderr = stopped.stderr
+    assert stopped.returncode == code, stderr[-3000:]
     assert "rerun the same command" in stderr and "Traceback" not in stderr and "SIGTERM received" not in stderr
-    for _ in range(30):
-        if not tagged_processes(tag):
-            break
-        time.sleep(1)
-    assert tagged_processes(tag) == []
+    assert no_process_left(tag)
 
 
 def test_a_bare_keyboard_interrupt_after_sigterm_still_exits_143(monkeypatch):

@@ -32,6 +32,7 @@ from pema.formats.layout import ADAPTER_BUNDLES, OWNER_BUNDLES, SNAPSHOTS, SOURC
 from pema.stages.decode import SYSTEMS
 
 LEDGER = "stages.json"
+NOT_DONE = "not done before in this folder"
 PREDICTIONS = tuple(f"predictions/{system}.jsonl" for system in SYSTEMS)
 OUTPUTS = {"build_memory": OWNER_BUNDLES, "train": ADAPTER_BUNDLES, "evaluate": PREDICTIONS,
            "pipeline": OWNER_BUNDLES + ADAPTER_BUNDLES + PREDICTIONS + ("summary.json",), "register": ADAPTER_BUNDLES,
@@ -59,12 +60,25 @@ def config_digest(cfg: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(_config_tree(cfg), sort_keys=True, default=str).encode()).hexdigest()
 
 
+_DIGESTS: dict[tuple, str] = {}  # a file's sha256 by its identity and state: each file's bytes are hashed once
+
+
+def _identity(path: str | os.PathLike) -> tuple:
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    """The sha256 of the file's bytes, read once per process while the file is unchanged (the gate asks for the
+    same inputs at every stage; :func:`snapshot_inputs` hashes them as it copies them)."""
+    key = _identity(path)
+    if (digest := _DIGESTS.get(key)) is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        digest = _DIGESTS[key] = h.hexdigest()
+    return digest
 
 
 def model_fingerprint(model_id: str) -> str:
@@ -126,8 +140,7 @@ class Ledger:
         outputs are in place; else None and why it has to run."""
         entry = self.entries().get(stage)
         if not isinstance(entry, dict) or "result" not in entry:
-            return None, str(entry.get("redo")) if isinstance(entry, dict) and entry.get("redo") else \
-                "not done before in this folder"
+            return None, str(entry.get("redo")) if isinstance(entry, dict) and entry.get("redo") else NOT_DONE
         if entry.get("config") != config_digest(cfg):
             old, new = entry.get("config_tree") or {}, _config_tree(cfg)
             keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)) if old else []
@@ -183,8 +196,7 @@ def gated(ledger: Ledger, stage: str, cfg: PipelineConfig, open_run: Callable[[s
         log(f"[{stage}] skipped: done earlier with the same config and inputs (run {entry.get('run_id')})"
             + (f": {shown}" if shown else ""))
         return entry["result"], entry
-    redo = ledger.entries().get(stage) is not None
-    log(f"[{stage}] {'redone' if redo else 'started'}: {why}")
+    log(f"[{stage}] {'started' if why == NOT_DONE else 'redone'}: {why}")
     ledger.forget_after(stage)
     start = time.perf_counter()
     with open_run(stage) as logger:
@@ -195,10 +207,10 @@ def gated(ledger: Ledger, stage: str, cfg: PipelineConfig, open_run: Callable[[s
 
 
 def snapshot_inputs(cfg: PipelineConfig, output_dir: str | os.PathLike, splits=ALL_SPLITS) -> PipelineConfig:
-    """Read each JSONL split of ``splits`` (``ood_test`` with ``test``) that is configured once, at the job's edge: its bytes are copied to
-    ``<output_dir>/inputs/<split>-<sha256[:16]>.jsonl`` as they are hashed (``inputs/sources.json`` says where
-    from: :func:`~pema.formats.layout.source_of`), and the config returned reads the
-    copies. Every stage, the MLflow datasets and the ledger then see the same bytes, even when a file is replaced
+    """Read each configured JSONL split of ``splits`` (``ood_test`` with ``test``) once, at the job's edge: its
+    bytes are copied to ``<output_dir>/inputs/<split>-<sha256[:16]>.jsonl`` as they are hashed
+    (``inputs/sources.json`` says where from: :func:`~pema.formats.layout.source_of`), and the config returned
+    reads the copies. Every stage, the MLflow datasets and the ledger then see the same bytes, even when a file is replaced
     while the job runs. Copies that the config no longer names are removed (the job holds the folder's lock)."""
     from pema.config import with_overrides
 
@@ -222,6 +234,7 @@ def snapshot_inputs(cfg: PipelineConfig, output_dir: str | os.PathLike, splits=A
             raise
         dest = folder / f"{split}-{h.hexdigest()[:16]}.jsonl"
         os.replace(tmp, dest)
+        _DIGESTS[_identity(dest)] = h.hexdigest()  # the gate's digests of this copy: not read again
         paths[f"data.{split}"], sources[dest.name] = str(dest), str(src)
     write_text_atomic(folder / SOURCES, json.dumps(sources, indent=2))
     for stale in folder.iterdir():
