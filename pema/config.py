@@ -72,9 +72,14 @@ class MemoryConfig:
     dtype: str = "float16"
     rows_per_part: int = 65536
     batch_tokens: int = 4096  # padded tokens per teacher-forced forward
+    # teacher_forced: the gold targets go to the PLM owner, one forward over prompt + target; owner_greedy:
+    # label-private, only prompts and target lengths leave the data owner, and the owner's greedy-continuation keys
+    # are paired with the gold tokens locally (the seed code's way; the keys drift once the continuation leaves y)
+    keys: str = "teacher_forced"
 
     def __post_init__(self):
         _choice("memory.dtype", self.dtype, ("float16", "float32"))
+        _choice("memory.keys", self.keys, ("teacher_forced", "owner_greedy"))
         _check(_is_int(self.rows_per_part) and self.rows_per_part > 0, "memory.rows_per_part", self.rows_per_part,
                "an integer > 0")
         _check(_is_int(self.batch_tokens) and self.batch_tokens > 0, "memory.batch_tokens", self.batch_tokens,

@@ -8,10 +8,12 @@ the last shard may be shorter). Shard i becomes ``part-{i:05d}.parquet``. The pl
 and config only, never on the number of actors, so parts, row order and keys do not change with the cluster.
 
 Encode. Each pending shard (its token ids as JSON) goes to a :class:`ShardEncoder`, which loads the PLM once per
-worker and runs :class:`~pema.owner.encode.MemoryEncoder` per length batch. Rows come back tagged with their
-shard; an executor may split or merge them (and rerun a failed task), so the driver puts a shard's rows back in
-plan order (example, then position), drops duplicates, checks the rows are exactly the shard's target tokens and
-writes the part with :func:`~pema.formats.memory.write_part` as soon as the shard is complete.
+worker and runs :class:`~pema.owner.encode.MemoryEncoder` per length batch (``memory.keys=owner_greedy``: the
+label-private :class:`~pema.owner.encode.FreeRunningEncoder`, whose rows get their gold tokens on this side). Rows
+come back tagged with their shard; an executor may split or merge them (and rerun a failed task), so the driver
+puts a shard's rows back in plan order (example, then position), drops duplicates, checks the rows are exactly the
+shard's target tokens and writes the part with :func:`~pema.formats.memory.write_part` as soon as the shard is
+complete.
 
 Resume. Everything is staged in ``<out_dir>.partial/``: ``plan.json`` holds a fingerprint of the inputs and each
 finished part gets a sidecar ``part-NNNNN.parquet.json`` (rows, sha256, d, vocab size) written after the part.
@@ -50,7 +52,8 @@ from pema.formats.memory import (MANIFEST_NAME, SCHEMA_VERSION, MemoryManifest, 
 from pema.formats.tasks import (Pair, prompt_token_bound, resolve_template, stop_token_id, tokenizer_hash,
                                  use_chat_template)
 from pema.owner.build import prepare_examples
-from pema.owner.encode import EncodeExample, MemoryEncoder, check_lengths, length_batches
+from pema.owner.encode import (EncodeExample, FreeRunningEncoder, FreeRunningRequest, MemoryEncoder, check_lengths,
+                               length_batches)
 from pema.owner.export import export_head
 from pema.owner.plm import head_modules, load_plm
 from pema.stages.inputs import cleaned_splits, local_tokenizer, owner_client, owner_token, tokenizer_of
@@ -120,6 +123,8 @@ class _MemoryBuild:
                       revision=cfg.model.revision, model_dtype=cfg.model.dtype, tokenizer=tokenizer_hash(tokenizer),
                       template=template, chat=chat, source_field=cfg.data.source_field, dtype=cfg.memory.dtype,
                       batch_tokens=cfg.memory.batch_tokens, rows_per_part=cfg.memory.rows_per_part)
+        if cfg.memory.keys != "teacher_forced":  # only then, so teacher-forced memories keep their fingerprint
+            header["keys"] = cfg.memory.keys
         h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
         for e in examples:
             h.update(json.dumps([e.example, e.prompt_ids, e.target_ids]).encode() + b"\n")
@@ -127,7 +132,8 @@ class _MemoryBuild:
         self.meta = dict(model_id=cfg.model.model_id, model_revision=cfg.model.revision,
                          tokenizer_hash=header["tokenizer"], template=template, key_definition=KEY_DEFINITION,
                          extra={"prompt_format": "chat" if chat else "raw", "source_field": cfg.data.source_field,
-                                "stop_token_id": stop_token_id(tokenizer, chat=chat), "fingerprint": self.fingerprint})
+                                "stop_token_id": stop_token_id(tokenizer, chat=chat), "fingerprint": self.fingerprint,
+                                "keys": cfg.memory.keys})
         self.done: dict[int, dict] = {}  # shard -> its sidecar
         self.chunks: dict[int, list[dict]] = {}
         self.received: dict[int, int] = {}
@@ -234,19 +240,28 @@ class _MemoryBuild:
 
 class ShardEncoder:
     """Loads the PLM once; turns one shard (``{"memory", "shard", "batches"}``) into its memory rows, one length
-    batch at a time, each row tagged with its memory, shard, d and vocabulary size."""
+    batch at a time, each row tagged with its memory, shard, d and vocabulary size. ``keys="owner_greedy"``: the
+    PLM sees only the prompts and target lengths (:class:`~pema.owner.encode.FreeRunningEncoder`), and the gold
+    tokens are filled in here, as the data owner does."""
 
     def __init__(self, model_id: str, revision: str | None, dtype: str, key_dtype: str, device: str,
-                 max_length: int | None = None):
+                 max_length: int | None = None, keys: str = "teacher_forced"):
         model, tokenizer = load_plm(model_id, dtype=dtype, device=device, revision=revision)
         heads = head_modules(model)
         self.d, self.vocab_size = int(heads.norm.weight.shape[0]), int(heads.lm_head.weight.shape[0])
-        self.encoder = MemoryEncoder(model, pad_id=tokenizer.pad_token_id or 0, key_dtype=key_dtype,
-                                     max_length=max_length)
+        encoder = FreeRunningEncoder if keys == "owner_greedy" else MemoryEncoder
+        self.encoder = encoder(model, pad_id=tokenizer.pad_token_id or 0, key_dtype=key_dtype, max_length=max_length)
+
+    def encode(self, examples: list[EncodeExample]) -> dict[str, np.ndarray]:
+        if not isinstance(self.encoder, FreeRunningEncoder):
+            return self.encoder(examples)
+        rows = self.encoder([FreeRunningRequest(e.example, e.prompt_ids, len(e.target_ids)) for e in examples])
+        del rows["greedy"]  # the owner's own tokens are not the memory's values: the gold ones are, same row order
+        return {**rows, "token": np.concatenate([np.asarray(e.target_ids, np.int32) for e in examples])}
 
     def __call__(self, item: dict):
         for length_batch in json.loads(item["batches"]):
-            rows = self.encoder([EncodeExample(*e) for e in length_batch])
+            rows = self.encode([EncodeExample(*e) for e in length_batch])
             n = len(rows["token"])
             tags = {"memory": item["memory"], "shard": item["shard"], "d": self.d, "vocab_size": self.vocab_size}
             yield {**rows, **{k: np.full(n, v, np.int64) for k, v in tags.items()}}
@@ -256,12 +271,13 @@ class RemoteShardEncoder:
     """The same rows from the PLM owner's service (``resources.owner_url``): each length batch is one ``/context``
     request, and no PLM weights are loaded in this process."""
 
-    def __init__(self, url: str, token: str, key_dtype: str, device: str | None = None):
-        self.client, self.key_dtype = OwnerClient(url, token), key_dtype
+    def __init__(self, url: str, token: str, key_dtype: str, device: str | None = None, keys: str = "teacher_forced"):
+        self.client, self.key_dtype, self.keys = OwnerClient(url, token), key_dtype, keys
 
     def __call__(self, item: dict):
         for length_batch in json.loads(item["batches"]):
-            rows = self.client.context([EncodeExample(*e) for e in length_batch], dtype=self.key_dtype)
+            rows = self.client.context([EncodeExample(*e) for e in length_batch], dtype=self.key_dtype,
+                                       keys=self.keys)
             n = len(rows["token"])
             tags = {"memory": item["memory"], "shard": item["shard"], "d": rows.pop("d"),
                     "vocab_size": rows.pop("vocab_size")}
@@ -271,11 +287,12 @@ class RemoteShardEncoder:
 def shard_encoder(cfg: PipelineConfig, max_length: int | None = None):
     """``factory(device) -> encoder`` for this config (picklable, so a Ray actor can call it): the PLM in the
     worker, or the owner's service when ``resources.owner_url`` is set. ``max_length``: the longest teacher-forced
-    sequence the worker encodes (:func:`sequence_bound`)."""
+    sequence the worker encodes (:func:`sequence_bound`); ``memory.keys`` picks the mode for both."""
     if cfg.resources.owner_url:
-        return functools.partial(RemoteShardEncoder, cfg.resources.owner_url, owner_token(cfg), cfg.memory.dtype)
+        return functools.partial(RemoteShardEncoder, cfg.resources.owner_url, owner_token(cfg), cfg.memory.dtype,
+                                 keys=cfg.memory.keys)
     return functools.partial(ShardEncoder, cfg.model.model_id, cfg.model.revision, cfg.model.dtype, cfg.memory.dtype,
-                             max_length=max_length)
+                             max_length=max_length, keys=cfg.memory.keys)
 
 
 def build_memories(cfg: PipelineConfig, jobs: dict, executor, *, progress: bool = True,
@@ -314,7 +331,7 @@ def build_memories(cfg: PipelineConfig, jobs: dict, executor, *, progress: bool 
 
 def build_memory(cfg: PipelineConfig, pairs: Sequence[Pair], out_dir, executor, *,
                  progress: bool = True) -> MemoryManifest:
-    """Teacher-forced memory of ``pairs`` in ``out_dir`` (see the module docstring)."""
+    """The memory of ``pairs`` in ``out_dir``, keys as ``memory.keys`` says (see the module docstring)."""
     return build_memories(cfg, {Path(out_dir): pairs}, executor, progress=progress)[0]
 
 
