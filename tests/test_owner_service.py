@@ -61,7 +61,12 @@ def test_context_answers_the_memory_rows_of_the_in_process_encoder(model, tmp_pa
 
 
 def test_greedy_decoding_through_sessions_equals_generate(model, tmp_path):
+    """Only keys cross; the head the data owner holds turns them into the PLM's logits, and greedy decoding on them
+    chooses generate()'s tokens. Rows that stopped leave the session (``rows``) and get no more keys."""
+    from pema.adapter.io import load_head
+
     svc = service(model, tmp_path)
+    head, _ = load_head(tmp_path / "head")
     prompts = [list(e.prompt_ids) for e in examples(3, seed=1)]
     settings = GenerationSettings(max_new_tokens=6, batch_size=3)
     reference = generate(model, prompts, stop_token_id=STOP, pad_token_id=PAD, settings=settings, progress=False)
@@ -69,21 +74,23 @@ def test_greedy_decoding_through_sessions_equals_generate(model, tmp_path):
     assert status == 200
     out = load_numpy(body)
     sid = json.loads(body[8:8 + int.from_bytes(body[:8], "little")])["__metadata__"]["session"]
-    tokens, done = [[] for _ in prompts], [False] * len(prompts)
+    assert set(out) == {"key"} and out["key"].shape == (3, 64)  # no distribution on the wire
+    tokens, live = [[] for _ in prompts], [0, 1, 2]
     for _ in range(settings.max_new_tokens):
-        chosen = out["log_probs"].argmax(-1).tolist()
-        chosen = [STOP if d else t for t, d in zip(chosen, done)]  # finished rows keep feeding stop (ignored)
-        for r, t in enumerate(chosen):
-            if not done[r]:
-                tokens[r].append(t)
-                done[r] = t == STOP
-        if all(done):
+        chosen = head.from_key(torch.from_numpy(out["key"])).argmax(-1).tolist()
+        for r, t in zip(live, chosen):
+            tokens[r].append(t)
+        going = [i for i, (r, t) in enumerate(zip(live, chosen)) if t != STOP]
+        if not going:
             break
-        status, _, body = call(svc, "POST", f"/sessions/{sid}/step", {"tokens": chosen})
+        body = {"tokens": [chosen[i] for i in going]}
+        if len(going) < len(live):
+            body["rows"] = going
+        status, _, answer = call(svc, "POST", f"/sessions/{sid}/step", body)
         assert status == 200
-        out = load_numpy(body)
+        out, live = load_numpy(answer), [live[i] for i in going]
+        assert out["key"].shape == (len(live), 64)
     assert tokens == [list(t) for t in reference.token_ids]
-    assert out["key"].shape == (3, 64) and out["log_probs"].shape == (3, VOCAB)
     assert call(svc, "DELETE", f"/sessions/{sid}")[0] == 200
     assert call(svc, "POST", f"/sessions/{sid}/step", {"tokens": [3, 3, 3]})[0] == 404
 
@@ -137,8 +144,8 @@ def test_audit_lines_match_the_requests_and_hold_no_ids(model, tmp_path):
         ("acme", "POST /context", 200), ("beta", "GET /head", 200), (None, "GET /health", 401)]
     ctx = lines[0]
     rows = sum(len(e.target_ids) for e in exs)
-    assert ctx["rows"] == 2 and ctx["tokens_in"] == sum(len(e.prompt_ids) + len(e.target_ids) for e in exs)
-    assert ctx["out"]["keys"] == rows and ctx["out"]["distributions"] == 0 and ctx["out"]["bytes"] > rows * 64 * 4
+    assert ctx["rows"] == 2 and ctx["tokens_in"] == 2 * max(e.input_length for e in exs)  # padded cells
+    assert ctx["out"]["keys"] == rows and "distributions" not in ctx["out"] and ctx["out"]["bytes"] > rows * 64 * 4
     assert len(ctx["ids_sha256"]) == 64 and ctx["latency_ms"] >= 0
     text = (tmp_path / "audit.jsonl").read_text()
     assert str(list(exs[0].prompt_ids))[1:-1] not in text  # the ids themselves never reach the log
@@ -190,13 +197,18 @@ class InProcessClient:
         meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
         return load_numpy(raw), meta
 
-    def open_session(self, prompts):
-        out, meta = self._post("/sessions", {"prompts": prompts})
-        return meta["session"], out["key"], out["log_probs"]
+    def open_session(self, prompts, dtype="float32"):
+        out, meta = self._post("/sessions", {"prompts": prompts, "dtype": dtype})
+        return meta["session"], out["key"]
 
-    def step(self, session, tokens):
-        out, _ = self._post(f"/sessions/{session}/step", {"tokens": tokens})
-        return out["key"], out["log_probs"]
+    def step(self, session, tokens, rows=None):
+        out, _ = self._post(f"/sessions/{session}/step", {"tokens": tokens, **({"rows": rows} if rows else {})})
+        return out["key"]
+
+    def output_head(self):
+        from pema.adapter.io import load_head
+
+        return load_head(self.svc.head_dir)[0]
 
     def close(self, session):
         from pema.errors import OwnerRequestError
@@ -213,11 +225,11 @@ class LosingClient(InProcessClient):
         super().__init__(svc)
         self.every, self.steps = every, 0
 
-    def step(self, session, tokens):
+    def step(self, session, tokens, rows=None):
         self.steps += 1
         if self.steps % self.every == 0:
             self.svc.sessions.pop(session)
-        return super().step(session, tokens)
+        return super().step(session, tokens, rows)
 
 
 @pytest.mark.parametrize("kind", ["zero_shot", "pema_gu", "pema_capped"])
@@ -303,7 +315,7 @@ def test_a_session_belongs_to_the_tenant_that_opened_it(model, tmp_path):
         assert sid not in answer.decode()
     mine = load_numpy(call(svc, "POST", f"/sessions/{sid}/step", {"tokens": [7]})[2])
     reference = load_numpy(call(twin, "POST", f"/sessions/{twin_sid}/step", {"tokens": [7]})[2])
-    np.testing.assert_array_equal(mine["log_probs"], reference["log_probs"])
+    np.testing.assert_array_equal(mine["key"], reference["key"])
     assert call(svc, "DELETE", f"/sessions/{sid}")[0] == 200
     lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     refused = [x for x in lines if x.get("refused")]
@@ -345,3 +357,34 @@ def test_malformed_bodies_are_400_and_audited(model, tmp_path):
         assert status == 400 and named in json.loads(answer)["error"], answer
     lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [x["status"] for x in lines] == [400] * 5
+
+
+
+def test_label_private_context_sends_no_label_and_answers_the_owners_continuation(model, tmp_path, monkeypatch):
+    """``keys: owner_greedy``: the body holds prompts and target lengths only; the keys are the owner's own greedy
+    continuation's (FreeRunningEncoder is the reference); the client pairs them with its gold tokens locally."""
+    from pema.adapter.remote import OwnerClient
+    from pema.owner.encode import FreeRunningEncoder, FreeRunningRequest
+
+    svc, sent = service(model, tmp_path), []
+
+    def direct(self, method, path, body=None, session=None):  # OwnerClient over handle() instead of HTTP
+        sent.append(body)
+        status, _, raw = call(svc, method, path, body)
+        assert status == 200, raw
+        return raw
+
+    monkeypatch.setattr(OwnerClient, "_request", direct)
+    client, exs = OwnerClient("http://owner.invalid", "s3cret"), examples(4, seed=3)
+    rows = client.context(exs, keys="owner_greedy")
+    assert all("target_ids" not in e and e["target_length"] == len(x.target_ids)
+               for e, x in zip(sent[0]["examples"], exs))  # no label crossed
+    reference = FreeRunningEncoder(model, pad_id=PAD)([FreeRunningRequest(e.example, e.prompt_ids, len(e.target_ids))
+                                                       for e in exs])
+    np.testing.assert_allclose(rows["key"], reference["key"], atol=1e-6)
+    np.testing.assert_array_equal(rows["token"], np.concatenate([e.target_ids for e in exs]))  # gold, paired here
+    np.testing.assert_array_equal(rows["position"], reference["position"])
+    assert client.greedy_agreement == [int((reference["greedy"] == rows["token"]).sum()), len(rows["token"])]
+    status, _, answer = call(svc, "POST", "/context", {"keys": "owner_greedy", "examples": [
+        {"example": 0, "prompt_ids": [3, 4], "target_length": 0}]})
+    assert status == 400 and "examples[0].target_length" in json.loads(answer)["error"]

@@ -31,14 +31,19 @@ def _head_shapes_ok(shapes: dict[str, tuple]) -> bool:
 
 def load_head(bundle_dir: str | os.PathLike) -> tuple[OutputHead, dict]:
     tensors, meta = read_bundle(bundle_dir, "head", HEAD_FORMAT)
-    js, fix = Path(bundle_dir) / "head.json", RECOVER[HEAD_FORMAT]
+    return head_from_tensors(tensors, meta, Path(bundle_dir) / "head.json")
+
+
+def head_from_tensors(tensors: dict, meta: dict, js) -> tuple[OutputHead, dict]:
+    """The head of a bundle's tensors and head.json (``js`` names where they came from in errors)."""
+    fix = RECOVER[HEAD_FORMAT]
     missing = [k for k in ("norm.weight", "lm_head.weight") if k not in tensors]
     if missing:
-        raise MemoryFormatError(f"head bundle {bundle_dir} lacks tensors {missing}; {fix}")
+        raise MemoryFormatError(f"head bundle {js} lacks tensors {missing}; {fix}")
     check_meta(meta, js, {"norm_type": str, "eps": _NUM, "d": int, "vocab_size": int}, HEAD_FORMAT)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     if not _head_shapes_ok(shapes):
-        raise MemoryFormatError(f"the tensors of {Path(bundle_dir) / 'head.safetensors'} do not fit together "
+        raise MemoryFormatError(f"the tensors beside {js} do not fit together "
                                 f"({shapes}); {fix}")
     d, vocab = shapes["norm.weight"][0], shapes["lm_head.weight"][0]
     if d != meta["d"] or vocab != meta["vocab_size"]:

@@ -1,7 +1,7 @@
 """The data owner's client of the PLM owner's service (:mod:`pema.owner.service`, served on Ray Serve): the
 owner's answers over HTTP, so that no process of the data owner holds the PLM's weights.
 
-Only the standard library speaks HTTP here; answers are safetensors (keys, log-probabilities) or JSON. A service
+Only the standard library speaks HTTP here; answers are safetensors (keys) or JSON. A service
 that does not answer fails in seconds with :class:`~pema.errors.OwnerUnavailableError` naming the URL; an answer
 other than 200 raises :class:`~pema.errors.OwnerRequestError` with the status and the service's message. Every
 answer carries the fingerprint of the owner's head bundle; a client made with ``expect_fingerprint`` refuses any
@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+import torch
 from safetensors.numpy import load as load_numpy
 
 from pema.errors import OwnerRequestError, OwnerUnavailableError
@@ -28,6 +29,8 @@ class OwnerClient:
         self.url, self.token, self.timeout_s = url.rstrip("/"), token, timeout_s
         self.fingerprint = expect_fingerprint
         self.bytes_in = self.bytes_out = 0  # what crossed, for the benchmarks
+        self.greedy_agreement = [0, 0]  # label-private builds: the owner's greedy choices equal to gold, of all
+        self._head = None
 
     def _request(self, method: str, path: str, body: dict | None = None, session: str | None = None) -> bytes:
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
@@ -88,23 +91,51 @@ class OwnerClient:
                 (Path(tmp) / Path(name).name).write_bytes(base64.b64decode(data))
             return AutoTokenizer.from_pretrained(tmp)
 
-    def context(self, examples, dtype: str = "float32") -> dict[str, np.ndarray]:
-        """Keys at the target positions of ``examples`` (``EncodeExample``-like: example, prompt_ids, target_ids),
-        with token, example, position: the rows of the memory."""
-        body = {"dtype": dtype, "examples": [{"example": int(e.example), "prompt_ids": list(e.prompt_ids),
-                                              "target_ids": list(e.target_ids)} for e in examples]}
+    def output_head(self):
+        """The owner's output head (:class:`~pema.adapter.head.OutputHead`), fetched once (``GET /head``): the
+        data owner computes the PLM's next-token logits from a key with it."""
+        if self._head is None:
+            from pema.adapter.io import head_from_tensors
+
+            tensors, meta = self.head()
+            self._head = head_from_tensors({k: torch.from_numpy(v.copy()) for k, v in tensors.items()},
+                                           meta, f"{self.url}/head")[0]
+        return self._head
+
+    def context(self, examples, dtype: str = "float32", keys: str = "teacher_forced") -> dict[str, np.ndarray]:
+        """The memory rows of ``examples`` (``EncodeExample``-like: example, prompt_ids, target_ids): key, token,
+        example, position, d, vocab_size. ``keys="owner_greedy"`` (the label-private build) sends the prompts and
+        the target lengths only; the owner answers the keys of its own greedy continuation, paired here with the
+        gold tokens (``greedy_agreement`` counts how many of the owner's choices were the gold token)."""
+        private = keys == "owner_greedy"
+        body = {"dtype": dtype, "keys": keys, "examples": [
+            {"example": int(e.example), "prompt_ids": list(e.prompt_ids),
+             **({"target_length": len(e.target_ids)} if private else {"target_ids": list(e.target_ids)})}
+            for e in examples]}
         rows, meta = self._tensors(self._request("POST", "/context", body))
+        if private:
+            gold = np.concatenate([np.asarray(e.target_ids, np.int32) for e in examples])
+            greedy = rows.pop("greedy")
+            if len(greedy) != len(gold):
+                raise OwnerRequestError(f"the service at {self.url} answered {len(greedy)} keys for {len(gold)} "
+                                        "target tokens", status=502)
+            rows["token"] = gold
+            self.greedy_agreement[0] += int((greedy == gold).sum())
+            self.greedy_agreement[1] += len(gold)
         rows["d"], rows["vocab_size"] = int(meta["d"]), int(meta["vocab_size"])
         return rows
 
-    def open_session(self, prompts: list[list[int]]) -> tuple[str, np.ndarray, np.ndarray]:
-        """``(session id, key (rows, d), log_probs (rows, vocab))`` of the prompts' last positions."""
-        out, meta = self._tensors(self._request("POST", "/sessions", {"prompts": prompts}))
-        return meta["session"], out["key"], out["log_probs"]
+    def open_session(self, prompts: list[list[int]], dtype: str = "float32") -> tuple[str, np.ndarray]:
+        """``(session id, key (rows, d))`` of the prompts' last positions, in ``dtype``."""
+        out, meta = self._tensors(self._request("POST", "/sessions", {"prompts": prompts, "dtype": dtype}))
+        return meta["session"], out["key"]
 
-    def step(self, session: str, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        out, _ = self._tensors(self._request("POST", f"/sessions/{session}/step", {"tokens": tokens}, session))
-        return out["key"], out["log_probs"]
+    def step(self, session: str, tokens: list[int], rows: list[int] | None = None) -> np.ndarray:
+        """The keys of the rows' new contexts; ``rows``: the indices of the session's rows that go on (the others
+        are dropped for good), ``tokens`` one per kept row."""
+        body = {"tokens": tokens} if rows is None else {"tokens": tokens, "rows": rows}
+        out, _ = self._tensors(self._request("POST", f"/sessions/{session}/step", body, session))
+        return out["key"]
 
     def close(self, session: str) -> None:
         self._request("DELETE", f"/sessions/{session}", session=session)

@@ -1,5 +1,6 @@
-"""Greedy decoding through the PLM owner's service: the session steps give, per row, the owner's key and the
-PLM's next-token log-probabilities; the data owner mixes them with its adapter's distribution here.
+"""Greedy decoding through the PLM owner's service: the session steps give, per row, the owner's key alone; the
+data owner computes the PLM's next-token logits from it with the owner's exact output head (``plm_head``, by
+default fetched once from the service) and mixes them with its adapter's distribution here.
 
 The mixing is :mod:`pema.adapter.decode`'s own processors (:class:`~pema.adapter.decode.PemaLogitsProcessor`,
 :class:`~pema.adapter.decode.MixtureLogitsProcessor`, :class:`~pema.adapter.decode.LengthCapProcessor`), called
@@ -7,8 +8,10 @@ step by step on the service's answers instead of inside ``generate()``, so both 
 greedy, finished rows padded, a batch ends when every row has stopped or at ``max_new_tokens``. Beam search,
 sampling, n-gram bans and the repetition penalty need the owner's ``generate()`` and are refused here.
 
-A session the service no longer holds (404: its replica was scaled down or restarted, or it expired) is reopened
-with each row's prompt and every token fed so far; the owner recomputes the cache and answers the same step.
+A row that has stopped leaves the session (the step's ``rows``), so the service computes and sends nothing more
+for it. A session the service no longer holds (404: its replica was scaled down or restarted, or it expired) is
+reopened with each live row's prompt and every token fed so far; the owner recomputes the cache and answers the
+same step.
 """
 from __future__ import annotations
 
@@ -26,16 +29,18 @@ from pema.adapter.schedule import Schedule
 from pema.errors import OwnerRequestError
 
 
-def _step(client, session: str, chosen: list[int], fed: list[list[int]]):
-    """``client.step``, or on 404 (the session is gone) a new session on the prompts plus ``fed`` (which already
-    holds ``chosen``): ``(session, key, log_probs)``."""
+def _step(client, session: str, live: list[int], going: list[int], fed: list[list[int]], key_dtype: str):
+    """One step of the rows ``going`` (a subset of ``live``, the rows the session holds), or on 404 (the session
+    is gone) a new session on their prompts plus ``fed`` (which already holds the chosen tokens):
+    ``(session, keys of going)``."""
+    keep = None if going == live else [live.index(r) for r in going]
     try:
-        return (session, *client.step(session, chosen))
+        return session, client.step(session, [fed[r][-1] for r in going], keep)
     except OwnerRequestError as exc:
         if exc.status != 404:
             raise
     client.reopened = getattr(client, "reopened", 0) + 1
-    return client.open_session(fed)
+    return client.open_session([fed[r] for r in going], key_dtype)
 
 
 def generate_remote(client, prompts: Sequence[Sequence[int]], *, stop_token_id: int, pad_token_id: int,
@@ -43,9 +48,12 @@ def generate_remote(client, prompts: Sequence[Sequence[int]], *, stop_token_id: 
                     head: OutputHead | None = None, schedule: Schedule | None = None,
                     horizons: torch.Tensor | None = None, progress: bool = True, desc: str = "decode",
                     scorer: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    length_caps: torch.Tensor | None = None) -> GenerationResult:
+                    length_caps: torch.Tensor | None = None, plm_head: OutputHead | None = None,
+                    key_dtype: str = "float32") -> GenerationResult:
     """:func:`pema.adapter.decode.generate`'s contract (greedy only) with ``client``
-    (:class:`~pema.adapter.remote.OwnerClient`) in place of the PLM and its key source."""
+    (:class:`~pema.adapter.remote.OwnerClient`) in place of the PLM and its key source. ``plm_head``: the owner's
+    head that turns a key into the PLM's logits (default: ``head``, else ``client.output_head()``); ``key_dtype``:
+    the keys' dtype on the wire (float32 keeps greedy tokens identical to in-process decoding)."""
     if settings.strategy != "greedy" or settings.no_repeat_ngram_size or settings.repetition_penalty != 1.0:
         raise ValueError("decoding through the owner's service is greedy without n-gram bans or repetition penalty: "
                          f"got decode.strategy={settings.strategy!r}, no_repeat_ngram_size="
@@ -53,6 +61,7 @@ def generate_remote(client, prompts: Sequence[Sequence[int]], *, stop_token_id: 
     mixing = adapter is not None or scorer is not None
     if mixing and (schedule is None or horizons is None or (adapter is not None and head is None)):
         raise ValueError("mixed decoding needs schedule and horizons (and head with adapter)")
+    plm_head = plm_head or head or client.output_head()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
     traces: list[list[float]] = [[] for _ in prompts]
@@ -62,11 +71,12 @@ def generate_remote(client, prompts: Sequence[Sequence[int]], *, stop_token_id: 
         idx = order[b : b + settings.batch_size]
         width = max(len(prompts[i]) for i in idx)
         fed = [list(prompts[i]) for i in idx]  # per row: the prompt and every token sent since
-        session, key, log_probs = client.open_session([list(f) for f in fed])
-        current = {"key": key}
+        session, key = client.open_session([list(f) for f in fed], key_dtype)
+        live = list(range(len(idx)))  # the rows the session holds, in its order
+        current = {"key": torch.from_numpy(key.astype("float32"))}
         procs, proc = [], None
         if mixing:
-            source = lambda: torch.from_numpy(current["key"])  # noqa: E731  (the key of this step's context)
+            source = lambda: current["key"]  # noqa: E731  (the key of this step's context)
             proc = (PemaLogitsProcessor(adapter, head, source, schedule, horizons[idx], width, stop_token_id)
                     if scorer is None else
                     MixtureLogitsProcessor(scorer, source, schedule, horizons[idx], width, stop_token_id=stop_token_id))
@@ -78,8 +88,8 @@ def generate_remote(client, prompts: Sequence[Sequence[int]], *, stop_token_id: 
         generated: list[list[int]] = [[] for _ in idx]
         try:
             for step in range(settings.max_new_tokens):
-                scores = torch.from_numpy(log_probs)
                 with torch.no_grad():
+                    scores = plm_head.from_key(current["key"])  # the PLM's logits, as its own head computes them
                     for p in procs:
                         scores = p(ids, scores)
                 chosen = scores.argmax(-1)
@@ -91,9 +101,13 @@ def generate_remote(client, prompts: Sequence[Sequence[int]], *, stop_token_id: 
                 ids = torch.cat([ids, chosen[:, None]], dim=1)
                 if bool(done.all()) or step + 1 == settings.max_new_tokens:
                     break
-                for row, token in enumerate(chosen.tolist()):
-                    fed[row].append(token)
-                session, current["key"], log_probs = _step(client, session, chosen.tolist(), fed)
+                going = [r for r in live if not done[r]]
+                for row in going:
+                    fed[row].append(int(chosen[row]))
+                session, got = _step(client, session, live, going, fed, key_dtype)
+                live, key = going, torch.zeros_like(current["key"])  # a stopped row's key is never read
+                key[going] = torch.from_numpy(got.astype("float32"))
+                current["key"] = key
         finally:
             try:
                 client.close(session)

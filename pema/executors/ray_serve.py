@@ -12,9 +12,10 @@ open sessions, the least loaded of them first. So the deployment scales out, one
 """
 from __future__ import annotations
 
-import tempfile
-
+import asyncio
 import random
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
@@ -28,6 +29,7 @@ from pema.formats.tasks import tokenizer_hash
 from pema.owner.service import Limits, OwnerService, load_tokens
 
 ROUTE = "/owner"
+MAX_ONGOING = 64  # requests in one replica at once
 SEP = "-"  # between the replica's id and the session's own id
 
 
@@ -59,7 +61,7 @@ ROUTER = RequestRouterConfig(request_router_class="pema.executors.ray_serve.Sess
                              request_routing_stats_period_s=2, request_routing_stats_timeout_s=5)
 
 
-@serve.deployment(name="pema_owner", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8,
+@serve.deployment(name="pema_owner", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=MAX_ONGOING,
                   request_router_config=ROUTER)
 class OwnerDeployment:
     def __init__(self, model_id: str, *, dtype: str = "float32", device: str = "cpu", revision: str | None = None,
@@ -73,6 +75,8 @@ class OwnerDeployment:
         self.service = OwnerService(model, self._head.name, load_tokens(tokens_file), audit_path=audit_path,
                                     limits=Limits(**(limits or {})), pad_id=pad, tokenizer=tokenizer,
                                     session_prefix=replica + SEP)
+        # one thread per request Serve lets in (max_ongoing_requests): a step waiting for its batch holds one
+        self._threads = ThreadPoolExecutor(max_workers=MAX_ONGOING, thread_name_prefix="owner")
 
     def record_routing_stats(self) -> dict:
         """What :class:`SessionRouter` ranks replicas by."""
@@ -84,8 +88,12 @@ class OwnerDeployment:
         if path.startswith(prefix):
             path = path[len(prefix):] or "/"
         headers = dict(request.headers)
-        status, ctype, body = self.service.handle(request.method, path, headers, await self._body(request, headers))
-        return Response(body, status_code=status, media_type=ctype)
+        body = await self._body(request, headers)
+        # in a worker thread: the event loop keeps taking requests, so concurrent sessions' steps meet in the
+        # service's step queue and share one forward (pema.owner.sessions)
+        status, ctype, out, extra = await asyncio.get_running_loop().run_in_executor(
+            self._threads, self.service.respond, request.method, path, headers, body)
+        return Response(out, status_code=status, media_type=ctype, headers=extra)
 
     async def _body(self, request: Request, headers: dict) -> bytes:
         """The body, read only once the token is known, and at most one byte past the service's limit (the

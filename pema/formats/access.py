@@ -84,3 +84,28 @@ def json_object(body: bytes) -> dict:
     if not isinstance(data, dict):
         raise RequestError(400, "body must be a JSON object")
     return data
+
+
+class RateLimiter:
+    """Each tenant's request rate: a token bucket of ``burst`` requests refilled at ``per_s`` a second.
+    ``take(tenant)`` -> None when the request may go on, else the seconds until one may (the 429's Retry-After)."""
+
+    def __init__(self, per_s: float, burst: int):
+        import threading
+
+        self.per_s, self.burst = float(per_s), int(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (requests left, when counted)
+        self._lock = threading.Lock()
+
+    def take(self, tenant: str) -> float | None:
+        import time
+
+        now = time.monotonic()
+        with self._lock:
+            left, then = self._buckets.get(tenant, (float(self.burst), now))
+            left = min(float(self.burst), left + (now - then) * self.per_s)
+            if left < 1.0:
+                self._buckets[tenant] = (left, now)
+                return (1.0 - left) / self.per_s
+            self._buckets[tenant] = (left - 1.0, now)
+            return None

@@ -4,7 +4,9 @@ This is all the data owner ever receives of the PLM's weights.
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 from torch import nn
 
@@ -46,3 +48,15 @@ def export_head(model: nn.Module, out_dir: str | os.PathLike, *, model_id: str, 
     }
     write_bundle(out_dir, "head", tensors, meta)
     return meta
+
+
+def tokenizer_files(tokenizer) -> bytes:
+    """The tokenizer's files as JSON ``{name: base64}`` (vocabulary, merges, chat template; no weights): what
+    the owner's service hands out at ``GET /tokenizer``."""
+    import base64
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: base64.b64encode(p.read_bytes()).decode() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+    return json.dumps(files).encode()

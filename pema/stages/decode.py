@@ -65,7 +65,7 @@ def save_predictions(path: str | os.PathLike, pairs, hyps: list[str], lam_traces
 
 def translate(model, tokenizer, sources: list[str], cfg: PipelineConfig, *, adapter=None, head=None,
               schedule: ScheduleConfig | None = None, ratio: float | None = None, progress: bool = False,
-              desc: str = "decode", scorer=None):
+              desc: str = "decode", scorer=None, plm_head=None):
     """Decode ``sources`` with the PLM alone (no ``adapter``/``scorer``), mixed with PEMA (``adapter`` + ``head``)
     or mixed with another distribution of the owner's key (``scorer(key (rows, d)) -> log-probs (rows, vocab)``,
     e.g. the kNN-LM baseline of ``pema.baselines.knn_index.load_knn``), under ``schedule``.
@@ -73,7 +73,9 @@ def translate(model, tokenizer, sources: list[str], cfg: PipelineConfig, *, adap
     ``ratio`` (target/source tokens of the training memory) sets the Gradual Unrolling horizons; a constant schedule
     does not use them and takes ratio 1.0 when it is None. Returns the hypotheses and the
     :class:`~pema.adapter.decode.GenerationResult` (lambda traces, timing). ``model`` may be an
-    :class:`~pema.adapter.remote.OwnerClient`: the PLM's answers then come from the owner's service (greedy).
+    :class:`~pema.adapter.remote.OwnerClient`: the PLM's answers then come from the owner's service (greedy), as
+    keys that ``plm_head`` (the owner's head bundle; by default ``head``, else fetched from the service) turns into
+    the PLM's logits.
 
     Every source must be within ``data.max_tokens`` (the files' texts are held to it when read, cut or refused as
     ``data.overlength`` says): one over it is an OverlengthError, and so is a prompt over the bound that follows
@@ -113,7 +115,7 @@ def translate(model, tokenizer, sources: list[str], cfg: PipelineConfig, *, adap
             mix_kw["key_source"] = ContextTap(model)
         mix_kw.update(dict(adapter=adapter, head=head) if scorer is None else dict(scorer=scorer))
     if isinstance(model, OwnerClient):
-        decoder = generate_remote
+        decoder, mix_kw["plm_head"] = generate_remote, plm_head
     else:
         decoder = generate
         mix_kw["max_prompt_tokens"] = prompt_token_bound(tokenizer, template, d.max_tokens,
@@ -161,7 +163,7 @@ def decode_and_score(cfg: PipelineConfig, output_dir: str | os.PathLike, *, mode
         if system != "zero_shot":
             kw.update(adapter=adapter, head=head, schedule=getattr(cfg.decode, SCHEDULES[system]))
         with timer.stage(f"decode_{system}"):
-            hyps, result = translate(model, tokenizer, sources, cfg, progress=progress, desc=system, **kw)
+            hyps, result = translate(model, tokenizer, sources, cfg, progress=progress, desc=system, plm_head=head, **kw)
         summary[system] = score(hyps, refs, result, cfg.eval.postprocess)
         hyps_by_system[system] = hyps
         if write_predictions:
