@@ -77,6 +77,9 @@ def test_concurrent_steps_share_one_forward_and_answer_as_alone(model, tmp_path)
     for i in range(len(SESSIONS)):
         for s in range(3):
             np.testing.assert_allclose(got[i][s], reference[i][s], atol=1e-5, rtol=0)
+    for sid, (tenant, _) in zip(sids, SESSIONS):  # a closed session is no longer waited for
+        assert call(together, "DELETE", f"/sessions/{sid}", tenant=tenant)[0] == 200
+    assert not together.decoder._recent
 
 
 def test_a_flooding_tenant_cannot_push_another_out_of_the_next_forward():

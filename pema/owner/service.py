@@ -206,7 +206,8 @@ class OwnerService:
     def _drop(self, sid: str | None) -> None:
         if sid is not None:
             with self._state:
-                self.sessions.pop(sid, None)
+                if (session := self.sessions.pop(sid, None)) is not None:
+                    self.decoder.forget(session)
 
     def _route(self, method, path, body, record, tenant):
         if method == "GET" and path == "/health":
@@ -229,7 +230,7 @@ class OwnerService:
             return self._step(parts[1], json_object(body), record, tenant)
         if len(parts) == 2 and parts[0] == "sessions" and method == "DELETE":
             with self._state:
-                self._session(parts[1], tenant, record)
+                self.decoder.forget(self._session(parts[1], tenant, record))
                 del self.sessions[parts[1]]
             return 200, "application/json", b'{"closed": true}', {}
         raise RequestError(404, "no such endpoint: " + ", ".join(ROUTES))

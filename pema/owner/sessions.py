@@ -166,14 +166,19 @@ class SessionDecoder:
             raise step.error
         return step.key
 
+    def forget(self, session: Session) -> None:
+        """A closed session: no forward waits for its steps any more."""
+        with self._queue_lock:
+            self._recent.pop(id(session), None)
+
     def _gather(self) -> None:
         """Before a forward: wait for the steps of every session that stepped in the last second (each is likely
         a client computing its next token), at most half the last forward's time. Without it, the steps that a
         forward answers come back just after the next one started, and forwards alternate big and small."""
         now = time.monotonic()
-        self._recent = {k: t for k, t in self._recent.items() if now - t < 1.0}
         deadline = now + 0.5 * self._last_forward_s
         with self._arrived:
+            self._recent = {k: t for k, t in self._recent.items() if now - t < 1.0}
             while len(self._queue) < len(self._recent) and (left := deadline - time.monotonic()) > 0:
                 self._arrived.wait(left)
 
@@ -211,7 +216,8 @@ class SessionDecoder:
                 self._run_group(group)
             self._last_forward_s = (time.perf_counter() - start) / len(groups)
             now = time.monotonic()
-            self._recent.update({id(s.session): now for s in batch})
+            with self._queue_lock:
+                self._recent.update({id(s.session): now for s in batch})
             self.forwards += len(groups)
             self.stepped += len(batch)
         except BaseException as exc:  # every waiting step learns of it; the sessions' state is not to be trusted
