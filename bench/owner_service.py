@@ -39,6 +39,9 @@ def main(argv=None) -> dict:
     p.add_argument("--pairs", type=int, default=60)
     p.add_argument("--adapter", default=str(ROOT / "outputs/default/adapter"))
     p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--replica-cpus", type=float, default=float(os.cpu_count()),
+                   help="the replica's num_cpus (its torch threads), as serve/owner.yaml gives it; default: this "
+                        "machine's, as many as the in-process side uses")
     args = p.parse_args(argv)
 
     import torch
@@ -60,7 +63,8 @@ def main(argv=None) -> dict:
     (tmp / "tokens.json").write_text(json.dumps({"bench": "t-bench-0123456789"}))
     init_ray(quiet=True)
     log("starting the owner's service on Ray Serve ...")
-    url = start_owner(cfg.model.model_id, port=args.port, dtype=cfg.model.dtype, tokens_file=str(tmp / "tokens.json"))
+    url = start_owner(cfg.model.model_id, port=args.port, dtype=cfg.model.dtype, tokens_file=str(tmp / "tokens.json"),
+                      options={"ray_actor_options": {"num_cpus": args.replica_cpus}})
     client = OwnerClient(url, "t-bench-0123456789", timeout_s=600)
     model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype)
     export_head(model, tmp / "head", model_id=cfg.model.model_id)
@@ -73,7 +77,8 @@ def main(argv=None) -> dict:
         adapter, ratio, adapter_from = PemaAdapter(head.d, 64, 64.0, 0.0), 1.3, "random (rank 64)"
     adapter.eval()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    out = {"machine": f"{os.cpu_count()} CPUs", "model": cfg.model.model_id, "sources": len(sources),
+    out = {"machine": f"{os.cpu_count()} CPUs", "replica_cpus": args.replica_cpus, "model": cfg.model.model_id,
+           "sources": len(sources),
            "max_new_tokens": cfg.decode.max_new_tokens, "batch_size": cfg.decode.batch_size, "adapter": adapter_from}
 
     def run(name, decoder, **kw):
