@@ -31,24 +31,23 @@ def _head_shapes_ok(shapes: dict[str, tuple]) -> bool:
 
 def load_head(bundle_dir: str | os.PathLike) -> tuple[OutputHead, dict]:
     tensors, meta = read_bundle(bundle_dir, "head", HEAD_FORMAT)
-    return head_from_tensors(tensors, meta, Path(bundle_dir) / "head.json")
+    return head_from_tensors(tensors, meta, Path(bundle_dir) / "head.json", Path(bundle_dir) / "head.safetensors")
 
 
-def head_from_tensors(tensors: dict, meta: dict, js) -> tuple[OutputHead, dict]:
-    """The head of a bundle's tensors and head.json (``js`` names where they came from in errors)."""
+def head_from_tensors(tensors: dict, meta: dict, js, st) -> tuple[OutputHead, dict]:
+    """The head of a bundle's tensors and head.json (``js`` and ``st`` name where they came from in errors)."""
     fix = RECOVER[HEAD_FORMAT]
     missing = [k for k in ("norm.weight", "lm_head.weight") if k not in tensors]
     if missing:
-        raise MemoryFormatError(f"head bundle {js} lacks tensors {missing}; {fix}")
+        raise MemoryFormatError(f"head bundle {st} lacks tensors {missing}; {fix}")
     check_meta(meta, js, {"norm_type": str, "eps": _NUM, "d": int, "vocab_size": int}, HEAD_FORMAT)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     if not _head_shapes_ok(shapes):
-        raise MemoryFormatError(f"the tensors beside {js} do not fit together "
-                                f"({shapes}); {fix}")
+        raise MemoryFormatError(f"the tensors of {st} do not fit together ({shapes}); {fix}")
     d, vocab = shapes["norm.weight"][0], shapes["lm_head.weight"][0]
     if d != meta["d"] or vocab != meta["vocab_size"]:
         raise MemoryMismatchError(f"{js} says d={meta['d']}, vocab_size={meta['vocab_size']} but the tensors of "
-                                  f"head.safetensors have d={d}, vocab_size={vocab}; {fix}")
+                                  f"{Path(str(st)).name} have d={d}, vocab_size={vocab}; {fix}")
     try:
         head = OutputHead(
             norm_type=meta["norm_type"], eps=meta["eps"], norm_weight=tensors["norm.weight"],

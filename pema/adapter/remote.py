@@ -99,7 +99,8 @@ class OwnerClient:
 
             tensors, meta = self.head()
             self._head = head_from_tensors({k: torch.from_numpy(v.copy()) for k, v in tensors.items()},
-                                           meta, f"{self.url}/head")[0]
+                                           meta, f"{self.url}/head (head.json)",
+                                           f"{self.url}/head")[0]
         return self._head
 
     def context(self, examples, dtype: str = "float32", keys: str = "teacher_forced") -> dict[str, np.ndarray]:
