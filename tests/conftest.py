@@ -63,7 +63,7 @@ def inline_build(pairs, out_dir, *overrides: str, model_id: str = "tiny://llama"
 def owner_url(ray_client, tmp_path_factory):
     """The PLM owner's service (tiny://llama) on Ray Serve of the test cluster, one per test module (Serve's proxy
     port is the module's own); yields ``(url, folder)``: the folder holds ``tokens.json`` (tenant ``acme``, token
-    ``t-acme-0123456789``) and ``audit.jsonl``."""
+    ``t-acme-0123456789``; tenant ``beta``, token ``t-beta-0123456789``) and ``audit.jsonl``."""
     import json
 
     from local_ray import free_port
@@ -72,7 +72,7 @@ def owner_url(ray_client, tmp_path_factory):
     from pema.executors.ray_serve import start_owner
 
     tmp = tmp_path_factory.mktemp("owner")
-    (tmp / "tokens.json").write_text(json.dumps({"acme": "t-acme-0123456789"}))
+    (tmp / "tokens.json").write_text(json.dumps({"acme": "t-acme-0123456789", "beta": "t-beta-0123456789"}))
     url = start_owner("tiny://llama", port=free_port(), tokens_file=str(tmp / "tokens.json"),
                       audit_path=str(tmp / "audit.jsonl"))
     yield url, tmp

@@ -246,3 +246,30 @@ def test_a_huge_body_is_refused_by_token_then_by_size_over_http(owner_url):
             assert "reset" in str(exc).lower() or "broken pipe" in str(exc).lower(), exc
     audit = [json.loads(x) for x in (folder / "audit.jsonl").read_text().splitlines()]
     assert [(x["status"], x["tenant"]) for x in audit[-2:]] == [(401, None), (413, "acme")]
+
+
+def test_two_tenants_over_http(owner_url):
+    """Tried as two tenants would over HTTP: B can neither step (read) nor close A's session (404, as an unknown
+    id), and B filling its session quota leaves A able to open sessions."""
+    from pema.adapter.remote import OwnerClient
+    from pema.errors import OwnerRequestError
+
+    url, _ = owner_url
+    a, b = OwnerClient(url, "t-acme-0123456789"), OwnerClient(url, "t-beta-0123456789")
+    mine, key = a.open_session([[5, 9, 13]])
+    for attempt in (lambda: b.step(mine, [3]), lambda: b.close(mine)):
+        with pytest.raises(OwnerRequestError) as refused:
+            attempt()
+        detail = str(refused.value).rsplit(": ", 1)[1]  # the service's own words (the client names the path)
+        assert refused.value.status == 404 and "unknown session" in detail and mine not in detail
+    assert a.step(mine, [3]).shape == key.shape  # A's session is untouched
+    held = []
+    with pytest.raises(OwnerRequestError) as full:
+        for _ in range(17):  # the default quota is 16 sessions per tenant
+            held.append(b.open_session([[5]])[0])
+    assert full.value.status == 429 and len(held) == 16
+    second, _ = a.open_session([[7, 8]])  # A is not held back by B's quota
+    for sid in held:
+        b.close(sid)
+    for sid in (mine, second):
+        a.close(sid)
