@@ -72,7 +72,6 @@ class SharedHead:
 
     def __init__(self, head):
         self.head, self.lock, self.waiting = head, threading.Lock(), []
-        self.vocab_size = head.vocab_size
         self.cond = threading.Condition()
 
     def from_key(self, key):

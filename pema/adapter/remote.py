@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from safetensors.numpy import load as load_numpy
 
-from pema.errors import OwnerRequestError, OwnerUnavailableError
+from pema.errors import MemoryMismatchError, OwnerRequestError, OwnerUnavailableError
+from pema.formats.keys import paired_with_gold
 
 # Ray Serve's session header (RAY_SERVE_SESSION_ID_HEADER_KEY's default): the owner's router sends a session's steps
 # to the replica that opened it (pema.executors.ray_serve.SessionRouter); a plain HTTP server ignores it
@@ -115,14 +116,12 @@ class OwnerClient:
             for e in examples]}
         rows, meta = self._tensors(self._request("POST", "/context", body))
         if private:
-            gold = np.concatenate([np.asarray(e.target_ids, np.int32) for e in examples])
-            greedy = rows.pop("greedy")
-            if len(greedy) != len(gold):
-                raise OwnerRequestError(f"the service at {self.url} answered {len(greedy)} keys for {len(gold)} "
-                                        "target tokens", status=502)
-            rows["token"] = gold
-            self.greedy_agreement[0] += int((greedy == gold).sum())
-            self.greedy_agreement[1] += len(gold)
+            try:
+                rows, agree = paired_with_gold(rows, examples)
+            except MemoryMismatchError as exc:
+                raise OwnerRequestError(f"the service at {self.url} answered wrongly: {exc}", status=502) from None
+            self.greedy_agreement[0] += agree
+            self.greedy_agreement[1] += len(rows["token"])
         rows["d"], rows["vocab_size"] = int(meta["d"]), int(meta["vocab_size"])
         return rows
 

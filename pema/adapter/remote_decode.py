@@ -89,9 +89,9 @@ def generate_remote(client, prompts: Sequence[Sequence[int]], *, stop_token_id: 
         try:
             for step in range(settings.max_new_tokens):
                 with torch.no_grad():  # the PLM's logits, as its own head computes them, for the rows still going
-                    scores = plm_head.from_key(current["key"][live]) if len(live) == len(idx) else \
-                        torch.zeros((len(idx), plm_head.vocab_size)).index_copy_(
-                            0, torch.tensor(live), plm_head.from_key(current["key"][live]))
+                    scores = plm_head.from_key(current["key"][live])
+                    if len(live) < len(idx):  # a stopped row's scores are never read: it is fed padding
+                        scores = torch.zeros((len(idx), scores.shape[1])).index_copy_(0, torch.tensor(live), scores)
                     for p in procs:
                         scores = p(ids, scores)
                 chosen = scores.argmax(-1)

@@ -23,6 +23,7 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 from starlette.requests import Request
 from starlette.responses import Response
 
+from pema.formats.access import RequestError, bearer_tenant
 from pema.owner.export import export_head
 from pema.owner.plm import load_plm
 from pema.formats.tasks import tokenizer_hash

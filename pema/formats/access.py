@@ -11,6 +11,8 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 from pema.errors import ConfigError
@@ -91,15 +93,11 @@ class RateLimiter:
     ``take(tenant)`` -> None when the request may go on, else the seconds until one may (the 429's Retry-After)."""
 
     def __init__(self, per_s: float, burst: int):
-        import threading
-
         self.per_s, self.burst = float(per_s), int(burst)
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (requests left, when counted)
         self._lock = threading.Lock()
 
     def take(self, tenant: str) -> float | None:
-        import time
-
         now = time.monotonic()
         with self._lock:
             left, then = self._buckets.get(tenant, (float(self.burst), now))

@@ -18,7 +18,10 @@ Pure torch; no files, Ray or MLflow.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from pema.errors import MemoryMismatchError
 
 NORM_TYPES = ("rms", "layer")
 KEY_DEFINITION = "final-norm input, normalized without gain/bias (rms: x/sqrt(mean(x^2)+eps); layer: (x-mean)/sqrt(var+eps))"
@@ -34,3 +37,20 @@ def normalize(x: torch.Tensor, norm_type: str, eps: float) -> torch.Tensor:
     mean = x.mean(-1, keepdim=True)
     var = (x - mean).pow(2).mean(-1, keepdim=True)
     return (x - mean) * torch.rsqrt(var + eps)
+
+
+def target_tokens(examples) -> np.ndarray:
+    """The gold target tokens of ``examples`` (each with ``target_ids``) in the memory's row order: example by
+    example, positions 0..T-1 within each (int32)."""
+    return np.concatenate([np.asarray(e.target_ids, np.int32) for e in examples])
+
+
+def paired_with_gold(rows: dict[str, np.ndarray], examples) -> tuple[dict[str, np.ndarray], int]:
+    """Label-private rows (``memory.keys: owner_greedy``) made memory rows on the data owner's side: the owner's own
+    choices (``greedy``) give way to the gold tokens of ``examples``, row for row. Also returns how many of the
+    owner's choices were the gold token. MemoryMismatchError when the rows are not one per target token."""
+    rows, gold = dict(rows), target_tokens(examples)
+    greedy = rows.pop("greedy")
+    if len(greedy) != len(gold):
+        raise MemoryMismatchError(f"{len(greedy)} keys came back for {len(gold)} target tokens")
+    return {**rows, "token": gold}, int((greedy == gold).sum())

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pema.formats.keys import normalize
+from pema.formats.keys import normalize, target_tokens
 from pema.formats.tasks import OverlengthError, context_window
-from pema.owner.respond import ContextTap
+from pema.owner.respond import ContextTap, left_padded, mask_positions
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ class MemoryEncoder(_KeyEncoder):
             picked = hidden[torch.from_numpy(rows).to(hidden.device), torch.from_numpy(cols).to(hidden.device)]
         return {
             "key": self.host_keys(normalize(picked, self.tap.norm_type, self.tap.eps)),
-            "token": np.concatenate([np.asarray(e.target_ids, np.int32) for e in examples]),
+            "token": target_tokens(examples),
             "example": np.repeat(np.array([e.example for e in examples], dtype=np.int64), layout.target_len),
             "position": layout.position.astype(np.int32),
         }
@@ -218,13 +218,9 @@ class FreeRunningEncoder(_KeyEncoder):
         if not requests:
             raise ValueError("encode called with no requests")
         check_lengths(requests, self.max_length, self.bound_from)
-        batch, width = len(requests), max(len(r.prompt_ids) for r in requests)
-        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for i, r in enumerate(requests):
-            ids[i, width - len(r.prompt_ids):], mask[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids), 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate() sets them: padding skipped
+        batch = len(requests)
+        ids, mask = left_padded([r.prompt_ids for r in requests], self.pad_id, self.device)
+        positions = mask_positions(mask)
         target_len = np.array([r.target_length for r in requests], dtype=np.int64)
         keys, greedy, past = [], [], None
         with self.tap:

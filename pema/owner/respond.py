@@ -54,3 +54,19 @@ class ContextTap:
 
     def last_key(self) -> torch.Tensor:
         return normalize(self._latest()[:, -1, :], self.norm_type, self.eps)
+
+
+def left_padded(prompts, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` (rows, longest prompt) of token-id ``prompts``, left-padded with ``pad_id`` (mask 0) as
+    ``generate()`` pads a decoder-only model's prompts, on ``device``."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
+    return ids.to(device), mask.to(device)
+
+
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from an attention mask, as ``generate()`` sets them: padding does not count."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)

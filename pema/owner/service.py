@@ -153,7 +153,8 @@ class OwnerService:
         self.fingerprint = hashlib.sha256(self.head_bytes).hexdigest()
         self.decoder = SessionDecoder(model, pad_id, max_batch_rows=self.limits.max_batch_rows)
         self.lock = self.decoder.lock  # the model's
-        self.encoders = {dt: MemoryEncoder(model, pad_id=pad_id, key_dtype=dt) for dt in DTYPES}
+        self.encoders = {(mode, dt): encoder(model, pad_id=pad_id, key_dtype=dt) for dt in DTYPES
+                         for mode, encoder in (("teacher_forced", MemoryEncoder), ("owner_greedy", FreeRunningEncoder))}
         self.audit_path = Path(audit_path) if audit_path else None
         if self.audit_path is not None:
             try:
@@ -263,23 +264,19 @@ class OwnerService:
         dtype, mode = _dtype(body), body.get("keys", "teacher_forced")
         if mode not in ("teacher_forced", "owner_greedy"):
             raise RequestError(400, f"keys={mode!r} must be 'teacher_forced' or 'owner_greedy'")
-        parsed, widths = [], []
+        parsed = []
         for i, e in enumerate(examples):
             where = f"examples[{i}]."
             if not isinstance(e, dict):
                 raise RequestError(400, f"examples[{i}] must be an object")
             example = _count(e, "example", where, 0, 2 ** 63)
-            prompt = _ids(e, "prompt_ids", where, self.vocab)
-            if mode == "teacher_forced":
-                parsed.append(EncodeExample(example, tuple(prompt), tuple(_ids(e, "target_ids", where, self.vocab))))
-                widths.append(parsed[-1].input_length)
-            else:
-                length = _count(e, "target_length", where, 1, (self.window or 2 ** 31) + 1)
-                parsed.append(FreeRunningRequest(example, tuple(prompt), length))
-                widths.append(len(prompt) + length - 1)
-        self._check_size(len(parsed), len(parsed) * max(widths), record, examples)
-        encoder = self.encoders[dtype] if mode == "teacher_forced" else \
-            FreeRunningEncoder(self.model, pad_id=self.pad_id, key_dtype=dtype)
+            prompt = tuple(_ids(e, "prompt_ids", where, self.vocab))
+            parsed.append(EncodeExample(example, prompt, tuple(_ids(e, "target_ids", where, self.vocab)))
+                          if mode == "teacher_forced" else
+                          FreeRunningRequest(example, prompt,
+                                             _count(e, "target_length", where, 1, (self.window or 2 ** 31) + 1)))
+        self._check_size(len(parsed), len(parsed) * max(p.input_length for p in parsed), record, examples)
+        encoder = self.encoders[mode, dtype]
         try:
             with self.lock:
                 rows = encoder(parsed)

@@ -28,7 +28,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from pema.owner.respond import ContextTap
+from pema.owner.respond import ContextTap, left_padded, mask_positions
 
 # peak bytes of one token of one row in a forward, as a multiple of its KV cache: measured 2.2-2.7x on
 # SmolLM2-135M (100-122 KB against 46 KB of KV per token, 1 to 64 rows, 256 to 8,192 tokens; docs/results.md)
@@ -115,7 +115,7 @@ class SessionDecoder:
     the model (the service's ``/context`` takes it too)."""
 
     def __init__(self, model, pad_id: int, *, max_batch_rows: int = 256, lock: threading.Lock | None = None):
-        self.model, self.base, self.pad_id = model, model.base_model, pad_id
+        self.base, self.pad_id = model.base_model, pad_id
         self.device = next(model.parameters()).device
         self.tap = ContextTap(model)
         self.max_batch_rows = max_batch_rows
@@ -130,7 +130,7 @@ class SessionDecoder:
 
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, past):
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]  # as generate() sets them: padding skipped
+        positions = mask_positions(mask)[:, -ids.shape[1]:]
         with self.tap:
             out = self.base(input_ids=ids, attention_mask=mask, past_key_values=past, position_ids=positions,
                             use_cache=True)
@@ -139,12 +139,7 @@ class SessionDecoder:
 
     def prefill(self, prompts: list[list[int]]) -> tuple[object, torch.Tensor, torch.Tensor]:
         """``(cache, mask, key (rows, d) float32)`` of left-padded ``prompts``, as ``generate()`` pads them."""
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = left_padded(prompts, self.pad_id, self.device)
         with self.lock:
             past, key = self._forward(ids, mask, None)
         return past, mask, key
@@ -209,8 +204,7 @@ class SessionDecoder:
                     s.session.past.batch_select_indices(index)
                     s.session.mask, s.session.shared_in = s.session.mask.index_select(0, index), None
             plain = [s for s in batch if _plain(s.session.past)]
-            groups = [plain] if plain else []
-            groups += [[s] for s in batch if not _plain(s.session.past)]
+            groups = ([plain] if plain else []) + [[s] for s in batch if s not in plain]
             start = time.perf_counter()
             for group in groups:
                 self._run_group(group)

@@ -45,8 +45,8 @@ from pema.config import PipelineConfig
 from pema.adapter.io import load_head
 from pema.adapter.remote import OwnerClient
 from pema.errors import DataError, MemoryFormatError, PemaError
-from pema.formats.keys import KEY_DEFINITION
 from pema.formats.layout import RunLayout, replace_dir, staging_dir
+from pema.formats.keys import KEY_DEFINITION, paired_with_gold
 from pema.formats.memory import (MANIFEST_NAME, SCHEMA_VERSION, MemoryManifest, PartInfo, file_sha256, verify_memory,
                                  write_part)
 from pema.formats.tasks import (Pair, prompt_token_bound, resolve_template, stop_token_id, tokenizer_hash,
@@ -256,8 +256,7 @@ class ShardEncoder:
         if not isinstance(self.encoder, FreeRunningEncoder):
             return self.encoder(examples)
         rows = self.encoder([FreeRunningRequest(e.example, e.prompt_ids, len(e.target_ids)) for e in examples])
-        del rows["greedy"]  # the owner's own tokens are not the memory's values: the gold ones are, same row order
-        return {**rows, "token": np.concatenate([np.asarray(e.target_ids, np.int32) for e in examples])}
+        return paired_with_gold(rows, examples)[0]  # the memory's values are the gold tokens, not the owner's
 
     def __call__(self, item: dict):
         for length_batch in json.loads(item["batches"]):
