@@ -6,6 +6,7 @@ docs/results.md). Both are decoded here on the same dev pairs with the in-proces
 on how the memory was built), and compared with sacreBLEU's paired bootstrap (chrF, TER, BLEU).
 
     python bench/label_private.py --runs outputs/default outputs/private --names teacher_forced owner_greedy
+    python bench/label_private.py --runs outputs/default outputs/private data.dev=data/wmt22/dev.jsonl
 
 Prints progress to stderr and ONE JSON object as the last line of stdout.
 """
@@ -26,6 +27,8 @@ def main(argv=None) -> dict:
     p.add_argument("--runs", nargs=2, required=True, help="two run folders, each with adapter/ and head/")
     p.add_argument("--names", nargs=2, default=["teacher_forced", "owner_greedy"])
     p.add_argument("--split", default="dev")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.dev=data/wmt22/dev.jsonl (the WMT22 "
+                                                "general dev pairs, out of the training domain)")
     args = p.parse_args(argv)
 
     from pema.config import load_config, with_absolute_data
@@ -34,9 +37,10 @@ def main(argv=None) -> dict:
     from pema.stages.inputs import cleaned_splits
     from pema.stages.scoring import significance_against
 
-    cfg = with_absolute_data(load_config(args.config))
+    cfg = with_absolute_data(load_config(args.config, args.overrides))
     model, tokenizer = load_plm(cfg.model.model_id, dtype=cfg.model.dtype)
-    out: dict = {"split": args.split, "config": args.config, "runs": dict(zip(args.names, args.runs))}
+    out: dict = {"split": args.split, "pairs_file": getattr(cfg.data, args.split), "config": args.config,
+                 "runs": dict(zip(args.names, args.runs))}
     hyps: dict[str, list[str]] = {}
     for name, run in zip(args.names, args.runs):
         systems = ("zero_shot", "pema") if not hyps else ("pema",)
