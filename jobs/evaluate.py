@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def stage(cfg):
         from pema.jobs import stages
-        from pema.stages.pipeline import format_table
+        from pema.stages.tables import format_table
 
         scores = stages.evaluate(cfg, args.output_dir, progress=not args.no_progress)
         path = Path(args.output_dir) / "scores.json"

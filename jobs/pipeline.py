@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def stage(cfg):
         from pema.jobs import stages
-        from pema.stages.pipeline import format_table
+        from pema.stages.tables import format_table
 
         summary = stages.pipeline(cfg, args.output_dir, progress=not args.no_progress)
         return f"{format_table(summary)}\nsummary: {Path(args.output_dir) / 'summary.json'}"

@@ -14,11 +14,12 @@ from pema.adapter.model import PemaAdapter
 from pema.adapter.phases import phase_plan
 from pema.config import ScheduleConfig, load_config
 from pema.errors import ConfigError, MemoryFormatError
-from pema.jobs.compare import STATE, format_compare_table, system_params
+from pema.jobs.compare import STATE, system_params
 from pema.stages.compare import (SYSTEMS, check_against, check_memory_matches, check_systems, decode_schedule,
                                                no_rct_config, pema_trainable_params)
 from pema.stages.decode import schedule_from
 from pema.stages.ledger import config_digest
+from pema.stages.tables import format_compare_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"

@@ -172,7 +172,8 @@ def test_significance_bad_input_is_named():
 
 
 def test_significance_against_several_baselines_and_formatting():
-    from pema.stages.scoring import format_interval, format_p, paired_significance, significance_against
+    from pema.stages.scoring import paired_significance, significance_against
+    from pema.stages.tables import format_interval, format_p
 
     systems = {"zero_shot": SIG_A, "b": SIG_B, "ref": SIG_REFS}
     got = significance_against(systems, SIG_REFS, ["b", "zero_shot"])

@@ -206,7 +206,7 @@ def _sig(score, low, high, p):
 
 
 def test_format_table_shows_intervals_and_p_values():
-    from pema.stages.pipeline import format_table
+    from pema.stages.tables import format_table
 
     def row(bleu, chrf, p):
         return {"bleu": bleu, "chrf": chrf, "ter": 150.0,
@@ -229,7 +229,7 @@ def test_format_table_shows_intervals_and_p_values():
 
 
 def test_format_table_prints_the_second_test_set_under_its_own_title():
-    from pema.stages.pipeline import format_table
+    from pema.stages.tables import format_table
 
     def row(chrf, p):
         return {"bleu": 1.0, "chrf": chrf, "ter": 100.0,

@@ -39,7 +39,6 @@ import mlflow
 
 from pema.config import PipelineConfig, flatten, with_absolute_data
 from pema.stages import plots
-from pema.stages.scoring import format_interval, format_p
 from pema.executors.ray_executor import RayExecutor
 from pema.stages.compare import (DEFINITIONS, SYSTEMS, check_against, check_systems, decode_schedule, no_rct_config,
                                  run_systems)
@@ -47,13 +46,12 @@ from pema.stages.decode import significance_metrics
 from pema.formats.layout import write_text_atomic
 from pema.stages.inputs import split_pairs
 from pema.stages.ledger import Ledger, config_digest, stage_inputs
+from pema.stages.tables import MEMORY_NOTE, format_compare_table
 from pema.tracking.logger import MLflowLogger
 from pema.tracking.runs import connect, lineage_tags, stage_run
 
 STATE = "compare_state.json"  # the open compare run's id: a job killed mid-run is finished in that run
 METRICS = ("bleu", "chrf", "ter", "train_s", "peak_train_mem_mb", "trainable_params", "decode_s_per_token")
-MEMORY_NOTE = ("peak train MB: the training's peak above its start; cpu_rss = sampled process RSS, cuda_allocated "
-               "= torch's allocator (not comparable with each other); kNN-LM: building its index")
 
 
 def run_compare_stage(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progress: bool = True,
@@ -67,30 +65,6 @@ def run_compare_stage(cfg: PipelineConfig, output_dir, *, systems=SYSTEMS, progr
     return RayExecutor(progress).call(run_systems, with_absolute_data(cfg), str(Path(output_dir).resolve()),
                                       systems=systems, progress=progress, against=against,
                                       num_cpus=cfg.resources.eval_cpus, gpu=cfg.resources.device.startswith("cuda"))
-
-
-def table_baselines(rows: dict[str, dict]) -> list[str]:
-    """The baselines the rows were tested against, in order of first appearance."""
-    return list(dict.fromkeys(b for r in rows.values() for b in r.get("significance", {})))
-
-
-def format_compare_table(rows: dict[str, dict]) -> str:
-    """Markdown table of ``{system: row}``, in the mapping's order: BLEU and chrF with their 95% bootstrap interval
-    (when the rows have ``significance``), TER, a BLEU and a chrF p-value column per baseline, then the costs."""
-    baselines = table_baselines(rows)
-    p_heads = [f"p {m} vs {b}" for b in baselines for m in ("BLEU", "chrF")]
-    heads = ["system", "BLEU [95% CI]" if baselines else "BLEU", "chrF [95% CI]" if baselines else "chrF", "TER",
-             *p_heads, "train s", "peak train MB", "trainable params", "decode ms/token"]
-    lines = ["| " + " | ".join(heads) + " |", "|---|" + "---:|" * (len(heads) - 1)]
-    for system, r in rows.items():
-        sig = r.get("significance", {})
-        first = sig.get(baselines[0], {}) if baselines else {}  # a system's interval is the same against each
-        p_cells = [format_p(sig.get(b, {}).get(m)) for b in baselines for m in ("bleu", "chrf")]
-        cells = [system, format_interval(first.get("bleu"), r["bleu"]), format_interval(first.get("chrf"), r["chrf"]),
-                 f"{r['ter']:.2f}", *p_cells, f"{r['train_s']:.1f}", f"{r['peak_train_mem_mb']:.1f}",
-                 f"{int(r['trainable_params']):,}", f"{1000 * r['decode_s_per_token']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def system_params(system: str, cfg: PipelineConfig) -> dict[str, str]:

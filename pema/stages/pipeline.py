@@ -21,7 +21,6 @@ from pema.stages.decode import SYSTEMS, log_scores, run_evaluate
 from pema.stages.inputs import check_inputs, cleaned_splits
 from pema.stages.ledger import Ledger, gated
 from pema.stages.logger import MetricLogger, NullLogger
-from pema.stages.scoring import format_interval, format_p
 from pema.stages.train import run_train
 
 
@@ -93,36 +92,3 @@ def _phase_figure(p: dict) -> str:
         return f"{p['phase']} val loss {p['best_val']:.4f} (closed form)"
     return f"{p['phase']} best val loss {p['best_val']:.4f} at step {p['best_step']} of {p['steps']}"
 
-
-def format_table(summary: dict, baseline: str = "zero_shot") -> str:
-    """The test table (the systems in ``summary``, in :data:`SYSTEMS` order): BLEU and chrF with their 95% bootstrap
-    interval and p-value against ``baseline`` (when ``significance`` is there), TER; with ``summary["ood_test"]``
-    the second test set's table the same way, each under a title naming its pairs; then the stage timings."""
-    lines = []
-    for key, scores in (("test", summary), ("ood_test", summary.get("ood_test"))):
-        if isinstance(scores, dict):
-            info = summary.get("tables", {}).get(key)
-            if info and "ood_test" in summary:  # a title only where there are two tables
-                lines.append(f"{key}: {info['pairs']} pairs of {info['file']}")
-            lines += [_score_table(scores, baseline), ""]
-    lines.append(f"{'stage':<20} {'seconds':>8}")
-    for stage, sec in summary["timings_s"].items():
-        lines.append(f"{stage:<20} {sec:>8.1f}")
-    return "\n".join(lines)
-
-
-def _score_table(summary: dict, baseline: str) -> str:
-    systems = [s for s in SYSTEMS if isinstance(summary.get(s), dict)]
-    w = max([12, *map(len, systems)])
-    p_head = f"p vs {baseline}"
-    lines = [f"{'system':<{w}} {'BLEU [95% CI]':>24} {p_head:>{len(p_head)}} {'chrF [95% CI]':>24} "
-             f"{p_head:>{len(p_head)}} {'TER':>7}"]
-    for system in systems:
-        s = summary[system]
-        sig = s.get("significance", {}).get(baseline, {})
-        bleu, chrf = sig.get("bleu"), sig.get("chrf")
-        lines.append(f"{system:<{w}} {format_interval(bleu, s['bleu']):>24} {format_p(bleu):>{len(p_head)}} "
-                     f"{format_interval(chrf, s['chrf']):>24} {format_p(chrf):>{len(p_head)}} {s['ter']:>7.2f}")
-    if any("significance" in summary[s] for s in systems):
-        lines.append(f"(sacreBLEU paired bootstrap: 95% interval around the bootstrap mean, p against {baseline})")
-    return "\n".join(lines)

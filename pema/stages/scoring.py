@@ -211,17 +211,3 @@ def significance_against(hyps_by_system: dict[str, list[str]], references: list[
             out[system][b] = entry
     return out
 
-
-def format_interval(m: dict | None, score: float | None = None) -> str:
-    """``"0.83 [0.51, 1.20]"``: the score and sacreBLEU's 95% bootstrap interval (just the score without one)."""
-    if m is None:
-        return "-" if score is None else f"{score:.2f}"
-    return f"{m['score']:.2f} [{m['ci_low']:.2f}, {m['ci_high']:.2f}]"
-
-
-def format_p(m: dict | None) -> str:
-    """The p-value with three decimals (``"-"`` for the baseline itself or no test); ``"<0.001"`` below 0.001."""
-    if m is None or m.get("p_value") is None:
-        return "-"
-    p = m["p_value"]
-    return "<0.001" if p < 0.0005 else f"{p:.3f}"
