@@ -123,11 +123,23 @@ class TrainConfig:
     distill_temperature: float = 10.0  # p_kNN's temperature over squared L2 distances (as knn.temperature)
     evals_per_epoch: int = 1
     seed: int = 0
-    resident: bool = False  # load the memories onto the device once (bf16 keys on a GPU) instead of streaming
+    resident: bool = False  # the resident path's memory on the training device (bf16 keys on a GPU), not in RAM
+    streaming: str = "auto"  # on: stream the share from disk; off: hold it resident; auto: stream when too large
+    stream_buffer_rows: int = 262144  # streaming's shuffle buffer, in rows (128 MiB of float32 keys at d = 128)
+    resident_max_bytes: int = 0  # auto streams a share over this many float32 key bytes; 0: RAM / 4 / workers
     max_failures: int = 1  # worker failures Ray Train recovers from, resuming at the last validation checkpoint
 
     def __post_init__(self):
         _check(isinstance(self.resident, bool), "train.resident", self.resident, "true or false")
+        if isinstance(self.streaming, bool):  # YAML 1.1 reads a bare on / off as true / false
+            object.__setattr__(self, "streaming", "on" if self.streaming else "off")
+        _choice("train.streaming", self.streaming, ("auto", "on", "off"))
+        _check(not (self.streaming == "on" and self.resident), "train.streaming", self.streaming,
+               "'auto' or 'off' when train.resident is true (a streamed memory is not held on the device)")
+        _check(_is_int(self.stream_buffer_rows) and self.stream_buffer_rows > 0, "train.stream_buffer_rows",
+               self.stream_buffer_rows, "an integer > 0")
+        _check(_is_int(self.resident_max_bytes) and self.resident_max_bytes >= 0, "train.resident_max_bytes",
+               self.resident_max_bytes, "an integer >= 0 (0: a quarter of the host's RAM over the workers)")
         _check(_is_int(self.max_failures) and self.max_failures >= -1, "train.max_failures", self.max_failures,
                "an integer >= 0, or -1 for unlimited retries")
         _choice("train.method", self.method, ("rct_pd", "pd", "rct"))
