@@ -1,4 +1,4 @@
-"""The kinds of hostile input (registered in :data:`faults.fuzz_cases.KINDS`): each draws one case from the seed."""
+"""The kinds of hostile input (registered in :data:`faults.fuzz_base.KINDS`): each draws one case from the seed."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,8 +6,8 @@ import json
 import re
 import typing
 
-from faults.fuzz_cases import (BOM, DATA_JOBS, DIR, LOOP, Case, at_line, base_config, bomb, config_text, config_value, dump,
-                               job_args, jsonl, key_re, kind, reads, valid_line, with_defect)
+from faults.fuzz_base import (BOM, DATA_JOBS, DIR, LOOP, Case, at_line, base_config, bomb, config_text, config_value, dump,
+                              job_args, jsonl, key_re, kind, reads, valid_line, with_defect)
 
 # ----------------------------------------------------------------------------------------------------- JSONL
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from faults.fuzz_cases import DATA_JOBS, DIR, Case, at_line, bomb, job_args, key_re, kind, reads, with_defect
+from faults.fuzz_base import DATA_JOBS, DIR, Case, at_line, bomb, job_args, key_re, kind, reads, with_defect
 from faults.fuzz_kinds import FIELD_HINTS
 
 def _cli(job: str, extra: list[str], names: list[str], detail: str, *, args: list[str] | None = None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 
-from faults.fuzz_cases import DATA_JOBS, WORDS, Case, at_line, job_args, jsonl, kind, with_defect
+from faults.fuzz_base import DATA_JOBS, WORDS, Case, at_line, job_args, jsonl, kind, with_defect
 
 FIELDS = ("en", "du")
 SIDES = {"en": "source", "du": "target"}

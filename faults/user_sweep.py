@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from faults.compare_outputs import compare, mlflow_problems
-from faults.kill_sweep import JOBS, ROOT, SMOKE, Job, fresh, job_env, run, running_runs, strays, tally
+from faults.sweep_common import JOBS, ROOT, SMOKE, Job, fresh, job_env, run, running_runs, strays, tally
 
 # the splits each job's change may touch, and the stage that reads that split first
 CHANGED = {"build": {"train": "build_memory", "dev": "build_memory"},
