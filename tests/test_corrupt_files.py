@@ -252,7 +252,7 @@ import json, resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with OSError EFBIG instead of killing us
 from pema.config import load_config
 from pema.executors.inline import InlineExecutor
-import pema.stages.build as build, pema.stages.train as train
+import pema.stages.build as build, pema.stages.build_plan as plan, pema.stages.train as train
 cfg = load_config(sys.argv[1], json.loads(sys.argv[2]))
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 
@@ -268,10 +268,10 @@ def full_disk(fn, limit, when=lambda *a, **k: True):
 
 report = {}
 for scenario, out in json.loads(sys.argv[3]).items():
-    real = {n: getattr(m, n) for m, n in ((build, "write_part"), (build, "export_head_files"),
+    real = {n: getattr(m, n) for m, n in ((plan, "write_part"), (build, "export_head_files"),
                                           (build, "replace_dir"), (train, "save_adapter"))}
     if scenario == "memory part":  # the 2nd part of the train memory, 2 KiB into it
-        build.write_part = full_disk(real["write_part"], 2048, lambda path, **k: str(path).endswith("00001.parquet"))
+        plan.write_part = full_disk(real["write_part"], 2048, lambda path, **k: str(path).endswith("00001.parquet"))
         stage = build.run_build
     elif scenario == "head export":  # the PLM owner's export of head.safetensors, 1 MiB into it
         build.export_head_files = full_disk(real["export_head_files"], 1 << 20)
@@ -289,7 +289,7 @@ for scenario, out in json.loads(sys.argv[3]).items():
         report[scenario] = f"{type(exc).__name__}: {exc}"
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        for (m, n) in ((build, "write_part"), (build, "export_head_files"), (build, "replace_dir"),
+        for (m, n) in ((plan, "write_part"), (build, "export_head_files"), (build, "replace_dir"),
                        (train, "save_adapter")):
             setattr(m, n, real[n])
 print(json.dumps(report))

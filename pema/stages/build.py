@@ -28,10 +28,8 @@ writes the files (stage, verify, replace).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -44,199 +42,19 @@ from tqdm.auto import tqdm
 from pema.config import PipelineConfig
 from pema.adapter.io import load_head
 from pema.adapter.remote import OwnerClient
-from pema.errors import DataError, MemoryFormatError, PemaError
-from pema.formats.layout import RunLayout, replace_dir, staging_dir
-from pema.formats.keys import KEY_DEFINITION, paired_with_gold
-from pema.formats.memory import (MANIFEST_NAME, SCHEMA_VERSION, MemoryManifest, PartInfo, file_sha256, verify_memory,
-                                 write_part)
-from pema.formats.tasks import (Pair, prompt_token_bound, resolve_template, stop_token_id, tokenizer_hash,
-                                 use_chat_template)
-from pema.owner.build import prepare_examples
-from pema.owner.encode import (EncodeExample, FreeRunningEncoder, FreeRunningRequest, MemoryEncoder, check_lengths,
-                               length_batches)
+from pema.errors import MemoryFormatError, PemaError
+from pema.formats.layout import RunLayout, replace_dir
+from pema.formats.keys import paired_with_gold
+from pema.formats.memory import MANIFEST_NAME, MemoryManifest
+from pema.formats.tasks import Pair
+from pema.owner.encode import EncodeExample, FreeRunningEncoder, FreeRunningRequest, MemoryEncoder
 from pema.owner.export import export_head
 from pema.owner.plm import head_modules, load_plm
-from pema.stages.inputs import cleaned_splits, local_tokenizer, owner_client, owner_token, tokenizer_of
+from pema.stages.build_plan import (PLAN_NAME, SIDECAR_SUFFIX, MemoryBuild, _MemoryBuild, _read_json,  # noqa: F401
+                                    _tokenizer, plan_shards, sequence_bound)
+from pema.stages.inputs import cleaned_splits, owner_client, owner_token, tokenizer_of
 from pema.stages.logger import MetricLogger, NullLogger
-
-PLAN_NAME = "plan.json"
-SIDECAR_SUFFIX = ".json"  # part-00003.parquet -> part-00003.parquet.json
-Shard = list[list[EncodeExample]]  # consecutive length batches
-
-
-def plan_shards(examples: Sequence[EncodeExample], batch_tokens: int, rows_per_part: int) -> list[Shard]:
-    """Length batches of ``examples``, cut into shards of >= ``rows_per_part`` target rows (the last may be fewer)."""
-    shards, current, rows = [], [], 0
-    for batch in length_batches(examples, batch_tokens):
-        current.append(batch)
-        rows += sum(len(e.target_ids) for e in batch)
-        if rows >= rows_per_part:
-            shards.append(current)
-            current, rows = [], 0
-    return shards + ([current] if current else [])
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-_tokenizer = local_tokenizer  # loaded once per process, shared with the check at the job's edge
-
-
-def sequence_bound(cfg: PipelineConfig, tokenizer, template: str, chat: bool) -> int:
-    """The longest teacher-forced sequence (prompt + target + stop - 1) of a pair within ``data.max_tokens``: the
-    prompt's bound (:func:`~pema.formats.tasks.prompt_token_bound`) plus ``data.max_tokens``."""
-    return prompt_token_bound(tokenizer, template, cfg.data.max_tokens, source_field=cfg.data.source_field,
-                              chat=chat) + cfg.data.max_tokens
-
-
-class _MemoryBuild:
-    """One memory: its plan, its staging folder and the rows received per pending shard."""
-
-    def __init__(self, cfg: PipelineConfig, tokenizer, pairs: Sequence[Pair], out_dir):
-        if not pairs:
-            raise DataError(f"no pairs to build the memory {os.fspath(out_dir)} from; pass at least one pair")
-        self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise MemoryFormatError(f"memory folder {self.out_dir} exists and is not a directory")
-        self.staging = staging_dir(self.out_dir)
-        self.mem = cfg.memory
-        template, chat = resolve_template(cfg.data.template), use_chat_template(tokenizer, cfg.model.prompt_format)
-        examples, self.source_tokens = prepare_examples(tokenizer, pairs, template=template,
-                                                        source_field=cfg.data.source_field, chat=chat)
-        self.max_length = sequence_bound(cfg, tokenizer, template, chat)
-        check_lengths(examples, self.max_length, f" that data.max_tokens={cfg.data.max_tokens} allows, in "
-                      f"{self.out_dir}")  # in the plan, before any shard is sent out
-        self.num_examples = len(examples)
-        self.shards = plan_shards(examples, cfg.memory.batch_tokens, cfg.memory.rows_per_part)
-        self.shard_rows = [sum(len(e.target_ids) for batch in shard for e in batch) for shard in self.shards]
-        header = dict(schema=SCHEMA_VERSION, key=KEY_DEFINITION, model_id=cfg.model.model_id,
-                      revision=cfg.model.revision, model_dtype=cfg.model.dtype, tokenizer=tokenizer_hash(tokenizer),
-                      template=template, chat=chat, source_field=cfg.data.source_field, dtype=cfg.memory.dtype,
-                      batch_tokens=cfg.memory.batch_tokens, rows_per_part=cfg.memory.rows_per_part)
-        if cfg.memory.keys != "teacher_forced":  # only then, so teacher-forced memories keep their fingerprint
-            header["keys"] = cfg.memory.keys
-        h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
-        for e in examples:
-            h.update(json.dumps([e.example, e.prompt_ids, e.target_ids]).encode() + b"\n")
-        self.fingerprint = h.hexdigest()
-        self.meta = dict(model_id=cfg.model.model_id, model_revision=cfg.model.revision,
-                         tokenizer_hash=header["tokenizer"], template=template, key_definition=KEY_DEFINITION,
-                         extra={"prompt_format": "chat" if chat else "raw", "source_field": cfg.data.source_field,
-                                "stop_token_id": stop_token_id(tokenizer, chat=chat), "fingerprint": self.fingerprint,
-                                "keys": cfg.memory.keys})
-        self.done: dict[int, dict] = {}  # shard -> its sidecar
-        self.chunks: dict[int, list[dict]] = {}
-        self.received: dict[int, int] = {}
-
-    def existing(self) -> MemoryManifest | None:
-        """The memory in ``out_dir`` when it is intact and has this build's fingerprint."""
-        if not (self.out_dir / MANIFEST_NAME).is_file():
-            return None
-        try:
-            manifest = verify_memory(self.out_dir)
-        except MemoryFormatError:
-            return None
-        return manifest if manifest.extra.get("fingerprint") == self.fingerprint else None
-
-    def resume(self) -> None:
-        """Keep the staged parts whose sha256 matches their sidecar; remove everything else."""
-        if self.staging.exists() and not self.staging.is_dir():
-            self.staging.unlink()
-        plan = _read_json(self.staging / PLAN_NAME)
-        if not isinstance(plan, dict) or plan.get("fingerprint") != self.fingerprint:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            self.staging.mkdir(parents=True)
-            _write_json(self.staging / PLAN_NAME, {"fingerprint": self.fingerprint, "shard_rows": self.shard_rows})
-        keep = {PLAN_NAME}
-        for i in range(len(self.shards)):
-            part = self.staging / f"part-{i:05d}.parquet"
-            side = _read_json(part.with_name(part.name + SIDECAR_SUFFIX))
-            if (isinstance(side, dict) and part.is_file() and side.get("rows") == self.shard_rows[i]
-                    and side.get("sha256") == file_sha256(part)):
-                self.done[i] = side
-                keep |= {part.name, part.name + SIDECAR_SUFFIX}
-        for entry in os.listdir(self.staging):  # unfinished or corrupt parts, .tmp leftovers, an old manifest
-            if entry not in keep:
-                path = self.staging / entry
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-    def pending(self) -> list[int]:
-        return [i for i in range(len(self.shards)) if i not in self.done]
-
-    def payload(self, i: int) -> str:
-        return json.dumps([[[e.example, e.prompt_ids, e.target_ids] for e in batch] for batch in self.shards[i]])
-
-    def add(self, i: int, rows: dict[str, np.ndarray]) -> None:
-        """Collect rows of shard ``i``; write its part once every target token of the shard has arrived."""
-        if i in self.done:
-            return  # a retried task's late duplicate
-        self.chunks.setdefault(i, []).append(rows)
-        self.received[i] = self.received.get(i, 0) + len(rows["token"])
-        if self.received[i] < self.shard_rows[i]:
-            return
-        cols = {c: np.concatenate([ch[c] for ch in self.chunks[i]]) for c in rows}
-        examples = [e for batch in self.shards[i] for e in batch]
-        ids = np.array([e.example for e in examples], np.int64)
-        lens = np.array([len(e.target_ids) for e in examples], np.int64)
-        sorter = np.argsort(ids, kind="stable")
-        rank = sorter[np.clip(np.searchsorted(ids, cols["example"], sorter=sorter), 0, len(ids) - 1)]
-        if not np.array_equal(ids[rank], cols["example"]):
-            raise MemoryFormatError(f"shard {i} of {self.out_dir}: rows of examples outside the shard came back")
-        order = np.lexsort((cols["position"], rank))
-        first = np.r_[True, (np.diff(rank[order]) != 0) | (np.diff(cols["position"][order]) != 0)]
-        cols = {c: v[order[first]] for c, v in cols.items()}  # plan order, one row per (example, position)
-        if len(cols["token"]) < self.shard_rows[i]:
-            self.chunks[i], self.received[i] = [cols], len(cols["token"])
-            return
-        want_pos = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-        want_tok = np.concatenate([np.asarray(e.target_ids, np.int64) for e in examples])
-        if not (np.array_equal(cols["example"], np.repeat(ids, lens)) and np.array_equal(cols["position"], want_pos)
-                and np.array_equal(cols["token"], want_tok)):
-            raise MemoryFormatError(f"shard {i} of {self.out_dir}: the encoder's rows are not the shard's target "
-                                    "tokens (example, position, token); the encoder and the plan disagree")
-        d, vocab = int(cols["d"][0]), int(cols["vocab_size"][0])
-        if not np.isfinite(cols["key"]).all():
-            raise ValueError(f"shard {i}: keys have non-finite values in {self.mem.dtype}; "
-                             "check the hidden states or build the memory with memory.dtype=float32")
-        if want_tok.max() >= vocab or cols["key"].shape[1] != d:
-            raise MemoryFormatError(f"shard {i}: token ids up to {want_tok.max()} / key width "
-                                    f"{cols['key'].shape[1]} do not fit vocab_size={vocab} / d={d}")
-        part = self.staging / f"part-{i:05d}.parquet"
-        info = write_part(part, key=cols["key"], token=cols["token"], example=cols["example"],
-                          position=cols["position"], dtype=self.mem.dtype)
-        side = {"file": info.file, "rows": info.rows, "sha256": info.sha256, "d": d, "vocab_size": vocab}
-        _write_json(part.with_name(part.name + SIDECAR_SUFFIX), side)
-        self.done[i] = side
-        del self.chunks[i], self.received[i]
-
-    def finish(self) -> MemoryManifest:
-        """Write the manifest, verify the staging folder and move it into ``out_dir``."""
-        sides = [self.done[i] for i in range(len(self.shards))]
-        shapes = {(s["d"], s["vocab_size"]) for s in sides}
-        if len(shapes) != 1:
-            raise MemoryFormatError(f"parts of {self.out_dir} disagree on (d, vocab_size): {sorted(shapes)}")
-        (d, vocab), = shapes
-        parts = tuple(PartInfo(file=s["file"], rows=s["rows"], sha256=s["sha256"]) for s in sides)
-        manifest = MemoryManifest(schema_version=SCHEMA_VERSION, d=d, vocab_size=vocab, dtype=self.mem.dtype,
-                                  rows_per_part=self.mem.rows_per_part, total_rows=sum(p.rows for p in parts),
-                                  num_examples=self.num_examples, source_tokens=self.source_tokens, parts=parts,
-                                  **self.meta)
-        replace_dir(self.out_dir, lambda staging: _write_json(staging / MANIFEST_NAME, manifest.to_dict()),
-                    verify_memory, fresh=False)  # a staging folder that fails verification stays for the rerun
-        for name in [PLAN_NAME] + [s["file"] + SIDECAR_SUFFIX for s in sides]:
-            (self.out_dir / name).unlink(missing_ok=True)
-        return manifest
-
+from pema.stages.memory_versions import Increment, commit_increment, plan_append, plan_delete, plan_sync, summary
 
 class ShardEncoder:
     """Loads the PLM once; turns one shard (``{"memory", "shard", "batches"}``) into its memory rows, one length
@@ -297,35 +115,82 @@ def shard_encoder(cfg: PipelineConfig, max_length: int | None = None):
 def build_memories(cfg: PipelineConfig, jobs: dict, executor, *, progress: bool = True,
                    tokenizer=None) -> list[MemoryManifest]:
     """Build several memories (``{out_dir: pairs}``) in one pass of ``executor.encode``; returns their manifests in
-    order (see the module docstring). ``tokenizer``: the model's, when the caller holds it already."""
+    order (see the module docstring). A memory already there with the same keys is brought to ``pairs`` as a new
+    version, encoding only the pairs it lacks (:func:`~pema.stages.memory_versions.plan_sync`).
+    ``tokenizer``: the model's, when the caller holds it already."""
     executor.check_encode(cfg)  # resources the cluster cannot give fail here, before anything is staged
     tokenizer = tokenizer if tokenizer is not None else tokenizer_of(cfg)
-    builds = [_MemoryBuild(cfg, tokenizer, pairs, out_dir) for out_dir, pairs in jobs.items()]
+    builds = [MemoryBuild(cfg, tokenizer, pairs, out_dir) for out_dir, pairs in jobs.items()]
     results: list[MemoryManifest | None] = [b.existing() for b in builds]
-    todo = [b for b, r in zip(builds, results) if r is None]
-    for b in todo:
+    syncs = {i: plan_sync(cfg, tokenizer, b) for i, b in enumerate(builds) if results[i] is None}
+    todo = [builds[i] if inc is None else inc.sub for i, inc in syncs.items() if inc is None or inc.sub is not None]
+    built = dict(zip(map(id, todo), encode_builds(cfg, todo, executor, progress=progress)))
+    for i, inc in syncs.items():
+        if inc is None:
+            results[i] = built[id(builds[i])]
+        else:
+            results[i] = commit_increment(inc)
+            if inc.changes or inc.left_out:
+                tqdm.write(version_line(inc, results[i])) if progress else None
+    return results
+
+
+def version_line(inc: Increment, manifest: MemoryManifest) -> str:
+    s = summary(inc, manifest)
+    return (f"[memory] {s['memory']}: version {s['version']} (from {s['parent']}): {s['added']} pairs encoded and "
+            f"added, {s['deleted']} removed, {s['already_present']} already there, {s['withdrawn_left_out']} "
+            f"withdrawn left out; {s['rows']:,} rows")
+
+
+def encode_builds(cfg: PipelineConfig, todo: list[MemoryBuild], executor, *,
+                  progress: bool = True) -> list[MemoryManifest]:
+    """Encode the pending shards of ``todo`` in one pass of ``executor.encode`` (each resumes its staged parts),
+    then finish each: their manifests, in order. A build whose memory is there already is returned as it is."""
+    done = {id(b): m for b in todo if (m := b.existing()) is not None}
+    todo_now = [b for b in todo if id(b) not in done]
+    for b in todo_now:
         b.resume()
-    items = [{"memory": m, "shard": i, "batches": b.payload(i)} for m, b in enumerate(todo) for i in b.pending()]
+    items = [{"memory": m, "shard": i, "batches": b.payload(i)} for m, b in enumerate(todo_now) for i in b.pending()]
     if items:
-        total = sum(sum(b.shard_rows) for b in todo)
-        initial = sum(s["rows"] for b in todo for s in b.done.values())
+        total = sum(sum(b.shard_rows) for b in todo_now)
+        initial = sum(s["rows"] for b in todo_now for s in b.done.values())
         with tqdm(total=total, initial=initial, desc="build memory", unit="row", disable=not progress,
                   dynamic_ncols=True) as bar:
             arrived = encoded = 0
-            for batch in executor.encode(shard_encoder(cfg, builds[0].max_length), items, cfg=cfg):
+            for batch in executor.encode(shard_encoder(cfg, todo_now[0].max_length), items, cfg=cfg):
                 if "encoded" in batch:  # the executor's count of rows encoded but not handed over yet
                     encoded = batch["encoded"]
                 else:
                     for m, i in sorted(set(zip(batch["memory"].tolist(), batch["shard"].tolist()))):
                         sel = (batch["memory"] == m) & (batch["shard"] == i)
-                        todo[m].add(i, {c: v[sel] for c, v in batch.items() if c not in ("memory", "shard")})
+                        todo_now[m].add(i, {c: v[sel] for c, v in batch.items() if c not in ("memory", "shard")})
                     arrived += len(batch["token"])
                 bar.update(min(total, initial + max(arrived, encoded)) - bar.n)  # a retried task counts twice
-    for b in todo:
+    for b in todo_now:
         if missing := b.pending():
             raise MemoryFormatError(f"shards {missing} of {b.out_dir} came back incomplete; rerun to resume")
-    finished = [b.finish() for b in todo]
-    return [r if r is not None else finished.pop(0) for r in results]
+    for b in todo_now:
+        done[id(b)] = b.finish()
+    return [done[id(b)] for b in todo]
+
+
+def append_memory(cfg: PipelineConfig, out_dir, pairs: Sequence[Pair], executor, *, progress: bool = True,
+                  tokenizer=None) -> dict:
+    """Add the pairs the memory at ``out_dir`` lacks, encoding only them, as a new version; returns
+    :func:`~pema.stages.memory_versions.summary`."""
+    tokenizer = tokenizer if tokenizer is not None else tokenizer_of(cfg)
+    inc = plan_append(cfg, tokenizer, out_dir, list(pairs))
+    if inc.sub is not None:
+        executor.check_encode(cfg)
+        encode_builds(cfg, [inc.sub], executor, progress=progress)
+    return summary(inc, commit_increment(inc))
+
+
+def delete_from_memory(out_dir, hashes: set[str]) -> dict:
+    """Withdraw the pairs ``hashes`` from the memory at ``out_dir`` (a new version; their rows, old parts and
+    stored neighbours are gone at once); returns :func:`~pema.stages.memory_versions.summary`."""
+    inc = plan_delete(out_dir, hashes)
+    return summary(inc, commit_increment(inc))
 
 
 def build_memory(cfg: PipelineConfig, pairs: Sequence[Pair], out_dir, executor, *,

@@ -10,6 +10,7 @@ from pema.config import PipelineConfig, to_dict
 from pema.errors import ConfigError, DataError
 from pema.formats.hygiene import TASK_LANGUAGES, HygieneReport, clean_splits
 from pema.formats.layout import RunLayout
+from pema.formats.versions import memory_info
 from pema.formats.memory import MemoryReader, verify_memory
 from pema.formats.tasks import Pair, TokenCap, check_pairs, load_pairs
 
@@ -66,6 +67,20 @@ def split_pairs(cfg: PipelineConfig, split: str, *, tokenizer=None) -> list[Pair
         raise ConfigError(f"split {split!r} is not one of the configured splits "
                           f"{[s for s in SPLITS if getattr(cfg.data, s) is not None]}")
     return cleaned_splits(cfg, split, tokenizer=tokenizer)[0][split]
+
+
+def pairs_of_file(cfg: PipelineConfig, path, *, held_out: bool, tokenizer=None) -> tuple[list[Pair], HygieneReport]:
+    """The pairs of a JSONL file given to a memory command (``--pairs``), held to ``data.max_tokens`` as the build
+    holds them. ``held_out``: cleaned as training pairs are (:mod:`pema.formats.hygiene`), and a pair whose source or
+    target is in a configured held-out split (dev, test, ood_test) is dropped, so appending never leaks a test pair
+    into the memory. Without it (a deletion), the pairs are taken as written."""
+    pairs = load_pairs(path, source_field=cfg.data.source_field, target_field=cfg.data.target_field,
+                       cap=token_cap(cfg, tokenizer))
+    if not held_out or not cfg.data.hygiene:
+        return pairs, HygieneReport(kept={"pairs": len(pairs)})
+    held = {s: p for s, p in cleaned_splits(cfg, tokenizer=tokenizer)[0].items() if s != "train"}
+    kept, report = clean_splits({**held, "pairs": pairs}, TASK_LANGUAGES.get(cfg.data.template))
+    return kept["pairs"], report
 
 
 def check_inputs(cfg: PipelineConfig, output_dir: str | os.PathLike | None = None, *,
@@ -142,7 +157,8 @@ def open_bundles(output_dir: str | os.PathLike):
 def adapter_meta(cfg: PipelineConfig, head_meta: dict, train_reader: MemoryReader, **extra) -> dict:
     """The JSON that travels with a trained adapter bundle (the target/source ratio sets the GU horizons)."""
     return {"model_id": head_meta["model_id"], "config": to_dict(cfg.adapter),
-            "target_source_ratio": train_reader.manifest.target_source_ratio, **extra}
+            "target_source_ratio": train_reader.manifest.target_source_ratio,
+            "memory": memory_info(train_reader.mem_dir), **extra}
 
 
 def plm_or_client(cfg: PipelineConfig):

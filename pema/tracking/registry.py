@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import re
 import shutil
 import tempfile
@@ -136,6 +137,10 @@ def register_adapter(cfg: PipelineConfig, output_dir, name: str, *, dev_bleu: fl
     digest = adapter_digest(output_dir)
     tags = {"dev_bleu": str(dev_bleu), "schedule": schedule_tag(cfg), "base_model": cfg.model.model_id,
             "adapter_sha256": digest}
+    memory = json.loads((layout.adapter / "adapter.json").read_text()).get("memory")
+    if isinstance(memory, dict):  # the memory version the adapter was trained on (pema.formats.versions)
+        tags.update({"memory_path": str(memory.get("path")), "memory_version": str(memory.get("version")),
+                     "memory_manifest_sha256": str(memory.get("manifest_sha256"))})
     with champion_lock(name):  # the version check, the register and the champion's read-compare-move, as one
         return _register_locked(cfg, layout, name, dev_bleu, tags)
 
@@ -163,3 +168,14 @@ def _register_locked(cfg: PipelineConfig, layout: RunLayout, name: str, dev_bleu
                      "pema.champion": str(promoted).lower()})
     return {"name": name, "version": version, "dev_bleu": dev_bleu, "champion": promoted,
             "previous_champion": previous, "previous_dev_bleu": previous_bleu, "model_uri": f"models:/{name}/{version}"}
+
+
+def memory_versions_in_use(mem_dir) -> dict[int, list[str]]:
+    """The versions of the memory at ``mem_dir`` that registered model versions were trained on:
+    ``{version: ["name/3", ...]}`` (from their ``memory_path`` and ``memory_version`` tags)."""
+    path, used = str(Path(mem_dir).resolve()), {}
+    for mv in MlflowClient().search_model_versions(max_results=10000):
+        tags = mv.tags or {}
+        if tags.get("memory_path") == path and str(tags.get("memory_version", "")).isdigit():
+            used.setdefault(int(tags["memory_version"]), []).append(f"{mv.name}/{mv.version}")
+    return used

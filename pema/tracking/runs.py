@@ -37,6 +37,7 @@ from mlflow.tracking import MlflowClient
 from pema.config import PipelineConfig, flatten, to_dict
 from pema.errors import TrackingError, full_disk
 from pema.formats.layout import RunLayout
+from pema.formats.versions import memory_info
 from pema.stages.inputs import split_pairs
 from pema.tracking.orphans import end_orphaned_runs, process_tags
 from pema.tracking.store import (EXPERIMENT, artifact_root, drop_reraised_logs, end_in_place, follow_store,
@@ -47,6 +48,7 @@ PARAM_MAX = 6000  # MLflow's limit on a param value
 EXPERIMENT_KIND, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"  # the UI's runs-table view
 STAGE_SPLITS = {"build_memory": ("train", "dev"), "evaluate": ("test",), "pipeline": ("train", "dev", "test"),
                 "compare": ("train", "test"), "tune": ("train", "dev"), "register": ("dev",)}
+MEMORY_READERS = ("train", "evaluate", "compare", "register", "tune", "memory_append", "memory_delete")
 
 
 def tracking_uri(output_dir: str | os.PathLike) -> str:
@@ -221,6 +223,8 @@ def stage_run(stage: str, cfg: PipelineConfig, output_dir: str | os.PathLike, *,
             mlflow.log_params(_params(cfg))
             mlflow.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
             log_datasets(cfg, STAGE_SPLITS.get(stage, ()))
+            if stage in MEMORY_READERS:
+                log_memory_inputs(output_dir)
     except KeyboardInterrupt:  # stopped while the run was being set up: a run already started ends KILLED
         if (active := mlflow.active_run()) is not None and (parent is None or
                                                               active.info.run_id != parent.info.run_id):
@@ -275,6 +279,31 @@ def log_datasets(cfg: PipelineConfig, splits) -> None:
         with warnings.catch_warnings():  # MLflow's hints about schema inference and source types: not ours to act on
             warnings.simplefilter("ignore", UserWarning)
             mlflow.log_input(mlflow.data.from_pandas(frame, source=str(path), name=split), context=split)
+
+
+def log_memory_inputs(output_dir: str | os.PathLike) -> None:
+    """The memories the active run reads (``memory/train``, ``memory/dev``) as MLflow dataset inputs, named with
+    their version (``memory/train@v3``), the manifest's sha256 as digest and the folder as source, and the tag
+    ``pema.memory_version`` (``train v3, dev v1``): the runs table's Dataset column shows which memory trained
+    what."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    found = {}
+    for split, context in (("train", "training"), ("dev", "validation")):
+        mem = RunLayout(output_dir).memory(split)
+        if not (mem / "manifest.json").is_file():
+            continue
+        info = found[split] = memory_info(mem)
+        with warnings.catch_warnings():  # MLflow's hint that a local folder is a guessed source type
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(info["path"])
+        mlflow.log_input(MetaDataset(source, name=f"memory/{split}@v{info['version']}",
+                                     digest=info["manifest_sha256"][:12]), context=context)
+    if found:
+        mlflow.set_tag("pema.memory_version", ", ".join(f"{s} v{i['version']}" for s, i in found.items()))
 
 
 def _is_tracking_failure(exc: BaseException) -> bool:
