@@ -60,6 +60,33 @@ def test_memory_built_through_the_service_equals_the_in_process_build(owner_url,
     assert sum(x["out"]["keys"] for x in contexts) == rows  # every key that crossed is in the log
 
 
+def test_append_through_the_service_encodes_only_the_new_pairs(owner_url, tmp_path, monkeypatch):
+    """A memory built through the owner's service, then appended to with two new pairs, one pair it holds and one
+    repeated: the audit shows /context calls for exactly the two new examples and their keys."""
+    from pema.executors.inline import InlineExecutor
+    from pema.formats.memory import MemoryReader
+    from pema.formats.tasks import Pair
+    from pema.stages.build import append_memory, run_build
+
+    url, tmp = owner_url
+    rows = [json.loads(x) for x in (ROOT / "data" / "nc" / "train.jsonl").read_text().splitlines()[:14]]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:12]))
+    cfg = with_absolute_data(load_config(SMOKE, [f"data.train={train}", "data.train_limit=null",
+                                                 f"resources.owner_url={url}"]))
+    monkeypatch.setenv("PEMA_OWNER_TOKEN", "t-acme-0123456789")
+    run_build(cfg, tmp_path / "run", InlineExecutor(), progress=False)
+    mem = tmp_path / "run" / "memory" / "train"
+    before, seen = len(MemoryReader(mem)), len((tmp / "audit.jsonl").read_text().splitlines())
+    pairs = [Pair(i, r["en"], r["du"]) for i, r in enumerate(rows[12:14] + rows[5:6] + rows[12:13])]
+    result = append_memory(cfg, mem, pairs, InlineExecutor(), progress=False)
+    audit = [json.loads(x) for x in (tmp / "audit.jsonl").read_text().splitlines()[seen:]]
+    contexts = [x for x in audit if x["endpoint"] == "POST /context" and x["tenant"] == "acme"]
+    assert (result["added"], result["already_present"]) == (2, 1)
+    assert sum(x["rows"] for x in contexts) == 2  # examples asked of the owner: the two new pairs only
+    assert sum(x["out"]["keys"] for x in contexts) == len(MemoryReader(mem)) - before
+
+
 def test_a_missing_token_or_service_is_a_named_error(tmp_path, monkeypatch):
     from local_ray import free_port
 

@@ -30,11 +30,24 @@ def _pairs_arg(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--pairs", required=required, help="JSONL pairs, the same fields as data.train")
 
 
+def _no_pairs_file(args) -> bool:
+    """True (and the error said) when ``--pairs`` names no readable file: checked before Ray or MLflow start."""
+    from pathlib import Path
+
+    if args.pairs is not None and not Path(args.pairs).is_file():
+        print(f"error: --pairs {args.pairs}: no such file (give the JSONL file of pairs)", file=sys.stderr)
+        return True
+    return False
+
+
 def _append(argv) -> int:
-    parser = job_parser(__doc__.split("\n\n")[0] + " append: add the pairs the memory lacks.", splits=())
+    parser = job_parser("Add the pairs of --pairs that memory/train lacks, encoding only them, as a new version.",
+                        prog="pema memory append", splits=())
     _pairs_arg(parser, True)
     parser.add_argument("--split", choices=SPLITS, default="train", help="the memory to add to (default train)")
     args = parser.parse_args(argv)
+    if _no_pairs_file(args):
+        return 2
 
     def stage(cfg):
         from pema.executors.ray_executor import RayExecutor
@@ -55,13 +68,15 @@ def _append(argv) -> int:
 
 
 def _delete(argv) -> int:
-    parser = job_parser(__doc__.split("\n\n")[0] + " delete: withdraw pairs from every memory of the folder.",
-                        splits=())
+    parser = job_parser("Withdraw pairs (--pairs or --ids) from every memory of the folder, as a new version; their "
+                        "rows, old parts and stored neighbours go at once.", prog="pema memory delete", splits=())
     _pairs_arg(parser, False)
     parser.add_argument("--ids", help="pair ids (sha256, as in versions/v*.json 'added'), comma-separated")
     args = parser.parse_args(argv)
     if (args.pairs is None) == (args.ids is None):
         print("error: give --pairs FILE.jsonl or --ids HASH[,HASH...], one of them", file=sys.stderr)
+        return 2
+    if _no_pairs_file(args):
         return 2
     ids = [] if args.ids is None else [x.strip().lower() for x in args.ids.split(",") if x.strip()]
     if args.ids is not None and (not ids or (bad := [x for x in ids if not HASH.fullmatch(x)])):
