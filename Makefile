@@ -15,10 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(PY) jobs/pipeline.py --config jobs/configs/default.yaml --output-dir outputs/default
+	$(VENV)/bin/pema run --config jobs/configs/default.yaml --output-dir outputs/default
 
 tune: setup
-	$(PY) jobs/tune.py --config jobs/configs/default.yaml --output-dir outputs/tune --num-samples 4 \
+	$(VENV)/bin/pema tune --config jobs/configs/default.yaml --output-dir outputs/tune --num-samples 4 \
 		--decode-samples 2 --name pema-wmt22 data.dev_limit=50
 
 test: setup

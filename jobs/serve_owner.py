@@ -1,41 +1,8 @@
-"""The PLM owner's service on Ray Serve: the data owner's jobs reach the PLM through it (resources.owner_url).
-
-    PEMA_OWNER_TOKENS=acme:$(openssl rand -hex 16) python jobs/serve_owner.py --config jobs/configs/default.yaml
-    python jobs/serve_owner.py --config jobs/configs/smoke.yaml --tokens owner_tokens.json --port 8000
-
-Serves http://127.0.0.1:PORT/owner: /context, /sessions, /head, /health (pema/owner/service.py), until Ctrl+C.
-Tokens come from --tokens (a JSON file {"tenant": "token"}) or $PEMA_OWNER_TOKENS (tenant:token,...); every request
-is written to --audit as one JSONL line. The same service from a Serve config file: serve run serve/owner.yaml.
-"""
-from __future__ import annotations
-
+"""``python jobs/serve_owner.py ...`` is ``pema serve-owner ...``
+(:mod:`pema.commands.serve_owner`); kept for scripts that call it."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pema.jobs.cli import run_job, serve_parser, serve_until_stopped  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = serve_parser(__doc__, 8000)
-    parser.add_argument("--tokens", help="JSON file {tenant: token}; default: $PEMA_OWNER_TOKENS")
-    parser.add_argument("--audit", default="outputs/owner_audit.jsonl", help="the audit log (JSONL)")
-    args = parser.parse_args(argv)
-
-    def stage(cfg):
-        from pema.executors.ray_serve import start_owner
-        from pema.owner.service import load_tokens
-
-        load_tokens(args.tokens)  # no tokens: a named error before anything starts
-        Path(args.audit).parent.mkdir(parents=True, exist_ok=True)
-        url = start_owner(cfg.model.model_id, port=args.port, dtype=cfg.model.dtype, device=cfg.resources.device,
-                          revision=cfg.model.revision, tokens_file=str(Path(args.tokens).resolve()) if args.tokens
-                          else None, audit_path=str(Path(args.audit).resolve()))
-        return serve_until_stopped(url, f"the PLM owner's service (audit: {args.audit})", args.once)
-
-    return run_job(args, stage, lock=False)  # a service reads the folder; jobs may run on it meanwhile
-
+from pema.commands.serve_owner import main
 
 if __name__ == "__main__":
     sys.exit(main())

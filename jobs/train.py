@@ -1,34 +1,7 @@
-"""Data owner's stage on Ray Train: RCT, then RCT_PD, on resources.train_workers DDP workers.
-
-    python jobs/train.py --config jobs/configs/smoke.yaml --output-dir outputs/smoke [resources.train_workers=2 ...]
-
-Reads <output-dir>/memory/{train,dev} and <output-dir>/head (from jobs/build_memory.py); writes <output-dir>/adapter
-and train_history.json. Checkpoints go to <output-dir>/ray_train; a crashed worker resumes from the last one.
-"""
-from __future__ import annotations
-
-import json
+"""``python jobs/train.py ...`` is ``pema train ...`` (:mod:`pema.commands.train`); kept for scripts that call it."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pema.jobs.cli import job_parser, run_job  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = job_parser(__doc__, splits=()).parse_args(argv)
-
-    def stage(cfg):
-        from pema.jobs import stages
-
-        return stages.train(cfg, args.output_dir, progress=not args.no_progress)
-
-    from pema.formats.layout import OWNER_BUNDLES as BUNDLES
-
-    # the data owner's inputs are the memory and the head: it never loads the PLM
-    return run_job(args, stage, show=json.dumps, model=False, bundles=BUNDLES)
-
+from pema.commands.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,6 +8,7 @@ Layers, bottom to top; a module imports ``pema`` modules of its own layer or bel
 2. the stages: ``pema.stages``
 3. executors and tracking: ``pema.executors`` (inline, Ray), ``pema.tracking`` (MLflow)
 4. the jobs: ``pema.jobs``
+5. the command: ``pema.commands`` (one module per ``pema`` subcommand) and ``pema.__main__``
 
 Within a layer: the data owner's side (``adapter``, ``baselines``) never imports ``owner``, the owner never imports
 the data owner's side, and executors and tracking do not import each other. Ray is imported by ``pema.executors``
@@ -25,7 +26,7 @@ PKG = ROOT / "pema"
 LAYERS = {"pema": 0, "pema.config": 0, "pema.config_fields": 0, "pema.config_baselines": 0, "pema.errors": 0,
           "pema.profiling": 0, "pema.formats": 0,
           "pema.owner": 1, "pema.adapter": 1, "pema.baselines": 1, "pema.stages": 2,
-          "pema.executors": 3, "pema.tracking": 3, "pema.jobs": 4}
+          "pema.executors": 3, "pema.tracking": 3, "pema.jobs": 4, "pema.commands": 5, "pema.__main__": 5}
 APART = [("pema.adapter", "pema.owner"), ("pema.baselines", "pema.owner"), ("pema.owner", "pema.adapter"),
          ("pema.owner", "pema.baselines"), ("pema.executors", "pema.tracking"), ("pema.tracking", "pema.executors")]
 ALLOWED = {"ray": ("pema.executors", "pema.jobs"), "mlflow": ("pema.tracking", "pema.jobs")}

@@ -106,7 +106,7 @@ def test_memory_from_another_model_is_refused(smoke_run, tmp_path):
 
 
 def test_job_cli_rejects_bad_override(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(SMOKE),
+    proc = subprocess.run([sys.executable, "-m", "pema", "run", "--config", str(SMOKE),
                            "--output-dir", str(tmp_path / "o"), "decode.gu.lam_max=1.5"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -119,7 +119,7 @@ def test_job_cli_rejects_bad_override(tmp_path):
 def test_main_job_on_smollm2(tmp_path):
     """The real job on SmolLM2-135M-Instruct with a handful of pairs, through the command line."""
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(ROOT / "jobs/configs/default.yaml"),
+    cmd = [sys.executable, "-m", "pema", "run", "--config", str(ROOT / "jobs/configs/default.yaml"),
            "--output-dir", str(out), "--no-progress", "data.train_limit=12", "data.dev_limit=4", "data.test_limit=4",
            "data.ood_test_limit=4",
            "train.rct_epochs=2", "train.epochs=1", "decode.max_new_tokens=24", "adapter.rank=32", "adapter.alpha=32"]
@@ -136,7 +136,7 @@ def test_main_job_on_smollm2(tmp_path):
     assert any(h.strip() for h in zero_shot)  # the chat template makes SmolLM2 answer (raw template: empty output)
 
     # the registered champion translates with the real base model (dev BLEU given: the decode is tested elsewhere)
-    reg = subprocess.run([sys.executable, str(ROOT / "jobs" / "register.py"), "--config",
+    reg = subprocess.run([sys.executable, "-m", "pema", "register", "--config",
                           str(ROOT / "jobs/configs/default.yaml"), "--output-dir", str(out), "--name", "smollm2-pema",
                           "--dev-bleu", "1.0", "--no-progress"], capture_output=True, text=True, timeout=600, cwd=ROOT,
                          env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})

@@ -25,7 +25,7 @@ def test_ray_job_submit_runs_the_smoke_pipeline(ray_cluster, tmp_path):
     job_id = f"pema-smoke-{uuid.uuid4().hex[:8]}"
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster.dashboard,
            "--submission-id", job_id, "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "jobs/runtime_env.yaml"),
-           "--", sys.executable, "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml", "--output-dir", str(out),
+           "--", sys.executable, "-m", "pema", "run", "--config", "jobs/configs/smoke.yaml", "--output-dir", str(out),
            "--no-progress", "resources.train_workers=2", "resources.memory_actors=2"]
     deadline = time.monotonic() + 300  # a loaded 2-core machine: the agent has been seen to take over 2 min
     while True:  # right after `ray start` the dashboard answers before the node's job agent has registered
@@ -144,9 +144,8 @@ def test_pipeline_job_exits_2_on_the_issues_bad_inputs_and_writes_nothing(extra,
     extra, named = [a.replace("LATIN1", bad) for a in extra], named.replace("LATIN1", bad)
     out = tmp_path / "o"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(SMOKE), "--output-dir",
-                           str(out), "--no-progress", *extra], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=env)
+    proc = subprocess.run([sys.executable, "-m", "pema", "run", "--config", str(SMOKE), "--output-dir", str(out),
+                           "--no-progress", *extra], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error: {named}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["latin1.jsonl"]

@@ -1,4 +1,5 @@
-"""What every job in ``jobs/`` shares: the command line, config loading, connecting to Ray and the exit code.
+"""What every job (``pema <command>``, :mod:`pema.commands`) shares: the command line, config loading, connecting
+to Ray and the exit code.
 
 A job is ``parse -> config -> inputs checked -> one stage call -> exit code``: 0 on success, 2 with ``error: ...`` on
 stderr when the input is wrong (a named :class:`~pema.errors.PemaError`, a missing file). The config, the JSONL
@@ -19,8 +20,10 @@ from pema.errors import ConfigError, PemaError, full_disk
 from pema.jobs.guard import FolderLock, interruption, stop_on_signals
 
 
-def job_parser(doc: str, *, splits: tuple[str, ...] = ("train", "dev", "test")) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def job_parser(doc: str, *, splits: tuple[str, ...] = ("train", "dev", "test"),
+               prog: str | None = None) -> argparse.ArgumentParser:
+    """A job's command line; ``prog``: its name in usage lines (``pema train``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
     parser.add_argument("--output-dir", default="outputs/run", help="the run's folder: memory/, head/, adapter/, ...")
     for split in splits:
@@ -37,9 +40,9 @@ def job_parser(doc: str, *, splits: tuple[str, ...] = ("train", "dev", "test")) 
     return parser
 
 
-def serve_parser(doc: str, port: int) -> argparse.ArgumentParser:
+def serve_parser(doc: str, port: int, prog: str | None = None) -> argparse.ArgumentParser:
     """A service job's command line: the job's options plus ``--port`` and ``--once`` (start, print, return)."""
-    parser = job_parser(doc, splits=())
+    parser = job_parser(doc, splits=(), prog=prog)
     parser.add_argument("--port", type=int, default=port, help=f"HTTP port on 127.0.0.1 (default {port})")
     parser.add_argument("--once", action="store_true", help="start, print the URL and return (tests)")
     return parser
