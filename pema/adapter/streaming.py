@@ -8,13 +8,13 @@ tensors on the CPU) while holding at most ``buffer_rows`` rows plus a few chunks
 2. rows enter a buffer of ``buffer_rows`` rows; once it is full, each incoming chunk of ``r`` rows is pooled with
    the buffer and ``r`` rows drawn uniformly from the pool (``torch.randperm`` of the pool on a generator seeded
    ``s``) are emitted in the drawn order, the incoming rows not drawn taking the emitted buffer rows' places;
-3. at the end the rows left in the buffer are put back in stored order and emitted in the order of one more
-   ``torch.randperm``.
+3. at the end the rows left in the buffer are emitted in the order of one more ``torch.randperm``.
 
-When the buffer holds the whole share, step 2 never draws, so step 3 is the first draw of a generator seeded ``s``
-over the share in stored order: exactly :meth:`ResidentMemory.order` on the CPU, hence the same batches as the
-resident path (same rows, same order, same float32 values). Emitted rows are cut into batches across chunk
-boundaries, so every batch but the last has ``batch_size`` rows, as with the resident path.
+When the buffer holds the whole share, step 2 never draws and each row is put at its stored place in the buffer, so
+step 3 is the first draw of a generator seeded ``s`` over the share in stored order: exactly
+:meth:`ResidentMemory.order` on the CPU, hence the same batches as the resident path (same rows, same order, same
+float32 values). Emitted rows are cut into batches across chunk boundaries, so every batch but the last has
+``batch_size`` rows, as with the resident path.
 
 The next chunk is read in a background thread while the current one is shuffled and trained on (Parquet decoding
 releases the GIL). ``extra`` tensors (the stored neighbours of kNN-distilled training, ``(n, k)``, small beside the
@@ -112,38 +112,47 @@ class StreamingMemory:
         gen = torch.Generator()
         gen.manual_seed(int(seed))
         size = min(self.buffer_rows, len(self))
-        bkey, btok, brow = torch.empty((size, d)), torch.empty(size, dtype=torch.long), torch.empty(size, dtype=torch.long)
-        filled = 0
+        buf = torch.empty((size, d)), torch.empty(size, dtype=torch.long), torch.empty(size, dtype=torch.long)
+        whole, filled = size == len(self), 0  # whole: every row sits at its stored place, as in ResidentMemory
         for key, tok, row in self._chunks(order):
+            if whole:
+                for b, c in zip(buf, (key, tok, row)):
+                    b.index_copy_(0, row, c)
+                filled = self._buffered = filled + len(tok)
+                continue
             f = min(size - filled, len(tok))
             if f:
-                bkey[filled:filled + f], btok[filled:filled + f], brow[filled:filled + f] = key[:f], tok[:f], row[:f]
-                filled += f
-                self._buffered = filled
+                for b, c in zip(buf, (key, tok, row)):
+                    b[filled:filled + f] = c[:f]
+                filled = self._buffered = filled + f
             r = len(tok) - f
             if not r:
                 continue
-            key, tok, row = key[f:], tok[f:], row[f:]  # the buffer is full: draw r rows out of buffer + incoming
+            incoming = key[f:], tok[f:], row[f:]  # the buffer is full: draw r rows out of buffer + incoming
             pick = torch.randperm(size + r, generator=gen)[:r]
             from_buf = pick < size
-            slots, inc = pick[from_buf], pick[~from_buf] - size
-            out = torch.empty((r, d)), torch.empty(r, dtype=torch.long), torch.empty(r, dtype=torch.long)
-            for o, b, c in zip(out, (bkey, btok, brow), (key, tok, row)):
-                o[from_buf], o[~from_buf] = b[slots], c[inc]
+            at_buf, at_inc = from_buf.nonzero().squeeze(1), (~from_buf).nonzero().squeeze(1)
+            slots, inc = pick.index_select(0, at_buf), pick.index_select(0, at_inc) - size
             stay = torch.ones(r, dtype=torch.bool)
             stay[inc] = False
             stay = stay.nonzero().squeeze(1)  # as many incoming rows stay as buffer rows were drawn
-            bkey[slots], btok[slots], brow[slots] = key[stay], tok[stay], row[stay]
+            out = []
+            for b, c in zip(buf, incoming):  # index ops, no boolean-mask indexing: they run at copy speed
+                o = torch.empty((r, *c.shape[1:]), dtype=c.dtype)
+                o.index_copy_(0, at_buf, b.index_select(0, slots))
+                o.index_copy_(0, at_inc, c.index_select(0, inc))
+                b.index_copy_(0, slots, c.index_select(0, stay))
+                out.append(o)
             self._note(r)
-            del key, tok, row
-            yield out
-        # the rows left, back in stored order, then one more randperm; emitted a chunk's worth at a time
-        perm = brow[:filled].argsort()[torch.randperm(filled, generator=gen)]
+            del key, tok, row, incoming
+            yield tuple(out)
+        # the rows left, in the order of one more randperm, a chunk's worth at a time
+        perm = torch.randperm(filled, generator=gen)
         step = max(1, max(c.rows for c in self.source.chunks))
         for s in range(0, filled, step):
             idx = perm[s:s + step]
             self._note(len(idx))
-            yield bkey[idx], btok[idx], brow[idx]
+            yield tuple(b.index_select(0, idx) for b in buf)
         self._buffered = 0
 
     def _cut(self, pieces, batch_size: int, drop_last: bool) -> Iterator[dict[str, torch.Tensor]]:
