@@ -128,9 +128,11 @@ class TrainConfig:
     stream_buffer_rows: int = 262144  # streaming's shuffle buffer, in rows (128 MiB of float32 keys at d = 128)
     resident_max_bytes: int = 0  # auto streams a share over this many float32 key bytes; 0: RAM / 4 / workers
     max_failures: int = 1  # worker failures Ray Train recovers from, resuming at the last validation checkpoint
+    warm_start: bool = False  # start from <output-dir>/adapter (the last training) and run only the last phase
 
     def __post_init__(self):
         _check(isinstance(self.resident, bool), "train.resident", self.resident, "true or false")
+        _check(isinstance(self.warm_start, bool), "train.warm_start", self.warm_start, "true or false")
         if isinstance(self.streaming, bool):  # YAML 1.1 reads a bare on / off as true / false
             object.__setattr__(self, "streaming", "on" if self.streaming else "off")
         _choice("train.streaming", self.streaming, ("auto", "on", "off"))

@@ -29,13 +29,14 @@ class TrainCheckpoint:
 
 
 def phase_plan(t: TrainConfig) -> list[dict]:
-    """``[{"phase", "epochs", "lr", "kappa"}, ...]`` in training order."""
+    """``[{"phase", "epochs", "lr", "kappa"}, ...]`` in training order. ``train.warm_start``: the last phase only
+    (the adapter starts from the one trained before, so neither RCT nor the second phase's initialisation runs)."""
     plan = []
     if t.method in ("rct_pd", "rct"):
         plan.append({"phase": "rct", "epochs": t.rct_epochs, "lr": t.rct_lr, "kappa": 1.0})
     if t.method != "rct":
         plan.append({"phase": t.method, "epochs": t.epochs, "lr": t.lr, "kappa": t.kappa})
-    return plan
+    return plan[-1:] if t.warm_start else plan
 
 
 def _prepare_second_phase(adapter: PemaAdapter, t: TrainConfig) -> None:
