@@ -325,7 +325,8 @@ def test_server_down_fails_fast_naming_the_uri_and_keeps_outputs(tracked):
 
 def test_embedded_store_keeps_artifacts_and_datasets_in_the_output_folder(tmp_path, monkeypatch):
     """With no MLFLOW_TRACKING_URI: artifacts under <out>/mlartifacts (not ./mlruns of the working directory), the
-    experiment tagged for the UI's runs table, and the pairs a stage reads logged as dataset inputs."""
+    experiment tagged with its kind (the pinned UI ignores the tag: what opens its runs table is in
+    tests/test_mlflow_ui.py), and the pairs a stage reads logged as dataset inputs."""
     import mlflow
     from mlflow.tracking import MlflowClient
 

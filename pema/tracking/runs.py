@@ -45,7 +45,12 @@ from pema.tracking.store import (EXPERIMENT, artifact_root, drop_reraised_logs, 
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAM_MAX = 6000  # MLflow's limit on a param value
-EXPERIMENT_KIND, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"  # the UI's runs-table view
+# The experiment's kind, as MLflow's UI would set it from its experiment-type selector. MLflow 3.17.2's UI does not
+# act on it: its view follows its "GenAI | Model training" switch (the URL's ``workflowType`` parameter, else the
+# browser's localStorage ``mlflow.workflowType_v1``, default ``genai``: the GenAI overview, no Model registry in the
+# sidebar). A link with ``workflowType=machine_learning`` (:func:`runs_table_url`) opens the runs table.
+EXPERIMENT_KIND, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 STAGE_SPLITS = {"build_memory": ("train", "dev"), "evaluate": ("test",), "pipeline": ("train", "dev", "test"),
                 "compare": ("train", "test"), "tune": ("train", "dev"), "register": ("dev",)}
 MEMORY_READERS = ("train", "evaluate", "compare", "register", "tune", "memory_append", "memory_delete")
@@ -153,9 +158,9 @@ def experiment_id(name: str = EXPERIMENT, output_dir: str | os.PathLike | None =
     """The experiment's id, created if missing (not ``mlflow.set_experiment``: it exports an environment variable
     that Ray's MLflow callback would prefer over its own setting). With a sqlite store (the embedded one, or a
     ``sqlite:///`` ``MLFLOW_TRACKING_URI``) its artifacts live beside the store (:func:`artifact_root`), not in a
-    ``./mlruns`` of whatever folder the job was started from. It is tagged as a model-development experiment, so the
-    MLflow UI opens it on its runs table. ``output_dir`` is not needed any more (the store's URI says where the
-    artifacts go); it is accepted for the callers that pass it."""
+    ``./mlruns`` of whatever folder the job was started from. It is tagged as a model-development experiment (the
+    pinned UI shows its runs table in its "Model training" view: :func:`runs_table_url`). ``output_dir`` is not
+    needed any more (the store's URI says where the artifacts go); it is accepted for the callers that pass it."""
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is None:
@@ -167,6 +172,12 @@ def experiment_id(name: str = EXPERIMENT, output_dir: str | os.PathLike | None =
         if exp.tags.get(EXPERIMENT_KIND) is None:
             client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
     return exp_id
+
+
+def runs_table_url(ui: str, exp_id: str) -> str:
+    """The MLflow UI's runs table of experiment ``exp_id`` in its "Model training" view, with the Model registry in
+    the sidebar (``ui``: the server's address, such as ``http://127.0.0.1:5000``)."""
+    return f"{ui.rstrip('/')}/#/experiments/{exp_id}/runs?{MODEL_TRAINING_VIEW}"
 
 
 def git_commit() -> str:
