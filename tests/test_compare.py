@@ -14,9 +14,9 @@ from pema.adapter.model import PemaAdapter
 from pema.adapter.phases import phase_plan
 from pema.config import ScheduleConfig, load_config
 from pema.errors import ConfigError, MemoryFormatError
-from pema.jobs.compare import STATE, system_params
+from pema.jobs.compare import STATE
 from pema.stages.compare import (SYSTEMS, check_against, check_memory_matches, check_systems, decode_schedule,
-                                               no_rct_config, pema_trainable_params)
+                                 no_rct_config, pema_trainable_params, system_params)
 from pema.stages.decode import schedule_from
 from pema.stages.ledger import config_digest
 from pema.stages.tables import format_compare_table
@@ -138,6 +138,44 @@ def test_compare_bars_has_bleu_and_chrf_per_system():
     heights = [p.get_height() for p in fig.axes[0].patches]
     assert heights == [1.0, 3.0, 2.0, 6.0]
     plots.plt.close(fig)
+
+
+def test_the_compare_stage_logs_through_the_logger(tmp_path):
+    """run_compare: the work is one executor call; a child scope per system not already logged, the systems'
+    metrics on the stage's scope, compare.md, compare.png and summary.json (merged) through the logger."""
+    from pema.stages.compare import run_compare
+    from pema.stages.logger import RecordingLogger
+    from pema.stages.tables import compare_markdown
+
+    rows = {"zero_shot": with_sig(row(1.0, 0.0, 0.0, 0, 0.01), zero_shot=None),
+            "pema_gu": with_sig(row(3.0, 5.0, 10.0, 3072, 0.02), zero_shot=0.04)}
+    for r in rows.values():
+        r.update(memory_kind="cpu_rss", total_params=7)
+    calls = []
+
+    class Executor:
+        def call(self, fn, *args, **kwargs):
+            calls.append((fn.__name__, kwargs["systems"], kwargs["against"]))
+            return {"rows": rows, "timings_s": {"decode_zero_shot": 1.5}}
+
+    (tmp_path / "summary.json").write_text(json.dumps({"earlier": 1}))
+    logger = RecordingLogger()
+    summary = run_compare(load_config(SMOKE), tmp_path, Executor(), logger, systems="zero_shot,pema_gu",
+                          logged={"zero_shot"}, timings={"build_memory": 2.0})
+    assert calls == [("run_systems", ("zero_shot", "pema_gu"), ("zero_shot",))]
+    assert [c[1] for c in logger.calls if c[0] == "stage"] == ["pema_gu"]  # zero_shot's child had finished
+    tags = next(c[1] for c in logger.calls if c[0] == "tags")
+    assert tags == {"pema.stage": "compare", "pema.system": "pema_gu", "pema.memory_kind": "cpu_rss"}
+    metrics = logger.metrics()
+    assert metrics["trainable_params"] == 3072 and metrics["bleu_p"] == 0.04 and metrics["total_params"] == 7
+    assert metrics["zero_shot/bleu"] == 1.0 and metrics["pema_gu/decode_s_per_token"] == 0.02
+    assert metrics["pema_gu/bleu_p"] == 0.04
+    assert ("text", "compare.md", compare_markdown(rows)) in logger.calls and ("figure", "compare.png") in logger.calls
+    assert ("artifact", str(tmp_path / "summary.json"), None) in logger.calls
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == summary and summary["earlier"] == 1 and summary["pema_gu"]["bleu"] == 3.0
+    assert summary["compare_table"] == format_compare_table(rows) and "compare_mlflow" not in summary
+    assert list(summary["compare_timings_s"]) == ["build_memory", "compare", "decode_zero_shot"]
 
 
 def test_unknown_system_exits_2_and_writes_nothing(tmp_path):

@@ -148,6 +148,6 @@ def test_the_train_stage_distills_from_stored_neighbours(tmp_path):
     assert neighbours_status(tmp_path / "memory" / "train", 4) == "none stored"
     info = run_train(cfg, tmp_path, InlineExecutor(), progress=False)
     assert neighbours_status(tmp_path / "memory" / "train", 4) is None  # computed once, before the workers
-    assert info["phases"][-1]["phase"] == "rct_pd" and info["phases"][-1]["steps"] > 0
+    assert info.phases[-1]["phase"] == "rct_pd" and info.phases[-1]["steps"] > 0
     plain = run_train(load_config("jobs/configs/smoke.yaml"), tmp_path, InlineExecutor(), progress=False)
-    assert plain["phases"][-1]["best_val"] != info["phases"][-1]["best_val"]  # the distilled loss trained another adapter
+    assert plain.phases[-1]["best_val"] != info.phases[-1]["best_val"]  # the distilled loss trained another adapter

@@ -61,7 +61,7 @@ def test_resident_training_on_gpu(model, tmp_path):
     cfg = load_config(None, ["resources.device=cuda", "train.resident=true", "adapter.rank=16", "adapter.alpha=16",
                              "train.rct_epochs=5", "train.epochs=3", "train.batch_size=32", "train.rct_solver=sgd"])
     info = run_train(cfg, tmp_path, InlineExecutor(), progress=False)  # the training stage's body on the GPU
-    assert [p["phase"] for p in info["phases"]] == ["rct", "rct_pd"] and (tmp_path / "adapter").is_dir()
+    assert [p["phase"] for p in info.phases] == ["rct", "rct_pd"] and (tmp_path / "adapter").is_dir()
     import json
 
     rct = [h for h in json.loads((tmp_path / "train_history.json").read_text()) if h["phase"] == "rct"]

@@ -2,6 +2,7 @@
 the Ray jobs run), what it logs, bad input at the job's boundary, and (slow) SmolLM2 through the real job."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -185,12 +186,36 @@ def test_inline_training_matches_resident_or_not(smoke_run, resident, tmp_path):
                               "train.rct_solver=sgd"])
     logger = RecordingLogger()
     info = run_train(cfg, run, InlineExecutor(), logger, progress=False)
-    assert [p["phase"] for p in info["phases"]] == ["rct", "rct_pd"] and info["workers"] == 1
+    assert [p["phase"] for p in info.phases] == ["rct", "rct_pd"] and info.workers == 1
     history = json.loads((run / "train_history.json").read_text())
     rct = [h for h in history if h["phase"] == "rct"]
     assert rct[-1]["val_loss"] < rct[0]["val_loss"]  # reconstruction improves from the random start
-    assert info["steps_run"] == info["steps_total"] > 0
+    assert info.steps_run == info.steps_total > 0 and info.adapter_dir == str(run / "adapter")
     assert (run / "adapter" / "adapter.json").is_file() and not (run / "adapter.partial").exists()
+
+
+def test_the_train_result_crosses_a_process_boundary_as_a_folder(tmp_path):
+    """The typed training result: recorded as a dict (phases without their history) and back, and carried by the
+    executors as a folder (pema.executors.handoff), the adapter bundle beside final.json."""
+    from pema.adapter.io import load_adapter
+    from pema.adapter.model import PemaAdapter
+    from pema.executors.handoff import is_final, read_result, write_result
+    from pema.stages.ledger import as_recorded
+    from pema.stages.train import TrainResult
+
+    phase = {"phase": "rct_pd", "best_val": 1.5, "best_step": 4, "steps": 8, "stopped_early": False, "seconds": 0.1,
+             "rows_per_s": 10.0, "history": [{"phase": "rct_pd", "step": 4, "val_loss": 1.5}]}
+    result = TrainResult(phases=(phase,), steps_run=3, steps_total=8, workers=2, adapter=PemaAdapter(16, 4),
+                         memory_path="resident")
+    recorded = as_recorded(result)
+    assert "history" not in recorded["phases"][0] and recorded["steps_run"] == 3 and recorded["workers"] == 2
+    assert TrainResult.from_dict(recorded).to_dict() == recorded and result.history == phase["history"]
+    assert not is_final(tmp_path) and not is_final(None)
+    write_result(result, tmp_path, {"note": "meta"})
+    back = read_result(tmp_path)
+    assert is_final(tmp_path) and back == dataclasses.replace(result, adapter_dir=str(tmp_path / "adapter"))
+    adapter, meta = load_adapter(back.adapter_dir)
+    assert meta["note"] == "meta" and adapter.rank == 4
 
 
 def test_train_device_is_validated():

@@ -55,7 +55,7 @@ def spied_executor(spy):
                 inner.log_metrics(metrics, step, checkpoint=checkpoint)
 
         ctx.logger = Spy()
-        train_worker(config, ctx)
+        return train_worker(config, ctx)
 
     class Spied(RayExecutor):
         def train(self, _body, config, *, cfg, layout):
@@ -88,8 +88,8 @@ def test_two_ddp_workers_lower_the_loss(fresh_run):
     from pema.adapter.checkpoint import load_checkpoint
 
     out, info = fresh_run
-    assert info["workers"] == 2 and [p["phase"] for p in info["phases"]] == ["rct", "rct_pd"]
-    assert info["steps_run"] == info["steps_total"] == sum(p["steps"] for p in info["phases"]) > 0
+    assert info.workers == 2 and [p["phase"] for p in info.phases] == ["rct", "rct_pd"]
+    assert info.steps_run == info.steps_total == sum(p["steps"] for p in info.phases) > 0
     history = json.loads((out / "train_history.json").read_text())
     for phase in ("rct", "rct_pd"):
         losses = [h["val_loss"] for h in history if h["phase"] == phase]
@@ -121,8 +121,8 @@ def test_killed_worker_resumes_from_checkpoint(fresh_run, stage_inputs, tmp_path
 
     info = run_spied(cfg, out, fault)
     assert os.path.exists(marker), "the fault never fired: the test proves nothing"
-    assert info["steps_total"] == fresh["steps_total"]
-    assert 0 < info["steps_run"] < fresh["steps_total"]  # the restarted attempt skipped the steps before the crash
+    assert info.steps_total == fresh.steps_total
+    assert 0 < info.steps_run < fresh.steps_total  # the restarted attempt skipped the steps before the crash
     resumed, _ = load_adapter(out / "adapter")
     reference, _ = load_adapter(fresh_out / "adapter")
     for name, value in reference.state_dict().items():  # same data, same steps, same order: the same adapter

@@ -4,7 +4,8 @@ the same bodies the Ray executor distributes (:mod:`pema.stages`), so what the t
 - ``encode``: the memory build's shard encoder, called on each pending shard in turn.
 - ``train``: :func:`pema.stages.train.train_worker` as rank 0 of 1. Checkpoints go to
   ``<output-dir>/train_checkpoints/latest`` (stage, verify, replace); after a crash the body is restarted from it,
-  up to ``train.max_failures`` times, as Ray Train restarts its workers.
+  up to ``train.max_failures`` times, as Ray Train restarts its workers. The body's result is kept there last, as
+  on Ray Train (:mod:`pema.executors.handoff`), and handed back as a TrainResult.
 - ``call``: a function call (Ray runs it as a task).
 """
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import shutil
 
+from pema.executors.handoff import is_final, read_result, write_result
+from pema.formats.layout import replace_dir
 from pema.stages.train import LocalTrainContext
 
 
@@ -36,12 +39,14 @@ class InlineExecutor:
         ctx = LocalTrainContext(folder, cfg.resources.device)
         for attempt in range(cfg.train.max_failures + 1):
             try:
-                body(config, ctx)
+                if not is_final(ctx.folder):  # (restarted after the end: that result stands)
+                    result = body(config, ctx)
+                    replace_dir(folder, lambda staging: write_result(result, staging, config["adapter_meta"]))
                 break
             except Exception:
                 if attempt == cfg.train.max_failures:
                     raise
-        yield str(folder)
+        yield read_result(folder)
 
     def call(self, fn, *args, num_cpus: float = 1, gpu: bool = False, **kwargs):
         return fn(*args, **kwargs)

@@ -1,12 +1,15 @@
 """Training on Ray Train: a TorchTrainer runs :func:`pema.stages.train.train_worker` on ``resources.train_workers``
 data-parallel workers (DDP over gloo on CPUs, NCCL on GPUs). The body is the stage's; this module only gives it a
 context: the worker's rank, world size and device, Ray Train's last checkpoint after a restart
-(``train.max_failures``), and a logger whose ``log_metrics(..., checkpoint=...)`` is ``ray.train.report``.
+(``train.max_failures``), and a logger whose ``log_metrics(..., checkpoint=...)`` is ``ray.train.report``. The
+body's :class:`~pema.stages.train.TrainResult` comes back as the last reported checkpoint
+(:mod:`pema.executors.handoff`); :func:`train_on_ray` yields it read back.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import shutil
 import tempfile
 import time
 
@@ -16,6 +19,7 @@ from ray.train import Checkpoint, CheckpointConfig, ControllerError, FailureConf
 from ray.train.torch import TorchTrainer
 
 from pema.errors import full_disk
+from pema.executors.handoff import is_final, read_result, write_result
 from pema.executors.ray_progress import bars_on_driver, relayed_bars
 from pema.stages.logger import NullLogger
 
@@ -28,12 +32,17 @@ class RayTrainLogger(NullLogger):
         self.rank = rank
 
     def log_metrics(self, metrics, step=None, *, checkpoint=None) -> None:
-        if checkpoint is None or self.rank != 0:
-            ray.train.report(dict(metrics), checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint(tmp)
-            ray.train.report(dict(metrics), checkpoint=Checkpoint.from_directory(tmp))
+        _report(self.rank, metrics, checkpoint)
+
+
+def _report(rank: int, metrics, checkpoint=None) -> None:
+    """``ray.train.report`` on every rank; rank 0's ``checkpoint(folder)`` fills the reported checkpoint."""
+    if checkpoint is None or rank != 0:
+        ray.train.report(dict(metrics), checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint(tmp)
+        ray.train.report(dict(metrics), checkpoint=Checkpoint.from_directory(tmp))
 
 
 class RayTrainContext:
@@ -73,7 +82,15 @@ def _loop(body, config: dict) -> None:
     ctx = RayTrainContext(config["device"])
     with relayed_bars(config.get("relay"), f"rank {ctx.rank}"):
         try:
-            body({k: v for k, v in config.items() if k not in ("relay", "no_room")}, ctx)
+            with ctx.latest_checkpoint() as d:
+                if is_final(d):  # restarted after the end: report the same result again
+                    _report(ctx.rank, {"done": True, "steps_run": 0},
+                            lambda tmp: shutil.copytree(d, tmp, dirs_exist_ok=True))
+                    return
+            result = body({k: v for k, v in config.items() if k not in ("relay", "no_room")}, ctx)
+            if result is not None:  # the result's way back: the last reported checkpoint
+                _report(ctx.rank, {"done": True, "steps_run": result.steps_run, "steps_total": result.steps_total},
+                        lambda tmp: write_result(result, tmp, config["adapter_meta"]))
         except Exception as exc:
             if (disk := full_disk(exc)) is not None and config.get("no_room") is not None:
                 filename = None if disk.filename is None else str(disk.filename)
@@ -83,7 +100,8 @@ def _loop(body, config: dict) -> None:
 
 @contextlib.contextmanager
 def train_on_ray(body, config: dict, *, cfg, layout, run_name: str = "train", progress: bool = True):
-    """Run ``body(config, ctx)`` on Ray Train; yields the folder of the final checkpoint. With ``progress`` the
+    """Run ``body(config, ctx)`` on Ray Train; yields its TrainResult (``adapter_dir`` inside the final
+    checkpoint, valid while the context is open). With ``progress`` the
     workers' bars are redrawn on this console. A write that fails for want of space (a worker's, or the
     controller's) comes out as that OSError, naming the file or else Ray Train's folder (:func:`_no_room`)."""
     t, r = cfg.train, cfg.resources
@@ -91,8 +109,9 @@ def train_on_ray(body, config: dict, *, cfg, layout, run_name: str = "train", pr
     no_room = NoRoomSeen.remote()
     try:
         with bars_on_driver(progress and config.get("progress", False)) as relay:
-            yield from _fit(body, {**config, "device": r.device, "relay": relay, "no_room": no_room}, t, r, use_gpu,
-                            layout, run_name)
+            for folder in _fit(body, {**config, "device": r.device, "relay": relay, "no_room": no_room}, t, r,
+                               use_gpu, layout, run_name):
+                yield read_result(folder)
     finally:
         ray.kill(no_room)
 

@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 from ray import tune
 
+from pema.adapter.io import save_adapter
 from pema.config import config_from_dict, to_dict, with_overrides
 from pema.formats.layout import RunLayout, replace_dir
 from pema.stages.decode import decode_and_score
 from pema.stages.inputs import plm_or_client
 from pema.stages.logger import NullLogger
-from pema.stages.train import FINAL, train_worker, worker_config
+from pema.stages.train import train_worker, worker_config
 
 TRIAL_META = "trial.json"
 BUNDLE = "adapter"
@@ -56,21 +57,13 @@ def read_events(trial_dir: str | os.PathLike) -> list[dict]:
 class TuneLogger(NullLogger):
     """The training body's logger inside a trial: every PD-phase validation becomes a ``tune.report`` of ``dev_ce``
     at ``pd_epoch`` (RCT's loss is a reconstruction MSE, so ASHA compares trials on the PD phase only), with the
-    checkpoint and the trial's run id; the values go to the trial's MLflow run too. The final log (``done``)
-    puts the adapter bundle at ``<trial dir>/adapter`` (and ``final.json`` beside it) for the decoding sweep
-    instead of reporting it."""
+    checkpoint and the trial's run id; the values go to the trial's MLflow run too. The trained adapter is the
+    body's return value (:func:`tune_trial` puts it at ``<trial dir>/adapter`` for the decoding sweep)."""
 
     def __init__(self, run, base: dict, trial_dir: Path):
         self.run, self.base, self.trial_dir = run, base, trial_dir
 
     def log_metrics(self, metrics, step=None, *, checkpoint=None) -> None:
-        if metrics.get("done"):
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint(tmp)
-                replace_dir(self.trial_dir / BUNDLE,
-                            lambda staging: shutil.copytree(Path(tmp) / BUNDLE, staging, dirs_exist_ok=True))
-                shutil.copy(Path(tmp) / FINAL, self.trial_dir / FINAL)
-            return
         if metrics.get("phase") == "rct" or not metrics.get("step"):
             return
         values = {"dev_ce": metrics["val_ce"], "dev_loss": metrics["val_loss"], "pd_epoch": metrics["epoch"]}
@@ -123,10 +116,11 @@ def tune_trial(config: dict, setup: dict) -> None:
     _event(trial_dir, "train_start", resumed=latest is not None)
     start = time.perf_counter()
     logger = TuneLogger(run, base, trial_dir)
-    train_worker(worker_config(cfg, out, progress=False), TuneTrainContext(logger, cfg.resources.device, latest))
-    final = json.loads((trial_dir / FINAL).read_text())
-    adapter_dir = trial_dir / BUNDLE
-    pd = final["results"][-1]
+    worker = worker_config(cfg, out, progress=False)
+    trained = train_worker(worker, TuneTrainContext(logger, cfg.resources.device, latest))
+    adapter_dir = trial_dir / BUNDLE  # the trained adapter, for the decoding sweep (stage, replace)
+    replace_dir(adapter_dir, lambda staging: save_adapter(trained.adapter, staging, worker["adapter_meta"]))
+    pd = trained.phases[-1]
     _event(trial_dir, "train_end", seconds=round(time.perf_counter() - start, 2))
     run.log_metrics({"train_s": time.perf_counter() - start, "best_dev_loss": pd["best_val"]})
 

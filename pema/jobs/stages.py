@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 
-import mlflow
-
 from pema.config import PipelineConfig, to_dict
 from pema.executors.ray_executor import RayExecutor
 from pema.formats.layout import ADAPTER_BUNDLES, OWNER_BUNDLES, RunLayout, write_text_atomic
@@ -27,11 +25,11 @@ from pema.stages.decode import decode_and_score, log_scores, run_evaluate, signi
 from pema.stages.inputs import check_inputs, cleaned_splits
 from pema.stages.ledger import Ledger, gated, stage_inputs
 from pema.stages.pipeline import run_pipeline
-from pema.stages.train import run_train
+from pema.stages.train import TrainResult, run_train
 from pema.tracking.logger import MLflowLogger, TrialRuns
 from pema.tracking.registry import adapter_digest, register_adapter
 from pema.tracking.orphans import finish_recorded_runs
-from pema.tracking.runs import connect, lineage_tags, stage_run
+from pema.tracking.runs import connect
 
 __all__ = ["ADAPTER_BUNDLES", "OWNER_BUNDLES", "build", "train", "evaluate", "pipeline", "register", "tune",
            "ensure_built", "check_inputs", "log_scores", "significance_metrics", "dev_bleu_of"]
@@ -53,13 +51,16 @@ def recorded(stage: str, cfg: PipelineConfig, output_dir, **match) -> dict | Non
     return entry
 
 
-def once(stage: str, cfg: PipelineConfig, output_dir, body, *, log=print, figure=lambda result: "", **match):
+def once(stage: str, cfg: PipelineConfig, output_dir, body, *, log=print, figure=lambda result: "",
+         restore=lambda result: result, resume: str | None = None, **match):
     """``body(logger)`` as the MLflow run of ``stage``, through the stage gate (:func:`pema.stages.ledger.gated`):
-    skipped, with its recorded result, when the folder's ledger holds it as done with this config, these inputs and
-    ``match`` with its outputs in place (a job killed after the work was done: its run, if the kill left it open,
-    is ended as FINISHED); the console says which and why."""
-    return gated(Ledger(output_dir), stage, cfg, MLflowLogger(cfg, output_dir).stage, body, log=log, figure=figure,
-                 on_skip=lambda entry: finish_run(entry, output_dir), **match)[0]
+    skipped, with its recorded result (``restore`` makes it typed again), when the folder's ledger holds it as done
+    with this config, these inputs and ``match`` with its outputs in place (a job killed after the work was done:
+    its run, if the kill left it open, is ended as FINISHED); the console says which and why. ``resume``: the id of
+    a run a killed job left open, reopened instead of a new one."""
+    logger = MLflowLogger(cfg, output_dir)
+    return gated(Ledger(output_dir), stage, cfg, lambda name: logger.stage(name, resume=resume), body, log=log,
+                 figure=figure, restore=restore, on_skip=lambda entry: finish_run(entry, output_dir), **match)[0]
 
 
 def build(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> dict:
@@ -70,8 +71,10 @@ def build(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) 
 
 
 def train(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> dict:
+    """The train stage's :class:`~pema.stages.train.TrainResult`, as the job shows it (``to_dict()``)."""
     return once("train", cfg, output_dir,
-                lambda logger: run_train(cfg, output_dir, RayExecutor(progress), logger, progress=progress), log=log)
+                lambda logger: run_train(cfg, output_dir, RayExecutor(progress), logger, progress=progress), log=log,
+                restore=TrainResult.from_dict).to_dict()
 
 
 def evaluate(cfg: PipelineConfig, output_dir, *, progress: bool = True, log=print) -> dict:
@@ -117,19 +120,19 @@ def tune(cfg: PipelineConfig, output_dir, *, train_space: dict, decode_grid: lis
     state_path = layout.tune_state
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     out.mkdir(parents=True, exist_ok=True)
-    with stage_run("tune", cfg, out, run_id=state.get("parent_run_id")) as parent:
-        write_text_atomic(state_path, json.dumps({"parent_run_id": parent.info.run_id}))
+    with MLflowLogger(cfg, out).stage("tune", resume=state.get("parent_run_id")) as run:
+        parent_run_id = run.info()["run_id"]
+        write_text_atomic(state_path, json.dumps({"parent_run_id": parent_run_id}))
         ensure_built(cfg, out, progress=progress, log=log)
-        setup = {"trial_runs": TrialRuns(mlflow.get_tracking_uri(), parent.info.experiment_id, parent.info.run_id,
-                                         lineage_tags(cfg, out))}
-        mlflow.log_dict({"train": {k: list(v) for k, v in train_space.items()}, "decode_grid": decode_grid},
-                        "search_space.json")
+        setup = {"trial_runs": TrialRuns.under_active_run(cfg, out)}
+        run.log_dict({"train": {k: list(v) for k, v in train_space.items()}, "decode_grid": decode_grid},
+                     "search_space.json")
         found = run_tune(cfg, out, train_space=train_space, decode_grid=decode_grid, setup=setup,
                          num_samples=num_samples,
                          max_concurrent=max_concurrent, seed=seed, progress=progress)
         table = [{k: v for k, v in t.items() if k != "checkpoint"} for t in found["trials"]]
         summary = {"trials": table, "unfinished": found["unfinished"], "experiment_path": found["path"],
-                   "parent_run_id": parent.info.run_id, "decode_grid": decode_grid}
+                   "parent_run_id": parent_run_id, "decode_grid": decode_grid}
         if found["unfinished"]:
             log(f"interrupted: {found['unfinished']} trial(s) unfinished; rerun the same command to resume")
         elif found["best"] is None:
@@ -141,14 +144,14 @@ def tune(cfg: PipelineConfig, output_dir, *, train_space: dict, decode_grid: lis
             write_text_atomic(layout.config, json.dumps(to_dict(best_cfg), indent=2))
             summary["best"] = {k: best[k] for k in ("trial_id", "config", "decode", "dev_bleu", "dev_chrf",
                                                     "mlflow_run_id")}
-            mlflow.log_metrics({"best_dev_bleu": best["dev_bleu"], "trials_completed":
-                                sum(t["status"] == "completed" for t in table), "trials_pruned":
-                                sum(t["status"] == "pruned" for t in table)})
-            mlflow.set_tags({"pema.best_trial": best["trial_id"], "pema.best_decode": json.dumps(best["decode"])})
+            run.log_metrics({"best_dev_bleu": best["dev_bleu"], "trials_completed":
+                             sum(t["status"] == "completed" for t in table), "trials_pruned":
+                             sum(t["status"] == "pruned" for t in table)})
+            run.set_tags({"pema.best_trial": best["trial_id"], "pema.best_decode": json.dumps(best["decode"])})
             if name:
                 summary["registered"] = register(best_cfg, out, name, dev_bleu=best["dev_bleu"], progress=progress)
         write_text_atomic(layout.tune_summary, json.dumps(summary, indent=2, default=str))
-        mlflow.log_artifact(str(layout.tune_summary))
+        run.log_artifact(layout.tune_summary)
     return summary
 
 

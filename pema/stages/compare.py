@@ -1,8 +1,12 @@
-"""Every system of the comparison, trained and decoded in one process on the same memory and test pairs.
+"""The compare stage: every system of the comparison, trained and decoded in one process on the same memory and test
+pairs, then logged and tabled.
 
-:func:`run_systems` is the body of the ``compare`` job's Ray task (:mod:`pema.jobs.compare`); it has no Ray
-and no MLflow in it and runs as well in a plain process. The definitions of the systems are in :data:`DEFINITIONS`
-and in the docstring of :mod:`pema.jobs.compare`.
+:func:`run_compare` is the stage, as build, train and evaluate are: handed an executor and a metric logger, it runs
+:func:`run_systems` (no Ray, no MLflow) as one ``call`` on the executor (a Ray task in the job, GPUs: one when
+``resources.device`` is CUDA), then logs one child scope per system (its definition as params, its metrics), the
+systems' metrics on its own scope, ``compare.md``, ``compare.png`` and ``summary.json``. The job
+(:mod:`pema.jobs.compare`) runs it through the stage gate inside its MLflow run. The definitions of the systems are
+in :data:`DEFINITIONS` and in the docstring of :mod:`pema.jobs.compare`.
 
 Costs per system: ``train_s`` is the wall time of what the system needs before it can decode (PEMA: both training
 phases, kNN-LM: reading the memory and building its index, LoRA: PEFT fine-tuning, zero-shot: nothing);
@@ -17,7 +21,9 @@ returns it (sacreBLEU's paired bootstrap: 95% intervals of BLEU, chrF and TER, p
 from __future__ import annotations
 
 import gc
+import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -27,12 +33,16 @@ import torch
 from pema.adapter.io import save_adapter
 from pema.adapter.phases import phase_plan
 from pema.adapter.train import PHASES
-from pema.config import PipelineConfig, ScheduleConfig, TrainConfig, to_dict, with_overrides
+from pema.config import (PipelineConfig, ScheduleConfig, TrainConfig, flatten, to_dict, with_absolute_data,
+                         with_overrides)
 from pema.errors import ConfigError, MemoryFormatError
+from pema.stages import plots
+from pema.stages.logger import MetricLogger, NullLogger
 from pema.stages.scoring import significance_against
+from pema.stages.tables import compare_markdown, format_compare_table
 from pema.formats.memory import MemoryReader
-from pema.formats.layout import RunLayout
-from pema.stages.decode import save_predictions, score, translate
+from pema.formats.layout import RunLayout, write_text_atomic
+from pema.stages.decode import save_predictions, score, significance_metrics, translate
 from pema.stages.inputs import adapter_meta, open_bundles, plm_or_client, split_pairs
 from pema.stages.train import train_local
 from pema.profiling import PeakMemory
@@ -51,6 +61,7 @@ DEFINITIONS = {
     "pema_knn": "three-way mixture: (1 - lam) P_LM + lam ((1 - s) P_PEMA + s p_kNN), lam from decode.pema_knn, "
                 "s = knn.pema_share, p_kNN as in knn_lm",
 }
+METRICS = ("bleu", "chrf", "ter", "train_s", "peak_train_mem_mb", "trainable_params", "decode_s_per_token")
 PD_ONLY = ScheduleConfig(kind="constant", lam=1.0)  # log P = log P_PEMA exactly (interpolate handles lam = 1)
 MAIN_ADAPTER = ("pema_pd_only", "pema_const", "pema_gu", "pema")  # the systems that share the cfg.train adapter
 # (pema_knn shares it too, decoded with the kNN scorer blended in)
@@ -198,8 +209,9 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
     for name, pcfg in plans.items():
         with PeakMemory(pcfg.resources.device) as meter:
             start = time.perf_counter()
-            adapter, results = train_local(pcfg, out, progress=progress)
+            trained = train_local(pcfg, out, progress=progress)
             seconds = time.perf_counter() - start
+        adapter = trained.adapter
         timings[f"train_{name}"] = round(seconds, 2)
         save_adapter(adapter, RunLayout(out).compare / f"{name}_adapter",
                      adapter_meta(pcfg, head_meta, train_reader, train=to_dict(pcfg.train)))
@@ -207,8 +219,8 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
         cost = {"train_s": seconds, "peak_train_mem_mb": meter.peak_bytes / 2**20, "memory_kind": meter.kind,
                 "trainable_params": pema_trainable_params(adapter, pcfg.train),
                 "total_params": plm_params + n_params(adapter),
-                "train_phases": [{k: r[k] for k in ("phase", "best_val", "steps")} for r in results]}
-        log(f"compare: {name} adapter trained in {seconds:.1f} s ({[r['phase'] for r in results]})")
+                "train_phases": [{k: p[k] for k in ("phase", "best_val", "steps")} for p in trained.phases]}
+        log(f"compare: {name} adapter trained in {seconds:.1f} s ({[p['phase'] for p in trained.phases]})")
         for system in (MAIN_ADAPTER if name == "pema" else ("pema_no_rct",)):
             if system in systems:
                 decode(system, model, cost, adapter=adapter, head=head, ratio=ratio)
@@ -217,7 +229,7 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
                            d=head_meta["d"])
             decode("pema_knn", model, cost, scorer=blended_scorer(adapter, head, knn, cfg.knn.pema_share))
             del knn
-        del adapter
+        del adapter, trained
 
     if "knn_lm" in systems:
         with PeakMemory(model_device) as meter:
@@ -250,3 +262,61 @@ def run_systems(cfg: PipelineConfig, output_dir, *, systems: Iterable[str] | str
             rows[system]["significance"] = sig
         timings["significance"] = round(time.perf_counter() - start, 2)
     return {"rows": {s: rows[s] for s in systems}, "timings_s": timings}
+
+
+def system_params(system: str, cfg: PipelineConfig) -> dict[str, str]:
+    """The settings that define ``system`` (its child scope's params)."""
+    params: dict[str, object] = {"system.definition": DEFINITIONS[system], "decode.strategy": cfg.decode.strategy,
+                                 "decode.max_new_tokens": cfg.decode.max_new_tokens}
+    if system == "knn_lm":
+        params.update(flatten(cfg.knn, "knn."))
+    elif system == "lora":
+        params.update(flatten(cfg.lora, "lora."))
+    elif system.startswith("pema_"):
+        train_cfg = no_rct_config(cfg) if system == "pema_no_rct" else cfg
+        params.update({**flatten(cfg.adapter, "adapter."), **flatten(train_cfg.train, "train.")})
+    if (schedule := decode_schedule(system, cfg)) is not None:
+        params.update(flatten(schedule, "schedule."))
+    return {k: str(v) for k, v in params.items()}
+
+
+def run_compare(cfg: PipelineConfig, output_dir: str | os.PathLike, executor, logger: MetricLogger | None = None, *,
+                systems: Iterable[str] | str = SYSTEMS, against: Iterable[str] | str | None = None,
+                progress: bool = True, logged: Iterable[str] = (), timings: dict | None = None) -> dict:
+    """The compare stage: :func:`run_systems` as one ``executor.call``; then, on ``logger``, a child scope per
+    system (tags ``pema.stage``, ``pema.system``, ``pema.memory_kind``; :func:`system_params`; the row's metrics and
+    :func:`~pema.stages.decode.significance_metrics`) but for those in ``logged`` (a killed job's run, resumed,
+    had finished them), ``<system>/<metric>`` on its own scope, ``compare.md``, ``compare.png`` and
+    ``summary.json``. Merges the rows into ``<output_dir>/summary.json`` (one key per system, ``compare_table``,
+    ``compare_timings_s``: ``timings`` first, ``compare_mlflow``: where the logs went) and returns that summary."""
+    systems = check_systems(systems)
+    against = check_against(against, systems)
+    logger, out = logger or NullLogger(), Path(output_dir).resolve()
+    start = time.perf_counter()
+    found = executor.call(run_systems, with_absolute_data(cfg), str(out), systems=systems, progress=progress,
+                          against=against, num_cpus=cfg.resources.eval_cpus,
+                          gpu=cfg.resources.device.startswith("cuda"))
+    timings = {**(timings or {}), "compare": round(time.perf_counter() - start, 2)}
+    rows = found["rows"]
+    for system, row in rows.items():
+        if system in logged:
+            continue
+        with logger.stage(system, scope=True) as child:
+            child.set_tags({"pema.stage": "compare", "pema.system": system, "pema.memory_kind": row["memory_kind"]})
+            child.log_params(system_params(system, cfg))
+            child.log_metrics({**{k: float(row[k]) for k in (*METRICS, "total_params")}, **significance_metrics(row)})
+    logger.log_metrics({f"{s}/{k}": float(r[k]) for s, r in rows.items() for k in METRICS})
+    for s, r in rows.items():
+        if sig := significance_metrics(r, f"{s}/"):
+            logger.log_metrics(sig)
+    logger.log_text(compare_markdown(rows), "compare.md")
+    logger.log_figure(plots.compare_bars(rows), "compare.png")
+    path = RunLayout(out).summary
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    summary.update(rows)
+    summary.update({"compare_table": format_compare_table(rows), "compare_timings_s": {**timings, **found["timings_s"]}})
+    if info := logger.info():
+        summary["compare_mlflow"] = info
+    write_text_atomic(path, json.dumps(summary, indent=2, ensure_ascii=False))
+    logger.log_artifact(path)
+    return summary

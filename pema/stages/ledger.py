@@ -166,7 +166,7 @@ class Ledger:
         entries = self.entries()
         _drop_downstream(entries, stage)
         entries[stage] = {"config": config_digest(cfg), "config_tree": _config_tree(cfg), "run_id": run_id,
-                          "result": result, **extra}
+                          "result": as_recorded(result), **extra}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path, json.dumps(entries, indent=2, default=str))
 
@@ -180,22 +180,31 @@ class Ledger:
         return [e["run_id"] for e in self.entries().values() if isinstance(e, dict) and e.get("run_id")]
 
 
+def as_recorded(result):
+    """A stage's result as the ledger keeps it: a typed result (such as training's ``TrainResult``) by its
+    ``to_dict()``, anything else as it is."""
+    return result.to_dict() if callable(getattr(result, "to_dict", None)) else result
+
+
 def gated(ledger: Ledger, stage: str, cfg: PipelineConfig, open_run: Callable[[str], AbstractContextManager],
           body: Callable, *, log=print, figure: Callable[[object], str] = lambda result: "",
-          on_skip: Callable[[dict], None] = lambda entry: None, **match) -> tuple[object, dict | None]:
+          on_skip: Callable[[dict], None] = lambda entry: None, restore: Callable[[object], object] = lambda r: r,
+          **match) -> tuple[object, dict | None]:
     """The stage gate every job goes through: ``body(logger)`` inside ``open_run(stage)`` (a metric logger's
-    stage run), recorded in ``ledger`` with its inputs before the run ends; or, when the ledger holds ``stage`` as
-    done with this config, these inputs and ``match``, the recorded result (``on_skip(entry)`` first: the jobs end
-    a run a kill left open). Either way one console line says what happened and why. Returns ``(result, entry)``:
-    ``entry`` is the ledger's entry when the stage was skipped, else None."""
+    stage run), recorded in ``ledger`` (:func:`as_recorded`) with its inputs before the run ends; or, when the
+    ledger holds ``stage`` as done with this config, these inputs and ``match``, the recorded result made typed
+    again by ``restore`` (``on_skip(entry)`` first: the jobs end a run a kill left open). Either way one console
+    line says what happened and why. Returns ``(result, entry)``: ``entry`` is the ledger's entry when the stage
+    was skipped, else None."""
     inputs = stage_inputs(cfg, ledger.layout.root, stage)
     entry, why = ledger.verdict(stage, cfg, inputs, **match)
     if entry is not None:
         on_skip(entry)
-        shown = figure(entry["result"])
+        result = restore(entry["result"])
+        shown = figure(result)
         log(f"[{stage}] skipped: done earlier with the same config and inputs (run {entry.get('run_id')})"
             + (f": {shown}" if shown else ""))
-        return entry["result"], entry
+        return result, entry
     log(f"[{stage}] {'started' if why == NOT_DONE else 'redone'}: {why}")
     ledger.forget_after(stage)
     start = time.perf_counter()

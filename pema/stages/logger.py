@@ -7,8 +7,11 @@ A stage never calls MLflow, Ray Train or Ray Tune itself; it is handed a :class:
   into ``ray.train.report``; the Tune trial's (:mod:`pema.executors.ray_tune`) into ``tune.report``;
 - :class:`NullLogger` drops everything, :class:`RecordingLogger` keeps it (tests, the inline executor).
 
-``stage(name)`` opens a child scope for one stage (a child MLflow run under the pipeline's run); ``info()`` says
-where the logs go (``{"run_id", "tracking_uri"}`` for MLflow, ``{}`` otherwise).
+``stage(name)`` opens a child scope for one stage (a child MLflow run under the pipeline's run, with the config);
+``stage(name, resume=run_id)`` reopens the scope a killed job left (its run, by id); ``stage(name, scope=True)``
+opens a child scope that is a part of the current stage, not a stage of its own (one system of the comparison: a
+child run named ``name`` without the config; the caller logs what defines it). ``info()`` says where the logs go
+(``{"run_id", "tracking_uri"}`` for MLflow, ``{}`` otherwise).
 
 ``checkpoint``, where given, is a function that writes a checkpoint into the folder it is passed; a logger that
 keeps no checkpoints ignores it.
@@ -34,9 +37,12 @@ class MetricLogger(Protocol):
 
     def log_dict(self, obj: Any, name: str) -> None: ...
 
+    def log_text(self, text: str, name: str) -> None: ...
+
     def log_figure(self, figure: Any, name: str) -> None: ...
 
-    def stage(self, name: str) -> ContextManager["MetricLogger"]: ...
+    def stage(self, name: str, *, resume: str | None = None, scope: bool = False) -> ContextManager["MetricLogger"]:
+        ...
 
     def info(self) -> dict: ...
 
@@ -59,11 +65,14 @@ class NullLogger:
     def log_dict(self, obj, name) -> None:
         pass
 
+    def log_text(self, text, name) -> None:
+        pass
+
     def log_figure(self, figure, name) -> None:
         close_figure(figure)
 
     @contextlib.contextmanager
-    def stage(self, name: str):
+    def stage(self, name: str, *, resume=None, scope=False):
         yield self
 
     def info(self) -> dict:
@@ -91,12 +100,15 @@ class RecordingLogger(NullLogger):
     def log_dict(self, obj, name) -> None:
         self.calls.append(("dict", name, obj))
 
+    def log_text(self, text, name) -> None:
+        self.calls.append(("text", name, text))
+
     def log_figure(self, figure, name) -> None:
         close_figure(figure)
         self.calls.append(("figure", name))
 
     @contextlib.contextmanager
-    def stage(self, name: str):
+    def stage(self, name: str, *, resume=None, scope=False):
         self.calls.append(("stage", name))
         try:
             yield self

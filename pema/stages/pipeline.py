@@ -21,7 +21,7 @@ from pema.stages.decode import SYSTEMS, log_scores, run_evaluate
 from pema.stages.inputs import check_inputs, cleaned_splits
 from pema.stages.ledger import Ledger, gated
 from pema.stages.logger import MetricLogger, NullLogger
-from pema.stages.train import run_train
+from pema.stages.train import TrainResult, run_train
 
 
 def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, executor, logger: MetricLogger | None = None, *,
@@ -51,14 +51,15 @@ def _stages(cfg: PipelineConfig, layout: RunLayout, executor, parent, ledger: Le
             log, on_skip) -> dict:
     timings: dict[str, float] = {}
 
-    def stage(name: str, body, figure):
+    def stage(name: str, body, figure, restore=lambda r: r):
         start = time.perf_counter()
         if ledger is None:
             log(f"[{name}] started")
             with run.stage(name) as stage_logger:
                 result, skipped = body(stage_logger), None
         else:
-            result, skipped = gated(ledger, name, cfg, run.stage, body, log=log, figure=figure, on_skip=on_skip)
+            result, skipped = gated(ledger, name, cfg, run.stage, body, log=log, figure=figure, on_skip=on_skip,
+                                    restore=restore)
         timings[name] = skipped.get("seconds", 0.0) if skipped else round(time.perf_counter() - start, 2)
         if not skipped:
             log(f"[{name}] done in {timings[name]:.0f} s: {figure(result)}")
@@ -68,16 +69,16 @@ def _stages(cfg: PipelineConfig, layout: RunLayout, executor, parent, ledger: Le
         built = stage("build_memory", lambda lg: run_build(cfg, layout.root, executor, lg, progress=progress),
                       lambda b: f"{b['train_rows']:,} train rows, {b['dev_rows']:,} dev rows")
         trained = stage("train", lambda lg: run_train(cfg, layout.root, executor, lg, progress=progress),
-                        lambda t: "; ".join(_phase_figure(p) for p in t["phases"]))
+                        lambda t: "; ".join(_phase_figure(p) for p in t.phases), TrainResult.from_dict)
         summary = stage("evaluate", lambda lg: run_evaluate(cfg, layout.root, executor, lg, progress=progress),
                         lambda s: ", ".join(f"{k} chrF {s[k]['chrf']:.2f}" for k in SYSTEMS if k in s))
-        summary["timings_s"] = {"build_memory": timings["build_memory"], "train": trained["seconds"],
+        summary["timings_s"] = {"build_memory": timings["build_memory"], "train": trained.seconds,
                                 **summary["timings_s"]}
         summary["train"] = [{"phase": p["phase"], "best_val": p["best_val"], "steps": p["steps"],
-                             "rows_per_s": p["rows_per_s"]} for p in trained["phases"]]
+                             "rows_per_s": p["rows_per_s"]} for p in trained.phases]
         summary["memory_rows"] = built["train_rows"]
         summary["hygiene"] = hygiene.to_dict()
-        summary["executor"] = {"name": executor.name, "train_workers": trained["workers"]}
+        summary["executor"] = {"name": executor.name, "train_workers": trained.workers}
         if info := run.info():
             summary["mlflow"] = info
         write_text_atomic(layout.summary, json.dumps(summary, indent=2, ensure_ascii=False))

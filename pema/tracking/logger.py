@@ -1,8 +1,9 @@
 """The metric logger (:class:`pema.stages.logger.MetricLogger`) on MLflow.
 
 - :class:`MLflowLogger` writes the process's active run; ``stage(name)`` opens a stage run
-  (:func:`~pema.tracking.runs.stage_run`: a child of the active run, params, config, lineage tags) and yields the
-  logger of that run.
+  (:func:`~pema.tracking.runs.stage_run`: a child of the active run, params, config, lineage tags; ``resume``:
+  the run of that id, reopened) and yields the logger of that run; ``stage(name, scope=True)`` a plain child run
+  named ``name`` with the lineage tags only (one system of the comparison).
 - :class:`ClientRunLogger` writes one run by id through an ``MlflowClient`` (no process-global active run): a Ray
   Tune trial's run. :class:`TrialRuns` (picklable, so it travels to the trials) creates them as children of the
   tune job's run, or reopens one when a trial resumes.
@@ -22,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from pema.config import flatten
 from pema.stages.logger import close_figure
 from pema.tracking.orphans import process_tags
-from pema.tracking.runs import PARAM_MAX, stage_run
+from pema.tracking.runs import PARAM_MAX, experiment_id, lineage_tags, stage_run
 
 
 class MLflowLogger:
@@ -48,13 +49,23 @@ class MLflowLogger:
     def log_dict(self, obj, name) -> None:
         mlflow.log_dict(obj, name)
 
+    def log_text(self, text, name) -> None:
+        mlflow.log_text(text, name)
+
     def log_figure(self, figure, name) -> None:
         mlflow.log_figure(figure, name)
         close_figure(figure)
 
     @contextlib.contextmanager
-    def stage(self, name: str, run_id: str | None = None):
-        with stage_run(name, self.cfg, self.output_dir, run_id=run_id):
+    def stage(self, name: str, *, resume: str | None = None, scope: bool = False):
+        if scope:  # a part of the active run's stage: a child run without the config of a stage run
+            parent = mlflow.active_run()
+            with mlflow.start_run(run_name=name, nested=True, experiment_id=parent.info.experiment_id if parent
+                                  else experiment_id(output_dir=self.output_dir)):
+                mlflow.set_tags(lineage_tags(self.cfg, self.output_dir))
+                yield MLflowLogger(self.cfg, self.output_dir)
+            return
+        with stage_run(name, self.cfg, self.output_dir, run_id=resume):
             yield MLflowLogger(self.cfg, self.output_dir)
 
     def info(self) -> dict:
@@ -86,12 +97,15 @@ class ClientRunLogger:
     def log_dict(self, obj, name) -> None:
         self.client.log_dict(self.run_id, obj, name)
 
+    def log_text(self, text, name) -> None:
+        self.client.log_text(self.run_id, text, name)
+
     def log_figure(self, figure, name) -> None:
         self.client.log_figure(self.run_id, figure, name)
         close_figure(figure)
 
     @contextlib.contextmanager
-    def stage(self, name: str):
+    def stage(self, name: str, *, resume=None, scope=False):
         yield self
 
     def info(self) -> dict:
@@ -109,6 +123,13 @@ class TrialRuns:
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, lineage: dict):
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
         self.parent_run_id, self.lineage = parent_run_id, lineage
+
+    @classmethod
+    def under_active_run(cls, cfg, output_dir) -> "TrialRuns":
+        """The trials' runs as children of the active run (the tune job's), with the lineage tags of ``cfg``."""
+        parent = mlflow.active_run()
+        return cls(mlflow.get_tracking_uri(), parent.info.experiment_id, parent.info.run_id,
+                   lineage_tags(cfg, output_dir))
 
     def open(self, trial_id: str, overrides: dict, cfg, run_id: str | None = None) -> ClientRunLogger:
         client = MlflowClient(tracking_uri=self.tracking_uri)

@@ -70,3 +70,13 @@ def finish_recorded_runs(run_ids, client: MlflowClient | None = None) -> list[st
             client.set_terminated(run_id, status="FINISHED")
             finished.append(run_id)
     return finished
+
+
+def finished_children(run_id: str, tag: str, client: MlflowClient | None = None) -> set[str]:
+    """The values of ``tag`` on the FINISHED child runs of ``run_id`` (MlflowException when the store lacks that
+    run): a job that resumes a killed job's run logs only the children still missing, so each keeps one."""
+    client = client or MlflowClient()
+    run = client.get_run(run_id)
+    children = client.search_runs([run.info.experiment_id], max_results=1000, filter_string=(
+        f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'FINISHED'"))
+    return {c.data.tags.get(tag) for c in children} - {None}
