@@ -5,9 +5,9 @@ For a share of the memory too large for RAM, :class:`StreamingMemory` offers the
 tensors on the CPU) while holding at most ``buffer_rows`` rows plus a few chunks (parts). An epoch of seed ``s``:
 
 1. the chunks are visited in a shuffled order (a generator seeded from ``s``, apart from the row generator);
-2. rows enter a buffer of ``buffer_rows`` rows; once it is full, each incoming chunk of ``r`` rows is pooled with
-   the buffer and ``r`` rows drawn uniformly from the pool (``torch.randperm`` of the pool on a generator seeded
-   ``s``) are emitted in the drawn order, the incoming rows not drawn taking the emitted buffer rows' places;
+2. rows enter a buffer of ``buffer_rows`` rows; once it is full, each incoming row takes the place of a buffered
+   row drawn at random without replacement (``torch.randperm`` of the buffer's slots on a generator seeded ``s``,
+   one draw per chunk), and the displaced rows are emitted in the drawn order (two copies per row, no masks);
 3. at the end the rows left in the buffer are emitted in the order of one more ``torch.randperm``.
 
 When the buffer holds the whole share, step 2 never draws and each row is put at its stored place in the buffer, so
@@ -125,27 +125,15 @@ class StreamingMemory:
                 for b, c in zip(buf, (key, tok, row)):
                     b[filled:filled + f] = c[:f]
                 filled = self._buffered = filled + f
-            r = len(tok) - f
-            if not r:
-                continue
-            incoming = key[f:], tok[f:], row[f:]  # the buffer is full: draw r rows out of buffer + incoming
-            pick = torch.randperm(size + r, generator=gen)[:r]
-            from_buf = pick < size
-            at_buf, at_inc = from_buf.nonzero().squeeze(1), (~from_buf).nonzero().squeeze(1)
-            slots, inc = pick.index_select(0, at_buf), pick.index_select(0, at_inc) - size
-            stay = torch.ones(r, dtype=torch.bool)
-            stay[inc] = False
-            stay = stay.nonzero().squeeze(1)  # as many incoming rows stay as buffer rows were drawn
-            out = []
-            for b, c in zip(buf, incoming):  # index ops, no boolean-mask indexing: they run at copy speed
-                o = torch.empty((r, *c.shape[1:]), dtype=c.dtype)
-                o.index_copy_(0, at_buf, b.index_select(0, slots))
-                o.index_copy_(0, at_inc, c.index_select(0, inc))
-                b.index_copy_(0, slots, c.index_select(0, stay))
-                out.append(o)
-            self._note(r)
-            del key, tok, row, incoming
-            yield tuple(out)
+            for lo in range(f, len(tok), size):  # the buffer is full: each incoming row displaces a random one
+                hi = min(lo + size, len(tok))
+                slots = torch.randperm(size, generator=gen)[:hi - lo]
+                out = tuple(b.index_select(0, slots) for b in buf)  # the displaced rows, in the drawn order
+                for b, c in zip(buf, (key, tok, row)):
+                    b.index_copy_(0, slots, c[lo:hi])
+                self._note(hi - lo)
+                yield out
+            del key, tok, row
         # the rows left, in the order of one more randperm, a chunk's worth at a time
         perm = torch.randperm(filled, generator=gen)
         step = max(1, max(c.rows for c in self.source.chunks))
