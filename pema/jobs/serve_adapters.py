@@ -36,8 +36,6 @@ import threading
 import time
 from pathlib import Path
 
-import mlflow
-from mlflow.tracking import MlflowClient
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -45,6 +43,7 @@ from starlette.responses import JSONResponse
 from pema.errors import ConfigError, DataError, OwnerRequestError, OwnerUnavailableError, PemaError
 from pema.formats.access import RequestError, bearer_tenant, json_object, load_tokens
 from pema.formats.tasks import OverlengthError, cut_to_tokens
+from pema.tracking.models import RegistryError, download_model, is_not_found, registry_client
 
 ROUTE = "/adapters"
 MAX_ADAPTERS = 4  # adapters kept per replica (least recently used out beyond it)
@@ -52,7 +51,6 @@ MAX_TEXTS = 32  # texts per request
 MAX_BODY_BYTES = 1 << 20  # request body, bytes
 MAX_ONGOING = 16  # requests a replica holds at once (refusals answer while one decodes)
 TOKENS_ENV = "PEMA_ADAPTER_TOKENS"
-NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")  # MLflow's codes for "no such"
 log = logging.getLogger(__name__)
 
 
@@ -90,7 +88,7 @@ def cap_texts(texts: list[str], tokenizer, max_tokens: int, overlength: str) -> 
     return out, truncated, sum(map(len, rows))
 
 
-def resolve(ref: str, client: MlflowClient):
+def resolve(ref: str, client):
     """``NAME@ALIAS`` or ``NAME/VERSION`` -> its ModelVersion, asked of the registry now; RequestError 400 for
     anything else, 404 naming ``ref`` when the model, alias or version is not (or no longer) registered, 503 when
     the registry does not answer."""
@@ -104,8 +102,8 @@ def resolve(ref: str, client: MlflowClient):
         lookup = lambda: client.get_model_version(name, version)  # noqa: E731
     try:
         return lookup()
-    except mlflow.exceptions.MlflowException as exc:
-        if exc.error_code in NOT_FOUND:
+    except RegistryError as exc:
+        if is_not_found(exc):
             raise RequestError(404, f"adapter {ref!r} is not in the registry ({exc.message})") from None
         raise RequestError(503, f"adapter {ref!r}: the registry did not answer ({exc.message})") from None
 
@@ -118,8 +116,7 @@ def _load(tracking_uri: str, model: str) -> dict:
     from pema.adapter.io import load_adapter, load_head
     from pema.config import config_from_dict
 
-    mlflow.set_tracking_uri(tracking_uri)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}"))
+    local = download_model(tracking_uri, model)
 
     def find(name: str) -> Path:  # pyfunc artifacts/<name>
         path = next(local.rglob(name), None)
@@ -155,7 +152,7 @@ class AdapterDeployment:
         from pema.stages.inputs import plm_or_client
 
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = registry_client(tracking_uri)
         self.tokens = load_tokens(tokens_file, env=TOKENS_ENV)
         self.audit_path = Path(audit_path) if audit_path else None
         self.audit_lock = threading.Lock()
@@ -195,7 +192,7 @@ class AdapterDeployment:
         model = record["model"] = f"{mv.name}/{mv.version}"
         try:
             bundle = await self.get_adapter(f"{model}#{mv.creation_timestamp}")
-        except (OSError, mlflow.exceptions.MlflowException) as exc:
+        except (OSError, RegistryError) as exc:
             raise RequestError(404, f"adapter {ref!r} ({model}): its artifacts cannot be read from the registry's "
                                     f"store ({type(exc).__name__}: {exc})") from None
         cfg = bundle["cfg"]
