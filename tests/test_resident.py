@@ -12,7 +12,7 @@ import torch
 from pema.adapter.head import OutputHead
 from pema.adapter.model import PemaAdapter
 from pema.adapter.resident import ResidentMemory
-from pema.adapter.train import train_phase, validate
+from pema.adapter.train import PhaseData, PhaseHooks, train_phase, validate
 from pema.formats.memory import MemoryReader
 from pema.formats.memory_writer import MemoryWriter
 
@@ -149,9 +149,9 @@ def test_train_phase_with_resident_memory_reduces_loss(tmp_path, dtype):
     head.requires_grad_(False)
     torch.manual_seed(0)
     adapter = PemaAdapter(D, RANK, alpha=RANK, dropout=0.0)
-    res = train_phase(adapter, head, phase="rct_pd", train_batches=lambda epoch: train.batches(32, seed=epoch),
-                      train_rows=len(train), dev_batches=lambda: dev.batches(40, shuffle=False), epochs=4,
-                      lr=2e-2, kappa=0.3, progress=False)
+    data = PhaseData(lambda epoch: train.batches(32, seed=epoch), len(train), lambda: dev.batches(40, shuffle=False))
+    res = train_phase(adapter, head, data, phase="rct_pd", epochs=4, lr=2e-2, kappa=0.3,
+                      hooks=PhaseHooks(progress=False))
     first = res.history[0]
     assert res.rows_seen == 4 * 256 and res.steps == 4 * 8
     assert res.best_val < 0.85 * first["val_loss"], [h["val_loss"] for h in res.history]

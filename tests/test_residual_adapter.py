@@ -8,7 +8,7 @@ import torch
 from pema.adapter.head import OutputHead
 from pema.adapter.io import load_adapter, save_adapter
 from pema.adapter.model import PemaAdapter
-from pema.adapter.train import train_phase
+from pema.adapter.train import PhaseData, PhaseHooks, train_phase
 from pema.errors import MemoryFormatError
 
 D, R, M = 6, 3, 4
@@ -43,11 +43,10 @@ def test_pd_phase_trains_the_residual_and_rct_does_not():
     ad = PemaAdapter(D, R, 2.0, 0.0, mlp_hidden=M)
     batches = lambda e=0: [{"key": torch.randn(16, D), "token": torch.randint(0, 11, (16,))}]
     w1 = ad.W_1.detach().clone()
-    train_phase(ad, head, phase="rct", train_batches=batches, train_rows=16, dev_batches=batches, epochs=1, lr=0.1,
-                progress=False)
+    quiet = PhaseHooks(progress=False)
+    train_phase(ad, head, PhaseData(batches, 16, batches), phase="rct", epochs=1, lr=0.1, hooks=quiet)
     assert torch.equal(ad.W_1, w1) and not ad.W_2.any()
-    train_phase(ad, head, phase="rct_pd", train_batches=batches, train_rows=16, dev_batches=batches, epochs=3,
-                lr=0.1, progress=False)
+    train_phase(ad, head, PhaseData(batches, 16, batches), phase="rct_pd", epochs=3, lr=0.1, hooks=quiet)
     assert ad.W_2.abs().sum() > 0
 
 

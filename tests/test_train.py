@@ -14,7 +14,8 @@ import pema.adapter.train as train_mod
 from pema.adapter.head import OutputHead
 from pema.adapter.io import load_adapter, load_head, save_adapter
 from pema.adapter.model import PemaAdapter
-from pema.adapter.train import (phase_losses, should_stop, target_vocab, train_phase, validate, vocab_remap)
+from pema.adapter.train import (PhaseData, PhaseHooks, phase_losses, should_stop, target_vocab, train_phase, validate,
+                                vocab_remap)
 from pema.errors import MemoryFormatError, MemoryMismatchError
 
 D, V, RANK = 16, 24, 8
@@ -131,9 +132,10 @@ def test_validate_is_row_weighted_and_restores_mode():
 # train_phase on the synthetic memory
 # ----------------------------------------------------------------------------------------------------------------
 
-def run_phase(adapter, mem, head, phase, epochs=3, lr=2e-2, **kw):
-    return train_phase(adapter, head, phase=phase, train_batches=mem.train_batches, train_rows=mem.n_train,
-                       dev_batches=mem.dev_batches, epochs=epochs, lr=lr, progress=False, **kw)
+def run_phase(adapter, mem, head, phase, epochs=3, lr=2e-2, vocab_subset=None, report=None, save=None, **kw):
+    return train_phase(adapter, head, PhaseData(mem.train_batches, mem.n_train, mem.dev_batches, vocab_subset),
+                       phase=phase, epochs=epochs, lr=lr, hooks=PhaseHooks(report=report, save=save, progress=False),
+                       **kw)
 
 
 def test_rct_phase_reduces_reconstruction_loss_and_freezes_B_pd():
@@ -202,8 +204,8 @@ def test_train_phase_rejects_bad_arguments():
     with pytest.raises(ValueError):
         run_phase(new_adapter(), mem, head, "both")
     with pytest.raises(ValueError):
-        train_phase(new_adapter(), head, phase="rct", train_batches=mem.train_batches, train_rows=0,
-                    dev_batches=mem.dev_batches, epochs=1, lr=1e-3, progress=False)
+        train_phase(new_adapter(), head, PhaseData(mem.train_batches, 0, mem.dev_batches), phase="rct", epochs=1,
+                    lr=1e-3, hooks=PhaseHooks(progress=False))
 
 
 # ----------------------------------------------------------------------------------------------------------------

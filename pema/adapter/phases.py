@@ -17,7 +17,7 @@ import torch
 from pema.adapter.head import OutputHead
 from pema.adapter.model import PemaAdapter
 from pema.adapter.rct_exact import fit_rct_exact
-from pema.adapter.train import PhaseResult, PhaseState, train_phase, validate
+from pema.adapter.train import PhaseData, PhaseHooks, PhaseResult, PhaseState, train_phase, validate
 from pema.config import TrainConfig
 
 
@@ -95,9 +95,9 @@ def run_phases(adapter: PemaAdapter, head: OutputHead, t: TrainConfig, *,
         if checkpoint:
             on_check = lambda st, metrics, i=index, done=done: checkpoint(TrainCheckpoint(i, done, st), metrics)
         results.append(train_phase(
-            adapter, head, phase=p["phase"], train_batches=train_batches, train_rows=train_rows,
-            dev_batches=dev_batches, epochs=p["epochs"], lr=p["lr"], kappa=p["kappa"], weight_decay=t.weight_decay,
-            evals_per_epoch=t.evals_per_epoch, vocab_subset=subset, report=report, progress=progress,
-            checkpoint=on_check, resume=state, wrap=wrap, steps_done=steps_done,
+            adapter, head, PhaseData(train_batches, train_rows, dev_batches, subset), phase=p["phase"],
+            epochs=p["epochs"], lr=p["lr"], kappa=p["kappa"], weight_decay=t.weight_decay,
+            evals_per_epoch=t.evals_per_epoch, resume=state,
+            hooks=PhaseHooks(report=report, checkpoint=on_check, steps_done=steps_done, wrap=wrap, progress=progress),
             mixture_lam=t.mixture_lam if t.pd_objective == "mixture" else None, distill_beta=t.distill_beta))
     return results

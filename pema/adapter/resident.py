@@ -9,8 +9,9 @@ Plugs into :func:`pema.adapter.train.train_phase` unchanged::
 
     mem = ResidentMemory.from_reader(train_reader, "cuda", torch.bfloat16)
     dev = ResidentMemory.from_reader(dev_reader, "cuda", torch.bfloat16)
-    train_phase(adapter.cuda(), head.cuda(), train_batches=lambda epoch: mem.batches(512, seed=epoch),
-                train_rows=len(mem), dev_batches=lambda: dev.batches(4096, shuffle=False), ...)
+    data = PhaseData(train_batches=lambda epoch: mem.batches(512, seed=epoch), train_rows=len(mem),
+                     dev_batches=lambda: dev.batches(4096, shuffle=False))
+    train_phase(adapter.cuda(), head.cuda(), data, ...)
 
 ``phase_losses`` upcasts the keys to float32 (``torch.as_tensor(key, dtype=torch.float32)``), so bfloat16 or
 float16 storage halves the device memory and costs one cast per batch. The batch order of a seed is reproducible

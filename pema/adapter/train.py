@@ -177,25 +177,47 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def train_phase(adapter: PemaAdapter, head: OutputHead, *, phase: str, train_batches: Callable[[int], Iterable[dict]],
-                train_rows: int, dev_batches: Batches, epochs: int, lr: float, kappa: float = 0.2,
-                weight_decay: float = 0.0, evals_per_epoch: int = 1, vocab_subset: torch.Tensor | None = None,
-                report: Callable[[dict], None] | None = None,
-                save: Callable[[dict, dict], None] | None = None, progress: bool = True,
-                checkpoint: Callable[[PhaseState, dict], None] | None = None, resume: PhaseState | None = None,
-                wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                steps_done: Callable[[int], None] | None = None, mixture_lam: float | None = None,
-                distill_beta: float = 0.0) -> PhaseResult:
-    """Train the parameters of ``phase`` (``rct``: A, B_rct; ``rct_pd``/``pd``: A, B_pd, B_rct frozen).
+@dataclass(frozen=True)
+class PhaseData:
+    """What a phase reads: ``train_batches(epoch)``, the batches of one epoch (``train_rows`` rows in all);
+    ``dev_batches()``, the validation batches; ``vocab_subset``, the token ids the PD distribution is restricted to
+    (None: the whole vocabulary)."""
+    train_batches: Callable[[int], Iterable[dict]]
+    train_rows: int
+    dev_batches: Batches
+    vocab_subset: torch.Tensor | None = None
 
-    Callbacks: ``report(metrics)`` at each validation, ``save(best_state, metrics)`` on each new best,
-    ``checkpoint(state, metrics)`` at each validation (the check before training included) with a
-    :class:`PhaseState` to pass back as ``resume`` after a crash. ``wrap(adapter)`` returns the module the training
-    steps run through (a ``DistributedDataParallel`` wrapper for data-parallel workers). ``steps_done(n)`` is told
-    how many optimizer steps this call ran (a resumed call runs only the remaining ones). ``mixture_lam``: train
-    and select on the mixture's NLL (:func:`phase_losses`); ignored by the RCT phase. ``distill_beta``: the weight
-    of the kNN-distilled target in the training loss (:func:`phase_losses`; batches must carry neighbours).
+
+@dataclass(frozen=True)
+class PhaseHooks:
+    """What a phase tells its caller, and how it runs: ``report(metrics)`` at each validation,
+    ``save(best_state, metrics)`` on each new best, ``checkpoint(state, metrics)`` at each validation (the check
+    before training included) with a :class:`PhaseState` to pass back as ``resume`` after a crash,
+    ``steps_done(n)`` told how many optimizer steps the call ran (a resumed call runs only the remaining ones),
+    ``wrap(adapter)`` the module the training steps run through (a ``DistributedDataParallel`` wrapper for
+    data-parallel workers), ``progress`` a progress bar."""
+    report: Callable[[dict], None] | None = None
+    save: Callable[[dict, dict], None] | None = None
+    checkpoint: Callable[[PhaseState, dict], None] | None = None
+    steps_done: Callable[[int], None] | None = None
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    progress: bool = True
+
+
+def train_phase(adapter: PemaAdapter, head: OutputHead, data: PhaseData, *, phase: str, epochs: int, lr: float,
+                kappa: float = 0.2, weight_decay: float = 0.0, evals_per_epoch: int = 1,
+                hooks: PhaseHooks = PhaseHooks(), resume: PhaseState | None = None,
+                mixture_lam: float | None = None, distill_beta: float = 0.0) -> PhaseResult:
+    """Train the parameters of ``phase`` (``rct``: A, B_rct; ``rct_pd``/``pd``: A, B_pd, B_rct frozen) on
+    ``data`` (:class:`PhaseData`), calling ``hooks`` (:class:`PhaseHooks`); ``resume``: a ``checkpoint`` hook's
+    state, to go on from after a crash. ``mixture_lam``: train and select on the mixture's NLL
+    (:func:`phase_losses`); ignored by the RCT phase. ``distill_beta``: the weight of the kNN-distilled target in
+    the training loss (:func:`phase_losses`; batches must carry neighbours).
     """
+    train_batches, train_rows, dev_batches, vocab_subset = (data.train_batches, data.train_rows, data.dev_batches,
+                                                            data.vocab_subset)
+    report, save, checkpoint, steps_done = hooks.report, hooks.save, hooks.checkpoint, hooks.steps_done
+    wrap, progress = hooks.wrap, hooks.progress
     mixture_lam = None if phase == "rct" else mixture_lam
     if phase not in PHASES:
         raise ValueError(f"phase {phase!r} is not one of {sorted(PHASES)}")
