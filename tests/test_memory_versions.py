@@ -169,6 +169,14 @@ def test_delete_leaves_no_trace_and_retraining_reads_the_new_version(built):
     # a build from the original file does not put the withdrawn pairs back
     build_memories(cfg, {mem: split_pairs(cfg, "train")}, InlineExecutor(), progress=False)
     assert not set(read_examples(mem)["hash"].tolist()) & gone and version_of(verify_memory(mem)) == 2
+    # nor does a build that makes the memory whole again (other part sizes: another header)
+    from pema.config import with_overrides
+    from pema.formats.versions import withdrawn
+
+    whole = with_overrides(cfg, {"memory.rows_per_part": 32})
+    build_memories(whole, {mem: split_pairs(whole, "train")}, InlineExecutor(), progress=False)
+    assert version_of(verify_memory(mem)) == 1 and withdrawn(mem) == gone
+    assert not set(read_examples(mem)["hash"].tolist()) & gone
 
 
 def test_versions_are_collected_unless_a_model_uses_them(built):

@@ -107,6 +107,7 @@ def read_examples(mem_dir, manifest: MemoryManifest | None = None) -> dict[str, 
 
 
 def withdrawn(mem_dir) -> set[str]:
+    """The pairs withdrawn from the memory at ``mem_dir`` for good (``withdrawn.json``); none when it has none."""
     path = Path(mem_dir) / WITHDRAWN
     if not path.is_file():
         return set()
@@ -117,10 +118,12 @@ def withdrawn(mem_dir) -> set[str]:
 
 
 def commit(mem_dir, base: MemoryManifest, parts: tuple[PartInfo, ...], table: dict[str, np.ndarray], *,
-           reason: str, added: list[str], deleted: list[str], withdraw: bool = False) -> MemoryManifest:
+           reason: str, added: list[str], deleted: list[str], withdraw: bool = False,
+           carried: set[str] = frozenset()) -> MemoryManifest:
     """Make the next version of the memory at ``mem_dir``: ``parts`` (already in the folder) hold exactly the rows
-    of the examples in ``table``. Writes the examples file, the record and (``withdraw``) the withdrawn hashes,
-    then ``manifest.json``; returns the new manifest."""
+    of the examples in ``table``. Writes the examples file, the record and the withdrawn hashes (``deleted`` with
+    ``withdraw``, and ``carried``: those of a memory this one is built over), then ``manifest.json``; returns
+    the new manifest."""
     mem_dir = Path(mem_dir)
     parent = version_of(base) if (mem_dir / MANIFEST_NAME).is_file() else 0
     version = parent + 1
@@ -137,8 +140,9 @@ def commit(mem_dir, base: MemoryManifest, parts: tuple[PartInfo, ...], table: di
               "examples": name, "examples_sha256": sha}
     record_path(mem_dir, version).parent.mkdir(exist_ok=True)
     write_text_atomic(record_path(mem_dir, version), json.dumps(record, indent=1))
-    if withdraw and deleted:
-        hashes = sorted(withdrawn(mem_dir) | set(deleted))
+    gone = set(carried) | (set(deleted) if withdraw else set())
+    if gone:
+        hashes = sorted(withdrawn(mem_dir) | gone)
         write_text_atomic(mem_dir / WITHDRAWN, json.dumps({"hashes": hashes}))
     write_text_atomic(mem_dir / MANIFEST_NAME, json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
     return manifest

@@ -19,7 +19,7 @@ from pema.formats.keys import KEY_DEFINITION
 from pema.formats.layout import replace_dir, staging_dir
 from pema.formats.memory import (MANIFEST_NAME, SCHEMA_VERSION, MemoryManifest, PartInfo, file_sha256, read_manifest,
                                  verify_memory, write_part)
-from pema.formats.versions import commit, pair_hash
+from pema.formats.versions import WITHDRAWN, commit, pair_hash, withdrawn
 from pema.formats.tasks import Pair, prompt_token_bound, resolve_template, stop_token_id, tokenizer_hash, \
     use_chat_template
 from pema.owner.build import prepare_examples
@@ -73,10 +73,13 @@ class MemoryBuild:
     template, key definition and dtype, ``memory.keys``): a memory with the same header can be added to."""
 
     def __init__(self, cfg: PipelineConfig, tokenizer, pairs: Sequence[Pair], out_dir, *, origin: str = "build"):
+        self.withdrawn = withdrawn(out_dir) if (Path(out_dir) / WITHDRAWN).is_file() else set()
         hashes = [pair_hash(p.source, p.target) for p in pairs]
         first = {h: i for i, h in reversed(list(enumerate(hashes)))}  # the same pair twice is one example
-        pairs = [p for i, p in enumerate(pairs) if first[hashes[i]] == i]
-        self.pairs, self.hashes, self.origin = pairs, [hashes[i] for i in sorted(first.values())], origin
+        keep = sorted(i for h, i in first.items() if h not in self.withdrawn)  # withdrawn pairs never come back
+        self.left_out = len(first) - len(keep)
+        self.pairs, self.hashes, self.origin = [pairs[i] for i in keep], [hashes[i] for i in keep], origin
+        pairs = self.pairs
         if not pairs:
             raise DataError(f"no pairs to build the memory {os.fspath(out_dir)} from; pass at least one pair")
         self.out_dir = Path(out_dir)
@@ -210,7 +213,7 @@ class MemoryBuild:
                                   **self.meta)
         table = self.examples_table(version=1)
         replace_dir(self.out_dir, lambda staging: commit(staging, manifest, parts, table, reason="build",
-                                                         added=self.hashes, deleted=[]),
+                                                         added=self.hashes, deleted=[], carried=self.withdrawn),
                     verify_memory, fresh=False)  # a staging folder that fails verification stays for the rerun
         for name in [PLAN_NAME] + [s["file"] + SIDECAR_SUFFIX for s in sides]:
             (self.out_dir / name).unlink(missing_ok=True)

@@ -102,7 +102,7 @@ def plan_sync(cfg, tokenizer, build: MemoryBuild) -> Increment | None:
     sub, present, left_out = _lacking(cfg, tokenizer, build.out_dir, manifest, table, build.pairs, "build")
     gone = (table["origin"] == "build") & ~np.isin(table["hash"], np.array(build.hashes, object))
     return Increment(build.out_dir, manifest, table, sub, table["example"][gone], "build: the data file changed",
-                     left_out=left_out, present=present, fingerprint=build.fingerprint)
+                     left_out=left_out + build.left_out, present=present, fingerprint=build.fingerprint)
 
 
 def _versioned(out_dir: Path, what: str) -> tuple[MemoryManifest, dict]:
