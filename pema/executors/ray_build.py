@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 
 import numpy as np
 import ray
@@ -66,9 +67,17 @@ def encode_on_ray(factory, items: list[dict], *, cfg, poll_s: float = 0.5):
     ds.context.enable_progress_bars = False  # the stage's row bar replaces Ray Data's operator bars
     ds.context.enable_operator_progress_bars = False
     counter = _RowCounter.remote()
-    ds = ds.map_batches(_EncodeActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(n_actors, len(items))),
-                        num_gpus=gpus, num_cpus=cfg.resources.cpus_per_actor,
-                        fn_constructor_kwargs={"factory": factory, "counter": counter})
+    # max_restarts=0: Ray Data keeps the actors' constructor arguments in the object store, and Ray logs an
+    # error-level line (core_worker.cc, "max_restarts > 0") for every such actor that may restart (Ray Data's
+    # default, -1). An actor that dies fails the build instead; the rerun resumes from the verified parts
+    # (memory/<split>.partial/), as after a kill. Ray 2.60 takes it only as a "ray_remote_args" keyword, deprecated
+    # (removed in 2.64): that one warning is silenced.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(_EncodeActor, batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=min(n_actors, len(items))), num_gpus=gpus,
+                            num_cpus=cfg.resources.cpus_per_actor, max_restarts=0,
+                            fn_constructor_kwargs={"factory": factory, "counter": counter})
     arrived: queue.Queue = queue.Queue()
 
     def pump():
