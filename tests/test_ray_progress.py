@@ -25,3 +25,45 @@ def test_a_task_bar_is_redrawn_on_the_driver(ray_client, capfd):
     assert "plain stderr line" not in err  # other worker output is not relayed (Ray's forwarding is off)
     assert RayExecutor(progress=False).call(work, 3) == 3
     assert "relay check" not in capfd.readouterr().err  # no relay, no bar
+
+
+class _Recorder:
+    """Stands in for the relay actor: ``put.remote(key, line)`` records the line (no cluster needed)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        outer = self
+
+        class _Put:
+            @staticmethod
+            def remote(key, line):
+                outer.lines.append(line)
+
+        class _Sync:
+            @staticmethod
+            def remote():
+                return None
+
+        self.put, self.sync = _Put, _Sync
+
+
+def test_a_decoding_bar_ends_at_its_total():
+    """The last frame the relay gets from a decoding bar is the finished count, also when every sequence finishes
+    at once (within tqdm's mininterval, so no frame is drawn between 0% and the close)."""
+    from pema.adapter.decode import sequence_bar
+    from pema.executors.ray_progress import relayed_bars
+
+    for total, steps in ((6, [6]), (5, [2, 2, 1]), (3, [1, 1, 1])):
+        relay = _Recorder()
+        with relayed_bars(relay, "decode_test_sets"):
+            bar = sequence_bar(total, "zero_shot", True)
+            for n in steps:
+                bar.update(n)
+            bar.close()
+        assert relay.lines, "the bar drew nothing"
+        last = relay.lines[-1]
+        assert last.startswith("zero_shot:") and f"{total}/{total}" in last and "100%" in last, relay.lines
+    relay = _Recorder()
+    with relayed_bars(relay, "k"):
+        sequence_bar(4, "off", False).close()
+    assert relay.lines == []  # no progress, no bar

@@ -188,7 +188,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, stop_token_id: int, pad
     traces: list[list[float]] = [[] for _ in prompts]
     total_tokens, start = 0, time.perf_counter()
     torch.manual_seed(settings.seed)
-    bar = tqdm(total=len(prompts), desc=desc, unit="seq", disable=not progress, leave=False)
+    bar = sequence_bar(len(prompts), desc, progress)
     for b in range(0, len(order), settings.batch_size):
         idx = order[b : b + settings.batch_size]
         width = max(len(prompts[i]) for i in idx)
@@ -224,6 +224,13 @@ def generate(model, prompts: Sequence[Sequence[int]], *, stop_token_id: int, pad
         bar.update(len(idx))
     bar.close()
     return GenerationResult(outputs, time.perf_counter() - start, total_tokens, traces)
+
+
+def sequence_bar(total: int, desc: str, progress: bool):
+    """The decoding bar of one system: sequences done of ``total``. Kept when closed (``leave``), so its last frame
+    is the finished count: a bar closed with ``leave=False`` ends on the last frame tqdm drew, which, when the
+    sequences finish within tqdm's ``mininterval``, is 0% (and the relay of a Ray task keeps that frame)."""
+    return tqdm(total=total, desc=desc, unit="seq", disable=not progress, leave=True)
 
 
 def check_prompts(model, prompts: Sequence[Sequence[int]], bound: int | None, max_new_tokens: int) -> None:

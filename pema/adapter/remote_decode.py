@@ -19,10 +19,9 @@ import time
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from pema.adapter.decode import (GenerationResult, GenerationSettings, LengthCapProcessor, MixtureLogitsProcessor,
-                                 PemaLogitsProcessor)
+                                 PemaLogitsProcessor, sequence_bar)
 from pema.adapter.head import OutputHead
 from pema.adapter.model import PemaAdapter
 from pema.adapter.schedule import Schedule
@@ -66,7 +65,7 @@ def generate_remote(client, prompts: Sequence[Sequence[int]], *, stop_token_id: 
     outputs: list[list[int]] = [[] for _ in prompts]
     traces: list[list[float]] = [[] for _ in prompts]
     total_tokens, start = 0, time.perf_counter()
-    bar = tqdm(total=len(prompts), desc=desc, unit="seq", disable=not progress, leave=False)
+    bar = sequence_bar(len(prompts), desc, progress)
     for b in range(0, len(order), settings.batch_size):
         idx = order[b : b + settings.batch_size]
         width = max(len(prompts[i]) for i in idx)

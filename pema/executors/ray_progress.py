@@ -26,6 +26,9 @@ class BarRelay:
         out, self.lines = self.lines, []
         return out
 
+    def sync(self) -> None:
+        """Answers once every line the caller sent before has been put (one caller's calls run in order)."""
+
 
 class _RelayStream:
     """Stands in for ``sys.stderr`` in a worker: tqdm's redraws (``\\r...``) go to the relay, the rest to stderr."""
@@ -60,6 +63,10 @@ def relayed_bars(relay, key: str):
         yield
     finally:
         sys.stderr = saved
+        # the puts are sent without waiting: before the task returns, wait until the relay has them all, or the
+        # driver's last take (a call of another caller, not ordered with them) may miss a bar's final frame
+        with contextlib.suppress(Exception):
+            ray.get(relay.sync.remote(), timeout=10)
 
 
 @contextlib.contextmanager
