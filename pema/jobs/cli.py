@@ -127,13 +127,35 @@ def run_job(args: argparse.Namespace, stage: Callable[[PipelineConfig], object],
         return stop.exit_code
 
 
+def check_paths(args: argparse.Namespace, cfg: PipelineConfig | None = None, splits: tuple[str, ...] = ()) -> None:
+    """ConfigError naming the option when a file it names is missing or a folder: ``--config`` and the
+    ``--train/--dev/--test/--ood-test`` given; with ``cfg``, the ``data.<split>`` paths of ``splits`` that the
+    config file gave (``--ood-test`` with ``test``), named as the config's keys."""
+    given = {"config": args.config, **{s: getattr(args, s) for s in ("train", "dev", "test", "ood_test")
+                                       if getattr(args, s, None) is not None}}
+    named = {k: (f"--{k.replace('_', '-')}", v) for k, v in given.items()}
+    if cfg is not None:
+        for split in (*splits, "ood_test") if "test" in splits else splits:
+            if split not in given and (path := getattr(cfg.data, split)) is not None:
+                named[split] = (f"data.{split}", path)
+    for option, path in named.values():
+        where = "" if option.startswith("--") else \
+            f" (set by --config {args.config} or an override; --{option[5:].replace('_', '-')} replaces it)"
+        if not os.path.exists(path):
+            raise ConfigError(f"{option} {path}: no such file{where}")
+        if os.path.isdir(path):
+            raise ConfigError(f"{option} {path}: a folder, not a file{where}")
+
+
 def _run_job(args, stage, show, inputs, model, bundles, lock) -> int:
+    check_paths(args)  # before anything else: a mistyped path is named with its option
     check_output_dir(args.output_dir, write=lock)  # the services (lock off) only read the folder
     cfg = job_config(args)
+    splits = getattr(args, "input_splits", ()) if inputs is None else inputs
+    check_paths(args, cfg, splits)
     from pema.jobs.stages import check_inputs
     from pema.stages.inputs import SPLITS, cleaned_splits
 
-    splits = getattr(args, "input_splits", ()) if inputs is None else inputs
     check_inputs(cfg, args.output_dir, splits=splits, model=model, bundles=bundles)
     if splits:  # a split that the pair hygiene would leave empty: named here, before anything is written
         cleaned_splits(cfg, max(splits, key=SPLITS.index))

@@ -100,8 +100,7 @@ def check_inputs(cfg: PipelineConfig, output_dir: str | os.PathLike | None = Non
     if model:
         check_model_id(cfg.model.model_id)
     if bundles and (missing := RunLayout(output_dir).missing(bundles)):
-        raise FileNotFoundError(f"{output_dir} lacks {missing}: run jobs/build_memory.py (memory/, head/) and "
-                                "jobs/train.py (adapter/) on this --output-dir first")
+        raise FileNotFoundError(missing_bundles(output_dir, missing))
     if bundles:  # damaged or edited bundles: a named error here, before MLflow or Ray starts
         layout, head_meta = RunLayout(output_dir), None
         if "head/head.json" in bundles:
@@ -111,6 +110,16 @@ def check_inputs(cfg: PipelineConfig, output_dir: str | os.PathLike | None = Non
                 verify_memory(layout.memory(split))
         if "adapter/adapter.json" in bundles:
             load_adapter(layout.adapter, head_meta)
+
+
+def missing_bundles(output_dir, missing: list[str]) -> str:
+    """What a folder lacks and the command that makes it: ``pema build`` the memories and the head, ``pema train``
+    the adapter (which needs them)."""
+    owner = [m for m in missing if not m.startswith("adapter/")]
+    what = ", ".join(dict.fromkeys(m.rsplit("/", 1)[0] + "/" for m in missing))
+    make = ("`pema build`" + (", then `pema train`," if len(owner) < len(missing) else "")) if owner else "`pema train`"
+    return (f"--output-dir {output_dir} lacks {missing} ({what}): make {'them' if len(missing) > 1 else 'it'} with "
+            f"{make} on this --output-dir and the same --config")
 
 
 def _first_bytes(path: str, n: int = 4) -> bytes:
