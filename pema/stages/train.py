@@ -9,8 +9,8 @@ a Ray Tune trial (:mod:`pema.executors.ray_tune`). What it is given, a :class:`T
   worker runs the same number of steps (equal shares, global batch ``train.batch_size`` split evenly) and validates
   on the whole dev memory, so early stopping agrees everywhere. With ``world > 1`` the adapter is wrapped in DDP.
 - ``logger``, a :class:`~pema.stages.logger.MetricLogger`: metrics and checkpoints only. Every validation is logged
-  with a checkpoint writer (safetensors + JSON, :mod:`pema.adapter.checkpoint`), the last log with the final
-  figures. Every rank logs (on Ray Train a report is a barrier); the logger keeps rank 0's checkpoint.
+  with a checkpoint writer (safetensors + JSON, :mod:`pema.adapter.checkpoint`). Every rank logs (on Ray Train a
+  report is a barrier); the logger keeps rank 0's checkpoint.
 - ``latest_checkpoint()``: the folder of the last checkpoint when the executor restarted the workers after a crash;
   training resumes there, skipping the steps already taken.
 
