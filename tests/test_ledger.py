@@ -83,6 +83,13 @@ def test_a_rerun_pipeline_skips_the_stages_it_finished(tmp_path):
     run_pipeline(moved, tmp_path, InlineExecutor(), same, progress=False, log=lines.append, ledger=Ledger(tmp_path))
     assert [c[1] for c in same.calls if c[0] == "stage"] == []
     assert any(line.startswith("[pipeline] skipped") for line in lines)
+    # a rerun names every stage it skipped, why, and where that is recorded; the old table is said to be old
+    recorded = json.loads((tmp_path / LEDGER).read_text())
+    for stage in ("build_memory", "train", "evaluate", "pipeline"):
+        assert any(line.startswith(f"[{stage}] skipped: done earlier with the same config and inputs "
+                                   f"({LEDGER}, run {recorded[stage]['run_id']})") for line in lines), lines
+    assert lines[-1].startswith("[pipeline] skipped") and lines[-1].endswith("nothing ran now; the scores and "
+                                                                             "timings are that run's"), lines
     (data / "test.jsonl").write_text("".join(lines_of["test"][::-1]), encoding="utf-8")  # other pairs' order
     changed, lines = RecordingLogger(), []
     run_pipeline(moved, tmp_path, InlineExecutor(), changed, progress=False, log=lines.append, ledger=Ledger(tmp_path))

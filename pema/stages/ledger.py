@@ -40,6 +40,7 @@ OUTPUTS = {"build_memory": OWNER_BUNDLES, "train": ADAPTER_BUNDLES, "evaluate": 
 DOWNSTREAM = {"build_memory": ("train", "evaluate", "register", "pipeline", "compare"), "train": ("evaluate",
               "register", "pipeline"), "evaluate": ("pipeline",), "register": (), "pipeline": (), "compare": ()}
 DATA_PATHS = ("data.train", "data.dev", "data.test", "data.ood_test")  # the inputs stand for them
+PARTS = {"pipeline": ("build_memory", "train", "evaluate")}  # the stages a skipped stage's run holds
 ALL_SPLITS = ("train", "dev", "test", "ood_test")
 # what each stage reads: the JSONL splits (hygiene cleans a split against the earlier ones, so a split's pairs
 # depend on those too), whether it loads the PLM, and the bundles of the folder
@@ -186,6 +187,12 @@ def as_recorded(result):
     return result.to_dict() if callable(getattr(result, "to_dict", None)) else result
 
 
+def skip_line(stage: str, entry: dict) -> str:
+    """The console line of a stage the gate skips: why, and where that is recorded (the ledger and the run)."""
+    return (f"[{stage}] skipped: done earlier with the same config and inputs ({LEDGER}, run "
+            f"{entry.get('run_id')})")
+
+
 def gated(ledger: Ledger, stage: str, cfg: PipelineConfig, open_run: Callable[[str], AbstractContextManager],
           body: Callable, *, log=print, figure: Callable[[object], str] = lambda result: "",
           on_skip: Callable[[dict], None] = lambda entry: None, restore: Callable[[object], object] = lambda r: r,
@@ -201,9 +208,12 @@ def gated(ledger: Ledger, stage: str, cfg: PipelineConfig, open_run: Callable[[s
     if entry is not None:
         on_skip(entry)
         result = restore(entry["result"])
+        entries = ledger.entries()
+        for part in PARTS.get(stage, ()):  # each stage the skipped run holds: skipped with it
+            if isinstance(held := entries.get(part), dict) and "result" in held:
+                log(skip_line(part, held))
         shown = figure(result)
-        log(f"[{stage}] skipped: done earlier with the same config and inputs (run {entry.get('run_id')})"
-            + (f": {shown}" if shown else ""))
+        log(skip_line(stage, entry) + (f": {shown}" if shown else ""))
         return result, entry
     log(f"[{stage}] {'started' if why == NOT_DONE else 'redone'}: {why}")
     ledger.forget_after(stage)

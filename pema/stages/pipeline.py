@@ -44,7 +44,8 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | os.PathLike, executor, l
         return _stages(cfg, layout, executor, logger.stage("pipeline"), None, hygiene, progress, log, on_skip)
     return gated(ledger, "pipeline", cfg, logger.stage,
                  lambda run: _stages(cfg, layout, executor, nullcontext(run), ledger, hygiene, progress, log, on_skip),
-                 log=log, on_skip=on_skip)[0]
+                 log=log, on_skip=on_skip, figure=lambda summary: "nothing ran now; the scores and timings are that "
+                 "run's")[0]
 
 
 def _stages(cfg: PipelineConfig, layout: RunLayout, executor, parent, ledger: Ledger | None, hygiene, progress: bool,
