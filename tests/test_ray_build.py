@@ -186,6 +186,7 @@ def test_sigkill_then_rerun_resumes(ray_client, smollm2_tokenizer, tmp_path):
 
     done = subprocess.run(cmd, cwd=ROOT, env=ray_client.env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "max_restarts > 0" not in done.stderr and " E " not in done.stderr, done.stderr[-3000:]  # no error line
     result = json.loads(done.stdout.strip().splitlines()[-1])
     cfg = load_config(SMOKE, overrides)
     total = expected_rows(smollm2_tokenizer, cfg, split_pairs(cfg, "train"))  # after the pair hygiene (6 dropped)
@@ -223,3 +224,24 @@ def test_bad_input_raises_named_errors_and_leaves_nothing(ray_client, pairs, tmp
     assert "error: resources.memory_actors=-1" in capsys.readouterr().err
     assert job.main(["--config", str(SMOKE), "--output-dir", str(out), "--train", str(tmp_path / "none.jsonl")]) == 2
     assert "error:" in capsys.readouterr().err and not out.exists()
+
+
+def test_only_rays_restart_warning_is_dropped_from_the_console(capfd):
+    """Ray's core worker logs an error-level line when it creates Ray Data's restartable encoder actors (their map
+    function is an object-store argument); the build drops exactly that line from file descriptor 2 and passes the
+    rest through, partial bar lines and other error lines too."""
+    from pema.executors.ray_build import RESTART_WARNING, dropped_lines
+
+    warning = (b"[2026-12-06 16:57:00,155 E 31084 739] core_worker.cc:2465: Actor with class name: 'MapWorker("
+               b"MapBatches(_EncodeActor))' and ID: '786045fc91d10e271fbd129b01000000' has constructor arguments in "
+               b"the object store and max_restarts > 0. If the arguments in the object store go out of scope or are "
+               b"lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more "
+               b"details.\n")
+    other = b"[2026-12-06 16:57:01,000 E 31084 739] core_worker.cc:999: a real error\n"
+    capfd.readouterr()
+    with dropped_lines(RESTART_WARNING):
+        os.write(2, b"build memory: 10%\r")
+        os.write(2, warning)
+        os.write(2, b"build memory: 50%\r")  # what sys.stderr does outside pytest's capture
+        os.write(2, other)
+    assert capfd.readouterr().err == "build memory: 10%\rbuild memory: 50%\r" + other.decode()

@@ -2,13 +2,18 @@
 each loading the PLM once and running the stage's :class:`~pema.stages.build.ShardEncoder` on the shards it is
 given. The plan, the resume and the writing of parts are the stage's (:mod:`pema.stages.build`); this module only
 moves shards to actors and rows back to the driver, and counts the rows the actors have encoded (a zero-CPU
-counter actor) so that the driver's row bar moves between the blocks Ray Data hands over.
+counter actor) so that the driver's row bar moves between the blocks Ray Data hands over. One line of Ray's is
+kept off the console (:data:`RESTART_WARNING`, :func:`dropped_lines`): an error-level warning that the restart of
+such actors could fail, which for these actors it cannot.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
+import re
+import sys
 import threading
-import warnings
 
 import numpy as np
 import ray
@@ -17,6 +22,12 @@ from pema.config import ResourcesConfig
 from pema.errors import ConfigError
 
 BLOCK_BYTES = 4 << 20  # rows come back in blocks of about 4 MiB
+# Ray's core worker logs this at error level, once per process, when it creates an actor that may restart
+# (max_restarts != 0) with an argument in the object store: Ray Data always passes its map function so, and its
+# actors restart (Ray Data's default, max_restarts=-1, which replaces a dead encoder: test_server_faults). Here the
+# ref lives as long as the dataset, so the restart works and the line warns of nothing.
+RESTART_WARNING = re.compile(rb"[^\r\n]*\bcore_worker\.cc:\d+: Actor with class name: '[^'\n]*' and ID: '[0-9a-f]+' has "
+                             rb"constructor arguments in the object store and max_restarts > 0\.[^\r\n]*\n?")
 
 
 @ray.remote(num_cpus=0)
@@ -57,6 +68,33 @@ def actor_resources(r: ResourcesConfig, resources: dict) -> tuple[int, int]:
     return n, per_gpu
 
 
+@contextlib.contextmanager
+def dropped_lines(pattern: re.Pattern):
+    """While the block runs, what is written to file descriptor 2 (where Ray's C++ log lines go, past
+    ``sys.stderr``) passes through a pipe at once, partial lines too (the bars' redraws), less the lines that match
+    ``pattern``; a line Ray writes is one write() of under PIPE_BUF bytes, so it is never split."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+
+    def forward():
+        while chunk := os.read(read, 1 << 16):
+            os.write(saved, pattern.sub(b"", chunk))
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last write end: the forwarder drains it and ends
+        thread.join(5)
+        os.close(read)
+        os.close(saved)
+
+
 def encode_on_ray(factory, items: list[dict], *, cfg, poll_s: float = 0.5):
     """Rows of every item (a shard), encoded by a pool of Ray Data actors, as they arrive (any order). Ray Data
     hands rows over in blocks of about ``BLOCK_BYTES``; in between, every ``poll_s`` this yields ``{"encoded": n}``,
@@ -67,17 +105,9 @@ def encode_on_ray(factory, items: list[dict], *, cfg, poll_s: float = 0.5):
     ds.context.enable_progress_bars = False  # the stage's row bar replaces Ray Data's operator bars
     ds.context.enable_operator_progress_bars = False
     counter = _RowCounter.remote()
-    # max_restarts=0: Ray Data keeps the actors' constructor arguments in the object store, and Ray logs an
-    # error-level line (core_worker.cc, "max_restarts > 0") for every such actor that may restart (Ray Data's
-    # default, -1). An actor that dies fails the build instead; the rerun resumes from the verified parts
-    # (memory/<split>.partial/), as after a kill. Ray 2.60 takes it only as a "ray_remote_args" keyword, deprecated
-    # (removed in 2.64): that one warning is silenced.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ds.map_batches(_EncodeActor, batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=min(n_actors, len(items))), num_gpus=gpus,
-                            num_cpus=cfg.resources.cpus_per_actor, max_restarts=0,
-                            fn_constructor_kwargs={"factory": factory, "counter": counter})
+    ds = ds.map_batches(_EncodeActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(n_actors, len(items))),
+                        num_gpus=gpus, num_cpus=cfg.resources.cpus_per_actor,
+                        fn_constructor_kwargs={"factory": factory, "counter": counter})
     arrived: queue.Queue = queue.Queue()
 
     def pump():
@@ -88,7 +118,12 @@ def encode_on_ray(factory, items: list[dict], *, cfg, poll_s: float = 0.5):
         except BaseException as exc:  # re-raised in the caller's thread
             arrived.put(("error", exc))
 
-    threading.Thread(target=pump, daemon=True).start()
+    with dropped_lines(RESTART_WARNING):  # the actors start (and Ray logs that line) once the pump iterates
+        threading.Thread(target=pump, daemon=True).start()
+        yield from _arrivals(arrived, counter, poll_s)
+
+
+def _arrivals(arrived: queue.Queue, counter, poll_s: float):
     try:
         while True:
             try:
