@@ -43,7 +43,6 @@ COMMANDS: dict[str, Command] = {
                               "text, per tenant)"),
     "memory": Command("pema.commands.memory", "the memory as a dataset: append pairs, delete pairs, list versions, "
                       "collect old ones"),
-    "memory": Command("pema.commands.memory", "a built memory's versions: append, delete, versions, gc"),
     "split-heldout": Command("pema.commands.split_heldout", "data: split one JSONL file into train, dev and test "
                              "after hygiene"),
     "parallel-to-jsonl": Command("pema.commands.parallel_to_jsonl", "data: two parallel text files -> the JSONL "
