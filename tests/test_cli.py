@@ -83,3 +83,16 @@ def test_the_job_scripts_are_the_commands(script):
     assert "sys.path" not in text and "from pema.commands." in text and "import main" in text
     module = text.split("from pema.commands.")[1].split()[0]
     assert f"pema.commands.{module}" in {c.module for c in COMMANDS.values()}
+
+
+def test_no_subcommand_is_listed_twice():
+    # a dict literal keeps the last of two equal keys silently: read the table's source instead
+    import ast
+
+    import pema.commands
+
+    tree = ast.parse(Path(pema.commands.__file__).read_text())
+    table = next(node.value for node in ast.walk(tree) if isinstance(node, ast.AnnAssign)
+                 and getattr(node.target, "id", None) == "COMMANDS")
+    names = [key.value for key in table.keys]
+    assert len(names) == len(set(names)) == len(COMMANDS), names
