@@ -180,3 +180,14 @@ def test_auto_streams_a_share_over_the_budget(tmp_path):
     assert result.memory_path == "streaming" and result.steps_total > 0
     result = train_local(train_cfg("train.resident_max_bytes=19200"), layout.root, progress=False)
     assert result.memory_path == "resident"
+
+
+def test_run_train_tags_the_memory_path(tmp_path):
+    from pema.executors.inline import InlineExecutor
+    from pema.stages.logger import RecordingLogger
+    from pema.stages.train import run_train
+
+    layout, logger = write_run(tmp_path), RecordingLogger()
+    result = run_train(train_cfg("train.streaming=on"), layout.root, InlineExecutor(), logger, progress=False)
+    assert result.memory_path == "streaming"
+    assert ("tags", {"train_memory": "streaming"}) in logger.calls  # an MLflow run tag under the MLflow logger

@@ -205,6 +205,8 @@ def log_training(logger: MetricLogger, result: TrainResult, layout: RunLayout) -
         logger.log_metrics({f"{p['phase']}/best_val": p["best_val"], f"{p['phase']}/steps": p["steps"],
                             f"{p['phase']}/seconds": p["seconds"], f"{p['phase']}/rows_per_s": p["rows_per_s"]})
     logger.log_metrics({"train_s": result.seconds, "steps_run": result.steps_run, "workers": result.workers})
+    if result.memory_path:  # how the training memory was held (train.streaming): "resident" or "streaming"
+        logger.set_tags({"train_memory": result.memory_path})
     logger.log_artifact(layout.train_history)
     logger.log_figure(plots.loss_curves(history), "loss_curves.png")
 
