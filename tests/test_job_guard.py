@@ -119,8 +119,8 @@ def test_a_signal_stops_the_job_and_the_rerun_finishes(tmp_path, sig, stage_line
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_the_owner_service_stops_the_same_way(tmp_path, sig, code):
-    """The service runs until Ctrl+C or SIGTERM: then it exits 130 / 143 with the rerun line, without a traceback
-    or Ray's "SIGTERM received" banner, and its processes go with it."""
+    """The service runs until Ctrl+C or SIGTERM: then it exits 130 / 143 with one calm "stopped" line, without a
+    traceback or Ray's "SIGTERM received" banner, and its processes go with it."""
     from local_ray import free_port
 
     tokens, tag = tmp_path / "tokens.json", uuid.uuid4().hex
@@ -131,6 +131,8 @@ def test_the_owner_service_stops_the_same_way(tmp_path, sig, code):
     stderr = stopped.stderr
     assert stopped.returncode == code, stderr[-3000:]
     assert "rerun the same command" in stderr and "Traceback" not in stderr and "SIGTERM received" not in stderr
+    assert f"stopped ({signal.Signals(sig).name}); rerun the same command to start it again" in stderr
+    assert "interrupted" not in stderr and "resume" not in stderr, stderr[-3000:]
     assert no_process_left(tag)
 
 

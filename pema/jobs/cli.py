@@ -45,6 +45,7 @@ def serve_parser(doc: str, port: int, prog: str | None = None) -> argparse.Argum
     parser = job_parser(doc, splits=(), prog=prog)
     parser.add_argument("--port", type=int, default=port, help=f"HTTP port on 127.0.0.1 (default {port})")
     parser.add_argument("--once", action="store_true", help="start, print the URL and return (tests)")
+    parser.set_defaults(service=True)  # stopped by a signal: one "stopped" line (run_job)
     return parser
 
 
@@ -122,8 +123,11 @@ def run_job(args: argparse.Namespace, stage: Callable[[PipelineConfig], object],
         return 2
     except KeyboardInterrupt as exc:
         stop = interruption(exc)
-        print(f"\ninterrupted ({stop}): the job stopped; rerun the same command to resume (finished stages "
-              "and memory parts are kept)", file=sys.stderr)
+        if getattr(args, "service", False):  # the way a service ends: no work to resume
+            print(f"\nstopped ({stop}); rerun the same command to start it again", file=sys.stderr)
+        else:
+            print(f"\ninterrupted ({stop}): the job stopped; rerun the same command to resume (finished stages "
+                  "and memory parts are kept)", file=sys.stderr)
         return stop.exit_code
 
 
