@@ -80,8 +80,9 @@ def dropped_lines(pattern: re.Pattern):
     os.close(write)
 
     def forward():
-        while chunk := os.read(read, 1 << 16):
-            os.write(saved, pattern.sub(b"", chunk))
+        with contextlib.suppress(OSError):  # closed below if a child process still held the pipe after 5 s
+            while chunk := os.read(read, 1 << 16):
+                os.write(saved, pattern.sub(b"", chunk))
 
     thread = threading.Thread(target=forward, daemon=True)
     thread.start()
