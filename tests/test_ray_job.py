@@ -60,6 +60,62 @@ def test_ray_job_submit_runs_the_smoke_pipeline(ray_cluster, tmp_path):
     assert children == {"build_memory", "train", "evaluate"} and summary["mlflow"]["run_id"] == parent.info.run_id
 
 
+def _submit(ray_cluster, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``ray job submit ... -- <args>``, retried while the node's job agent is not up yet."""
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster.dashboard,
+           "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "jobs/runtime_env.yaml"), "--", *args]
+    deadline = time.monotonic() + 300
+    while True:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=840, env=ray_cluster.env(), cwd=cwd)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+            return proc
+        time.sleep(5)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_memory_append_and_delete_run_as_ray_jobs(ray_cluster, tmp_path):
+    """`pema memory append`, `pema memory delete` and the retraining, submitted as one `ray job submit`: the
+    memory gets versions 2 and 3, and the train run logs version 3 as its dataset input."""
+    from mlflow.tracking import MlflowClient
+
+    from pema.config import load_config, with_absolute_data
+    from pema.executors.inline import InlineExecutor
+    from pema.formats.versions import pair_hash, read_examples, version_of
+    from pema.stages.build import run_build
+    from pema.stages.inputs import pairs_of_file, split_pairs
+
+    out, smoke = tmp_path / "run", "jobs/configs/smoke.yaml"
+    rows = [json.loads(x) for x in (ROOT / "data" / "nc" / "train.jsonl").read_text().splitlines()[:40]]
+    cfg = with_absolute_data(load_config(ROOT / smoke))
+    run_build(cfg, out, InlineExecutor(), progress=False)
+    gone = [{"en": p.source, "du": p.target} for p in split_pairs(cfg, "train")[1:3]]  # two pairs it holds
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[30:33]))
+    (tmp_path / "gone.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gone))
+    new = pairs_of_file(cfg, tmp_path / "new.jsonl", held_out=True)[0]
+    common = f"--config {ROOT / smoke} --output-dir {out} --no-progress"
+    # one job running the three commands in turn: separate submits of the same working dir race Ray's deletion of
+    # the uploaded package when the job before ends ("Failed to download runtime_env file package")
+    steps = [f"memory append {common} --pairs {tmp_path / 'new.jsonl'}",
+             f"memory delete {common} --pairs {tmp_path / 'gone.jsonl'}", f"train {common}"]
+    script = " && ".join(f"{sys.executable} -m pema {step}" for step in steps)
+    proc = _submit(ray_cluster, tmp_path, "bash", "-c", script)
+    assert proc.returncode == 0 and "succeeded" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "[memory] 2 pairs asked, 2 found and deleted" in proc.stdout, proc.stdout[-3000:]
+    mem = out / "memory" / "train"
+    hashes = set(read_examples(mem)["hash"].tolist())
+    assert version_of(verify_memory(mem)) == 3 and new and {pair_hash(p.source, p.target) for p in new} <= hashes
+    assert not {pair_hash(r["en"], r["du"]) for r in gone} & hashes
+    assert json.loads((out / "adapter" / "adapter.json").read_text())["memory"]["version"] == 3
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("pema").experiment_id])
+    names = {r.info.run_name for r in runs}
+    assert {"memory_append", "memory_delete", "train"} <= names
+    train = next(r for r in runs if r.info.run_name == "train")
+    assert train.data.tags["pema.memory_version"] == "train v3, dev v1"  # nothing withdrawn was in dev
+    assert {d.dataset.name for d in train.inputs.dataset_inputs} >= {"memory/train@v3", "memory/dev@v1"}
+
+
 @pytest.mark.parametrize("job", JOBS)
 def test_jobs_reject_bad_input_with_exit_code_2(job, tmp_path):
     base = [sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--output-dir", str(tmp_path / "o")]
