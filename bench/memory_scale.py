@@ -18,7 +18,9 @@ Parquet memory on disk (float16 keys; the resident path holds twice that as floa
 
 Prints progress to stderr and ONE JSON object as the last line of stdout: ``rows``, ``memory_bytes``,
 ``memory_bytes_float32``, ``peak_rss_bytes`` (the streaming process), ``peak_rss_bytes_resident``,
-``rows_per_s_streaming``, ``rows_per_s_resident``, ``ratio`` (streaming / resident), ``memory_over_rss``.
+``rows_per_s_streaming``, ``rows_per_s_resident``, ``ratio`` (streaming / resident), ``memory_over_rss``, and
+``rows_per_cpu_s`` / ``ratio_cpu``: rows per CPU second of the phases (every thread of the child), a figure that
+other jobs on the machine move far less than the wall-clock rate.
 """
 from __future__ import annotations
 
@@ -106,9 +108,24 @@ def folder_bytes(path) -> int:
 
 def child(args) -> dict:
     """One training run in this process: its rows/s inside the phases, start-up seconds and peak RSS."""
+    import pema.stages.train as stage
     from pema.config import load_config
-    from pema.stages.train import train_local
 
+    def cpu_s() -> float:  # this process's CPU seconds, every thread (the reading thread too)
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    phases_cpu = []
+    run_phases = stage.run_phases
+
+    def timed_phases(*a, **kw):  # the CPU the phases take, not the start-up's (the resident load)
+        before = cpu_s()
+        try:
+            return run_phases(*a, **kw)
+        finally:
+            phases_cpu.append(cpu_s() - before)
+
+    stage.run_phases = timed_phases
     start = time.perf_counter()
     cfg = load_config(None, [
         f"train.method={args.method}", "train.rct_epochs=1", "train.epochs=1", f"train.batch_size={args.batch_size}",
@@ -117,12 +134,13 @@ def child(args) -> dict:
         f"train.streaming={'on' if args.child == 'streaming' else 'off'}",
         f"train.stream_buffer_rows={args.buffer_rows}", f"adapter.rank={args.rank}", f"adapter.dropout={args.dropout}",
         "resources.device=cpu"])
-    result = train_local(cfg, args.dir, progress=False)
+    result = stage.train_local(cfg, args.dir, progress=False)
     wall = time.perf_counter() - start
     rows = sum(p["rows_per_s"] * p["seconds"] for p in result.phases)
     train_s = sum(p["seconds"] for p in result.phases)
     return {"memory_path": result.memory_path, "rows_trained": round(rows), "train_s": round(train_s, 2),
             "rows_per_s": rows / train_s, "startup_s": round(wall - train_s, 2),
+            "phases_cpu_s": round(sum(phases_cpu), 2), "rows_per_cpu_s": rows / sum(phases_cpu),
             "phases": {p["phase"]: round(p["rows_per_s"]) for p in result.phases},
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
 
@@ -156,6 +174,8 @@ def main(argv=None):
           "rows_per_s_streaming": round(s["rows_per_s"]) if s else None,
           "rows_per_s_resident": round(r["rows_per_s"]) if r else None,
           "ratio": round(s["rows_per_s"] / r["rows_per_s"], 3) if s and r else None,
+          "rows_per_cpu_s": {k: round(v["rows_per_cpu_s"]) for k, v in res.items()},
+          "ratio_cpu": round(s["rows_per_cpu_s"] / r["rows_per_cpu_s"], 3) if s and r else None,
           "memory_over_rss": round(disk / s["peak_rss_bytes"], 2) if s else None,
           "startup_s": {k: v["startup_s"] for k, v in res.items()}, "phases": {k: v["phases"] for k, v in res.items()},
           "cpu": os.cpu_count(), "torch_threads": torch.get_num_threads()})

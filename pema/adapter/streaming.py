@@ -147,6 +147,7 @@ class StreamingMemory:
         """Batches of ``batch_size`` rows cut from a stream of ``(key, token, row)`` pieces: views of a piece
         where a batch lies inside it, a copy of at most ``batch_size`` rows where it spans two."""
         carry: tuple[torch.Tensor, ...] | None = None
+        self._in_hand = self._buffered = self._pending = 0  # an epoch left early (early stopping) held none now
         for piece in pieces:
             n, off = len(piece[1]), 0
             self._pending = n + (len(carry[1]) if carry is not None else 0)
