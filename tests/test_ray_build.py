@@ -90,7 +90,8 @@ def test_two_actors_equal_the_single_process_build(two_actor_build, pairs, smoll
     for field in ("d", "vocab_size", "dtype", "tokenizer_hash", "template", "num_examples", "source_tokens"):
         assert getattr(manifest, field) == getattr(ref_manifest, field), field
     assert manifest.extra == ref_manifest.extra  # the same plan: the same fingerprint
-    assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME, VERIFIED_NAME] + [p.file for p in manifest.parts])
+    assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME, VERIFIED_NAME, "versions", manifest.extra["examples"]]
+                                             + [p.file for p in manifest.parts])  # version 1 (formats/versions)
 
     ray_rows, ref_rows = MemoryReader(out).read_all(), MemoryReader(tmp_path / "ref").read_all()
     assert_one_row_per_target(ray_rows, total)
@@ -151,7 +152,8 @@ def test_corrupt_missing_and_unfinished_parts_are_rebuilt(two_actor_build, pairs
     rebuilt = build_memory_ray(cfg, pairs, out, progress=False)
     assert rebuilt == manifest and verify_memory(out) == manifest  # same sha256 sums: rebuilt bit for bit
     assert kept == {f: os.stat(out / f).st_mtime_ns for f in kept}, "intact parts must be kept, not rebuilt"
-    assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME, VERIFIED_NAME] + [p.file for p in manifest.parts])
+    assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME, VERIFIED_NAME, "versions", manifest.extra["examples"]]
+                                             + [p.file for p in manifest.parts])  # version 1 (formats/versions)
     assert not staging.exists()
 
 
