@@ -252,7 +252,8 @@ import json, resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with OSError EFBIG instead of killing us
 from pema.config import load_config
 from pema.executors.inline import InlineExecutor
-import pema.stages.build as build, pema.stages.build_plan as plan, pema.stages.train as train
+import pema.executors.handoff as handoff, pema.stages.build as build, pema.stages.build_plan as plan
+import pema.stages.train as train
 cfg = load_config(sys.argv[1], json.loads(sys.argv[2]))
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 
@@ -269,7 +270,7 @@ def full_disk(fn, limit, when=lambda *a, **k: True):
 report = {}
 for scenario, out in json.loads(sys.argv[3]).items():
     real = {n: getattr(m, n) for m, n in ((plan, "write_part"), (build, "export_head_files"),
-                                          (build, "replace_dir"), (train, "save_adapter"))}
+                                          (build, "replace_dir"), (handoff, "save_adapter"))}
     if scenario == "memory part":  # the 2nd part of the train memory, 2 KiB into it
         plan.write_part = full_disk(real["write_part"], 2048, lambda path, **k: str(path).endswith("00001.parquet"))
         stage = build.run_build
@@ -280,7 +281,7 @@ for scenario, out in json.loads(sys.argv[3]).items():
         build.replace_dir = full_disk(real["replace_dir"], 1 << 20, lambda dest, *a, **k: dest.name == "head")
         stage = build.run_build
     else:  # "adapter bundle": adapter.safetensors, 4 KiB into it
-        train.save_adapter = full_disk(real["save_adapter"], 4096)
+        handoff.save_adapter = full_disk(real["save_adapter"], 4096)
         stage = train.run_train
     try:
         stage(cfg, out, InlineExecutor(), progress=False)
@@ -290,7 +291,7 @@ for scenario, out in json.loads(sys.argv[3]).items():
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         for (m, n) in ((plan, "write_part"), (build, "export_head_files"), (build, "replace_dir"),
-                       (train, "save_adapter")):
+                       (handoff, "save_adapter")):
             setattr(m, n, real[n])
 print(json.dumps(report))
 """
@@ -353,7 +354,12 @@ def test_write_failing_part_way_then_rerun(ref, tmp_path):
         _same_memory(run, out)
         assert _bytes(run / "head") == _bytes(out / "head")
         if scenario == "adapter bundle":
-            assert _bytes(run / "adapter") == _bytes(out / "adapter")  # identical, byte for byte
+            got, want = _bytes(run / "adapter"), _bytes(out / "adapter")
+            assert got.pop("adapter.safetensors") == want.pop("adapter.safetensors")  # identical, byte for byte
+            meta, ref_meta = (json.loads(x.pop("adapter.json")) for x in (got, want))
+            assert meta.pop("memory")["path"] == str((run / "memory" / "train").resolve())  # its own memory
+            ref_meta.pop("memory")
+            assert meta == ref_meta and got == want
 
 
 # ------------------------------------------------------------------------------------------------------------------

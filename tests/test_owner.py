@@ -400,7 +400,7 @@ def test_failure_mid_build_removes_parts(smollm2_tokenizer, chat_llama, tmp_path
 def test_failed_rebuild_keeps_old_memory(smollm2_tokenizer, chat_llama, tmp_path, monkeypatch):
     out = tmp_path / "mem"
     build(chat_llama, smollm2_tokenizer, PAIRS[:2], out)
-    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     def broken(self, examples):
         raise RuntimeError("owner crashed")
@@ -408,7 +408,7 @@ def test_failed_rebuild_keeps_old_memory(smollm2_tokenizer, chat_llama, tmp_path
     monkeypatch.setattr(build_mod.MemoryEncoder, "__call__", broken)
     with pytest.raises(RuntimeError, match="owner crashed"):
         build(chat_llama, smollm2_tokenizer, PAIRS, out)
-    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before  # the old memory is untouched
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
     verify_memory(out)
 
 

@@ -206,7 +206,7 @@ def test_the_train_result_crosses_a_process_boundary_as_a_folder(tmp_path):
     phase = {"phase": "rct_pd", "best_val": 1.5, "best_step": 4, "steps": 8, "stopped_early": False, "seconds": 0.1,
              "rows_per_s": 10.0, "history": [{"phase": "rct_pd", "step": 4, "val_loss": 1.5}]}
     result = TrainResult(phases=(phase,), steps_run=3, steps_total=8, workers=2, adapter=PemaAdapter(16, 4),
-                         memory_path="resident")
+                         train_memory="resident")
     recorded = as_recorded(result)
     assert "history" not in recorded["phases"][0] and recorded["steps_run"] == 3 and recorded["workers"] == 2
     assert TrainResult.from_dict(recorded).to_dict() == recorded and result.history == phase["history"]

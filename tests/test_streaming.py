@@ -166,7 +166,7 @@ def test_train_worker_trains_the_same_adapter_either_way(tmp_path, extra):
     for path, overrides in (("resident", ["train.streaming=off"]),
                             ("streaming", ["train.streaming=on", "train.stream_buffer_rows=300"])):
         result = train_local(train_cfg(*overrides, *extra), layout.root, progress=False)
-        assert result.memory_path == path and [p["phase"] for p in result.phases] == ["rct", "rct_pd"]
+        assert result.train_memory == path and [p["phase"] for p in result.phases] == ["rct", "rct_pd"]
         adapters[path] = result.adapter.state_dict()
     for name, want in adapters["resident"].items():
         diff = (adapters["streaming"][name] - want).abs().max().item()
@@ -177,17 +177,17 @@ def test_auto_streams_a_share_over_the_budget(tmp_path):
     layout = write_run(tmp_path)  # 300 rows x 16 x 4 bytes = 19,200 bytes of float32 keys
     result = train_local(train_cfg("train.stream_buffer_rows=50", "train.resident_max_bytes=19199"), layout.root,
                          progress=False)
-    assert result.memory_path == "streaming" and result.steps_total > 0
+    assert result.train_memory == "streaming" and result.steps_total > 0
     result = train_local(train_cfg("train.resident_max_bytes=19200"), layout.root, progress=False)
-    assert result.memory_path == "resident"
+    assert result.train_memory == "resident"
 
 
-def test_run_train_tags_the_memory_path(tmp_path):
+def test_run_train_tags_the_train_memory(tmp_path):
     from pema.executors.inline import InlineExecutor
     from pema.stages.logger import RecordingLogger
     from pema.stages.train import run_train
 
     layout, logger = write_run(tmp_path), RecordingLogger()
     result = run_train(train_cfg("train.streaming=on"), layout.root, InlineExecutor(), logger, progress=False)
-    assert result.memory_path == "streaming"
+    assert result.train_memory == "streaming"
     assert ("tags", {"train_memory": "streaming"}) in logger.calls  # an MLflow run tag under the MLflow logger

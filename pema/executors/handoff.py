@@ -25,7 +25,7 @@ def write_result(result: TrainResult, folder: str | os.PathLike, adapter_meta: d
     save_adapter(result.adapter.cpu(), folder / BUNDLE, adapter_meta)
     metrics = {"steps_total": result.steps_total, "steps_run": result.steps_run,
                "best_val": result.phases[-1]["best_val"] if result.phases else None,
-               "memory_path": result.memory_path}
+               "train_memory": result.train_memory}
     (folder / FINAL).write_text(json.dumps({"metrics": metrics, "results": list(result.phases),
                                             "world_size": result.workers}))
 
@@ -41,4 +41,4 @@ def read_result(folder: str | os.PathLike) -> TrainResult:
     m = final["metrics"]
     return TrainResult(phases=tuple(final["results"]), steps_run=m["steps_run"], steps_total=m["steps_total"],
                        workers=final["world_size"], adapter_dir=str(Path(folder) / BUNDLE),
-                       memory_path=m.get("memory_path"))
+                       train_memory=m.get("train_memory"))

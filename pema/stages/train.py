@@ -66,7 +66,7 @@ class TrainResult:
     seconds: float = 0.0
     adapter: PemaAdapter | None = dataclasses.field(default=None, compare=False, repr=False)
     adapter_dir: str | None = None
-    memory_path: str | None = None  # how the training memory was held: "resident" or "streaming"
+    train_memory: str | None = None  # how the training memory was held: "resident" or "streaming"
 
     @property
     def history(self) -> list[dict]:
@@ -78,13 +78,13 @@ class TrainResult:
         history (that is ``train_history.json``), the steps, the workers and the seconds."""
         return {"phases": [{k: v for k, v in p.items() if k != "history"} for p in self.phases],
                 "steps_run": self.steps_run, "steps_total": self.steps_total, "workers": self.workers,
-                "seconds": self.seconds, "memory_path": self.memory_path}
+                "seconds": self.seconds, "train_memory": self.train_memory}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "TrainResult":
         """Back from :meth:`to_dict` (a stage the ledger holds as done)."""
         return cls(phases=tuple(d["phases"]), steps_run=d["steps_run"], steps_total=d["steps_total"],
-                   workers=d["workers"], seconds=d.get("seconds", 0.0), memory_path=d.get("memory_path"))
+                   workers=d["workers"], seconds=d.get("seconds", 0.0), train_memory=d.get("train_memory"))
 
 
 class TrainContext(Protocol):
@@ -144,7 +144,7 @@ def train_worker(config: dict, ctx: TrainContext) -> TrainResult:
                 "history": r.history} for r in results]
     return TrainResult(phases=tuple(summary), steps_total=sum(r.steps for r in results),
                        steps_run=sum(steps_run),  # this attempt's steps: fewer than steps_total after a resume
-                       workers=world, adapter=adapter.cpu(), memory_path=mem.path)  # "resident" or "streaming"
+                       workers=world, adapter=adapter.cpu(), train_memory=mem.path)  # "resident" or "streaming"
 
 
 def warm_start_adapter(output_dir, like: PemaAdapter) -> PemaAdapter:
@@ -205,8 +205,8 @@ def log_training(logger: MetricLogger, result: TrainResult, layout: RunLayout) -
         logger.log_metrics({f"{p['phase']}/best_val": p["best_val"], f"{p['phase']}/steps": p["steps"],
                             f"{p['phase']}/seconds": p["seconds"], f"{p['phase']}/rows_per_s": p["rows_per_s"]})
     logger.log_metrics({"train_s": result.seconds, "steps_run": result.steps_run, "workers": result.workers})
-    if result.memory_path:  # how the training memory was held (train.streaming): "resident" or "streaming"
-        logger.set_tags({"train_memory": result.memory_path})
+    if result.train_memory:  # how the training memory was held (train.streaming): "resident" or "streaming"
+        logger.set_tags({"train_memory": result.train_memory})
     logger.log_artifact(layout.train_history)
     logger.log_figure(plots.loss_curves(history), "loss_curves.png")
 
