@@ -94,12 +94,16 @@ def main() -> None:
     for name in ("scratch", "warm", "first"):
         scores = decode_and_score(grown, out, model=model, tokenizer=tokenizer, progress=False, split="dev",
                                   systems=("pema",), adapter_dir=out / f"adapter_{name}")
-        lines = (out / "predictions" / "dev" / "pema.jsonl").read_text(encoding="utf-8").splitlines()
+        kept = shutil.copy(out / "predictions" / "dev" / "pema.jsonl", out / f"dev_{name}.jsonl")
+        lines = Path(kept).read_text(encoding="utf-8").splitlines()
         hyps[name] = [json.loads(x)["hypothesis"] for x in lines]
         report.setdefault("dev", {})[name] = {k: scores["pema"][k] for k in ("bleu", "chrf", "ter")}
     sig = paired_significance(hyps, refs, baseline="scratch")
     for name in ("warm", "first"):
         report["dev"][name]["vs_scratch_p"] = {m: sig[name][m]["p_value"] for m in ("bleu", "chrf", "ter")}
+    for name in hyps:  # sacreBLEU's bootstrap 95% interval of each system's score
+        report["dev"][name]["ci"] = {m: [sig[name][m]["ci_low"], sig[name][m]["ci_high"]] for m in ("bleu", "chrf",
+                                                                                                   "ter")}
     print(json.dumps(report), flush=True)
 
 
