@@ -119,7 +119,7 @@ def test_damaged_part_is_named(ref, tmp_path, fault):
     part = mem / PART
     with pytest.raises(MemoryFormatError) as err:
         MemoryReader(mem)
-    _named(err.value, part, "jobs/build_memory.py")
+    _named(err.value, part, "pema build")
     if "flipped" not in fault and "replaced" not in fault:  # damage the footer or the size shows, unhashed
         with pytest.raises(MemoryFormatError) as err:
             MemoryReader(mem, verify=False).read_all()

@@ -52,7 +52,7 @@ class OwnerClient:
                                     f"{detail}", status=exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
             raise OwnerUnavailableError(f"the PLM owner's service at {self.url} is not reachable "
-                                        f"({getattr(exc, 'reason', exc)}); start it (jobs/serve_owner.py) or fix "
+                                        f"({getattr(exc, 'reason', exc)}); start it (pema serve-owner) or fix "
                                         "owner.url") from None
         self.bytes_out += len(data or b"")
         self.bytes_in += len(raw)

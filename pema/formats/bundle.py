@@ -46,9 +46,9 @@ def write_bundle(out_dir: str | os.PathLike, name: str, tensors: dict[str, torch
 
 
 # how to get a good bundle back, per format
-RECOVER = {HEAD_FORMAT: "rerun the memory build (jobs/build_memory.py, same --output-dir): it re-exports a "
+RECOVER = {HEAD_FORMAT: "rerun the memory build (pema build, same --output-dir): it re-exports a "
                         "damaged head",
-           ADAPTER_FORMAT: "rerun training (jobs/train.py, same --output-dir) to write the adapter again"}
+           ADAPTER_FORMAT: "rerun training (pema train, same --output-dir) to write the adapter again"}
 
 
 def read_bundle(bundle_dir: str | os.PathLike, name: str, fmt: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -29,7 +29,7 @@ VERIFIED_NAME = ".verified.json"  # what verify_memory has hashed already (see t
 DTYPES = ("float16", "float32")
 COLUMNS = ("key", "token", "example", "position")
 _INT32 = np.iinfo(np.int32)
-REBUILD = "rerun the memory build (jobs/build_memory.py, same --output-dir): it rebuilds a damaged memory"
+REBUILD = "rerun the memory build (pema build, same --output-dir): it rebuilds a damaged memory"
 
 
 def _is_int(v, low: int) -> bool:

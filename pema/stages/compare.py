@@ -143,7 +143,7 @@ def check_memory_matches(cfg: PipelineConfig, output_dir) -> None:
     """MemoryFormatError unless memory/train, memory/dev and head/ exist and the memory holds ``data.train``."""
     out = Path(output_dir)
     if missing := RunLayout(out).missing():
-        raise MemoryFormatError(f"{out} lacks {missing}: build the memory and head first (jobs/build_memory.py; "
+        raise MemoryFormatError(f"{out} lacks {missing}: build the memory and head first (pema build; "
                                 "the compare job does it when they are missing)")
     d = cfg.data
     pairs = len(split_pairs(cfg, "train"))
