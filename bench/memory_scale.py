@@ -138,7 +138,7 @@ def child(args) -> dict:
     wall = time.perf_counter() - start
     rows = sum(p["rows_per_s"] * p["seconds"] for p in result.phases)
     train_s = sum(p["seconds"] for p in result.phases)
-    return {"memory_path": result.memory_path, "rows_trained": round(rows), "train_s": round(train_s, 2),
+    return {"train_memory": result.train_memory, "rows_trained": round(rows), "train_s": round(train_s, 2),
             "rows_per_s": rows / train_s, "startup_s": round(wall - train_s, 2),
             "phases_cpu_s": round(sum(phases_cpu), 2), "rows_per_cpu_s": rows / sum(phases_cpu),
             "phases": {p["phase"]: round(p["rows_per_s"]) for p in result.phases},

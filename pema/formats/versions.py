@@ -205,12 +205,10 @@ def collect_garbage(mem_dir, keep: set[int]) -> dict:
     """Remove the versions that are neither current nor in ``keep`` (the versions registered models use): their
     records, and every part or examples file that no remaining version reads. Returns what went."""
     mem_dir = Path(mem_dir)
-    versions = list_versions(mem_dir)
-    current = version_of(read_manifest(mem_dir))
-    stay = [v for v in versions if v["version"] == current or v["version"] in keep]
+    versions, manifest = list_versions(mem_dir), read_manifest(mem_dir)
+    stay = [v for v in versions if v["status"] == "current" or v["version"] in keep]
     go = [v for v in versions if v not in stay]
-    needed = {f for v in stay for f in [*v["parts"], v["examples"]]}
-    needed |= {p.file for p in read_manifest(mem_dir).parts}
+    needed = {f for v in stay for f in [*v["parts"], v["examples"]]} | {p.file for p in manifest.parts}
     files = sorted(f.name for f in mem_dir.iterdir() if f.is_file() and f.suffix == ".parquet" and f.name not in needed)
     freed = sum((mem_dir / f).stat().st_size for f in files)
     for f in files:

@@ -123,15 +123,17 @@ def build_memories(cfg: PipelineConfig, jobs: dict, executor, *, progress: bool 
     builds = [MemoryBuild(cfg, tokenizer, pairs, out_dir) for out_dir, pairs in jobs.items()]
     results: list[MemoryManifest | None] = [b.existing() for b in builds]
     syncs = {i: plan_sync(cfg, tokenizer, b) for i, b in enumerate(builds) if results[i] is None}
-    todo = [builds[i] if inc is None else inc.sub for i, inc in syncs.items() if inc is None or inc.sub is not None]
+    # a sub-build that a run killed before its commit had finished is committed, not encoded again
+    todo = [builds[i] if inc is None else inc.sub for i, inc in syncs.items()
+            if inc is None or (inc.sub is not None and inc.sub.existing() is None)]
     built = dict(zip(map(id, todo), encode_builds(cfg, todo, executor, progress=progress)))
     for i, inc in syncs.items():
         if inc is None:
             results[i] = built[id(builds[i])]
         else:
             results[i] = commit_increment(inc)
-            if inc.changes or inc.left_out:
-                tqdm.write(version_line(inc, results[i])) if progress else None
+            if progress and (inc.changes or inc.left_out):
+                tqdm.write(version_line(inc, results[i]))
     return results
 
 
@@ -144,34 +146,30 @@ def version_line(inc: Increment, manifest: MemoryManifest) -> str:
 
 def encode_builds(cfg: PipelineConfig, todo: list[MemoryBuild], executor, *,
                   progress: bool = True) -> list[MemoryManifest]:
-    """Encode the pending shards of ``todo`` in one pass of ``executor.encode`` (each resumes its staged parts),
-    then finish each: their manifests, in order. A build whose memory is there already is returned as it is."""
-    done = {id(b): m for b in todo if (m := b.existing()) is not None}
-    todo_now = [b for b in todo if id(b) not in done]
-    for b in todo_now:
+    """Encode the pending shards of ``todo`` (builds whose memory is not there yet) in one pass of
+    ``executor.encode``, each resuming its staged parts, then finish each: their manifests, in order."""
+    for b in todo:
         b.resume()
-    items = [{"memory": m, "shard": i, "batches": b.payload(i)} for m, b in enumerate(todo_now) for i in b.pending()]
+    items = [{"memory": m, "shard": i, "batches": b.payload(i)} for m, b in enumerate(todo) for i in b.pending()]
     if items:
-        total = sum(sum(b.shard_rows) for b in todo_now)
-        initial = sum(s["rows"] for b in todo_now for s in b.done.values())
+        total = sum(sum(b.shard_rows) for b in todo)
+        initial = sum(s["rows"] for b in todo for s in b.done.values())
         with tqdm(total=total, initial=initial, desc="build memory", unit="row", disable=not progress,
                   dynamic_ncols=True) as bar:
             arrived = encoded = 0
-            for batch in executor.encode(shard_encoder(cfg, todo_now[0].max_length), items, cfg=cfg):
+            for batch in executor.encode(shard_encoder(cfg, todo[0].max_length), items, cfg=cfg):
                 if "encoded" in batch:  # the executor's count of rows encoded but not handed over yet
                     encoded = batch["encoded"]
                 else:
                     for m, i in sorted(set(zip(batch["memory"].tolist(), batch["shard"].tolist()))):
                         sel = (batch["memory"] == m) & (batch["shard"] == i)
-                        todo_now[m].add(i, {c: v[sel] for c, v in batch.items() if c not in ("memory", "shard")})
+                        todo[m].add(i, {c: v[sel] for c, v in batch.items() if c not in ("memory", "shard")})
                     arrived += len(batch["token"])
                 bar.update(min(total, initial + max(arrived, encoded)) - bar.n)  # a retried task counts twice
-    for b in todo_now:
+    for b in todo:
         if missing := b.pending():
             raise MemoryFormatError(f"shards {missing} of {b.out_dir} came back incomplete; rerun to resume")
-    for b in todo_now:
-        done[id(b)] = b.finish()
-    return [done[id(b)] for b in todo]
+    return [b.finish() for b in todo]
 
 
 def append_memory(cfg: PipelineConfig, out_dir, pairs: Sequence[Pair], executor, *, progress: bool = True,
@@ -180,7 +178,7 @@ def append_memory(cfg: PipelineConfig, out_dir, pairs: Sequence[Pair], executor,
     :func:`~pema.stages.memory_versions.summary`."""
     tokenizer = tokenizer if tokenizer is not None else tokenizer_of(cfg)
     inc = plan_append(cfg, tokenizer, out_dir, list(pairs))
-    if inc.sub is not None:
+    if inc.sub is not None and inc.sub.existing() is None:  # not already built by a run killed before its commit
         executor.check_encode(cfg)
         encode_builds(cfg, [inc.sub], executor, progress=progress)
     return summary(inc, commit_increment(inc))

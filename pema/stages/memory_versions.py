@@ -53,6 +53,11 @@ class Increment:
     def changes(self) -> bool:
         return self.sub is not None or len(self.drop) > 0
 
+    @property
+    def dropped_hashes(self) -> list[str]:
+        """The ids of the examples this version removes."""
+        return self.table["hash"][np.isin(self.table["example"], self.drop)].tolist()
+
 
 def _current(out_dir: Path) -> tuple[MemoryManifest, dict] | None:
     if not (out_dir / MANIFEST_NAME).is_file():
@@ -65,13 +70,12 @@ def _current(out_dir: Path) -> tuple[MemoryManifest, dict] | None:
     return None if table is None else (manifest, table)
 
 
-def _lacking(cfg, tokenizer, out_dir: Path, manifest, table, pairs, origin: str):
+def _lacking(cfg, tokenizer, out_dir: Path, manifest, table, pairs, origin: str, hashes=None):
     """The pairs the memory lacks (renumbered after its last example), as a build in ``<memory>.v<N>``, with the
-    counts of pairs already there and of withdrawn ones left out."""
+    counts of pairs already there and of withdrawn ones left out. ``hashes``: the pairs' ids, when known."""
     have, gone = set(table["hash"].tolist()), withdrawn(out_dir)
     new, seen, present, left_out = [], set(), 0, 0
-    for p in pairs:
-        h = pair_hash(p.source, p.target)
+    for p, h in zip(pairs, hashes or [pair_hash(p.source, p.target) for p in pairs]):
         if h in have or h in seen:
             present += h in have
             continue
@@ -99,7 +103,8 @@ def plan_sync(cfg, tokenizer, build: MemoryBuild) -> Increment | None:
     if found is None or found[0].extra.get("header") != build.header:
         return None
     manifest, table = found
-    sub, present, left_out = _lacking(cfg, tokenizer, build.out_dir, manifest, table, build.pairs, "build")
+    sub, present, left_out = _lacking(cfg, tokenizer, build.out_dir, manifest, table, build.pairs, "build",
+                                      build.hashes)
     gone = (table["origin"] == "build") & ~np.isin(table["hash"], np.array(build.hashes, object))
     return Increment(build.out_dir, manifest, table, sub, table["example"][gone], "build: the data file changed",
                      left_out=left_out + build.left_out, present=present, fingerprint=build.fingerprint)
@@ -152,7 +157,7 @@ def commit_increment(inc: Increment) -> MemoryManifest:
         new = inc.sub.examples_table(version)
         table = {c: np.concatenate([table[c], new[c]]) for c in table}
         added = inc.sub.hashes
-    deleted = inc.table["hash"][~keep].tolist()
+    deleted = inc.dropped_hashes
     extra = dict(inc.manifest.extra, **({"fingerprint": inc.fingerprint} if inc.fingerprint else {}))
     manifest = commit(mem, dataclasses.replace(inc.manifest, extra=extra), tuple(parts), table, reason=inc.reason,
                       added=added, deleted=deleted, withdraw=inc.withdraw)
@@ -171,4 +176,4 @@ def summary(inc: Increment, manifest: MemoryManifest) -> dict:
             "added": len(inc.sub.pairs) if inc.sub is not None else 0, "deleted": int(len(inc.drop)),
             "already_present": inc.present, "withdrawn_left_out": inc.left_out, "rows": manifest.total_rows,
             "examples": manifest.num_examples,
-            "deleted_ids": inc.table["hash"][np.isin(inc.table["example"], inc.drop)].tolist()}
+            "deleted_ids": inc.dropped_hashes}
